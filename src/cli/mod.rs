@@ -1,0 +1,245 @@
+//! The command line (DESIGN §7): parsing, checking input, and printing what the engine reports.
+//!
+//! Owns: flags, exit codes, human and JSON output. All migration work is the engine's and all
+//! state the manifest's; a command only wires them together. Bad input is refused here, before
+//! anything is created or written (DESIGN §4.8).
+
+mod demo;
+mod report;
+mod sweep;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::manifest::{Manifest, ManifestUrl, Pair, DEFAULT_MANIFEST};
+use crate::source::SourceTree;
+use crate::store::{canonical_path, open_store, DestUrl, Store};
+
+/// Exit codes, documented in docs/cli.md.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The run finished but some files are not migrated (failed, conflict, missing).
+    pub const INCOMPLETE: u8 = 1;
+    /// Bad input or an error that stopped the command before it could finish.
+    pub const ERROR: u8 = 2;
+    /// Stopped by SIGINT or SIGTERM; a re-run resumes.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cutoverfs",
+    version,
+    about = "Move an application's uploaded files to new storage, every copy verified by SHA-256",
+    long_about = None
+)]
+pub struct Cli {
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
+    #[arg(long, global = true, env = "CUTOVERFS_LOG", default_value = "info")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scan the source and copy every file to the dest, verified, in recorded batches.
+    Sweep(sweep::SweepArgs),
+    /// Show what a sweep would do: files and bytes by state and top-level folder, time estimate.
+    Plan(report::PlanArgs),
+    /// Files and bytes per state, throughput, and the files that need attention.
+    Status(report::StatusArgs),
+    /// List sweep batches and their outcome.
+    Batches(report::BatchesArgs),
+    /// Show one batch and the files it handled.
+    Batch(report::BatchArgs),
+    /// Run the whole migration on a generated sample tree in a temporary directory.
+    Demo(demo::DemoArgs),
+}
+
+/// Where the migration is: every command that reads or changes it takes these.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// The legacy local tree (default: the one recorded in the manifest).
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<PathBuf>,
+    /// Where files go: file:///ABSOLUTE/PATH (default: the one recorded in the manifest).
+    #[arg(long, value_name = "URL")]
+    pub dest: Option<String>,
+    /// The manifest database: sqlite:///PATH.
+    #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", default_value = DEFAULT_MANIFEST)]
+    pub manifest: String,
+}
+
+/// Which paths a command acts on.
+#[derive(Debug, Clone, Args, Default)]
+pub struct Scope {
+    /// Only paths matching this glob (relative to the source; repeatable; `*` crosses `/`).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Leave out paths matching this glob (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+}
+
+impl Scope {
+    pub fn filter(&self) -> Result<crate::engine::PathFilter> {
+        Ok(crate::engine::PathFilter::new(&self.include, &self.exclude)?)
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cutoverfs: error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sweep(args) => sweep::run(args).await,
+            Command::Plan(args) => report::plan(args).await,
+            Command::Status(args) => report::status(args).await,
+            Command::Batches(args) => report::batches(args).await,
+            Command::Batch(args) => report::batch(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("cutoverfs: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = if level.contains('=') || level.contains(',') {
+        EnvFilter::try_new(level)
+    } else {
+        EnvFilter::try_new(format!("warn,cutoverfs={level}"))
+    }
+    .unwrap_or_else(|_| EnvFilter::new("warn,cutoverfs=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// A checked source, dest and manifest location, ready to use.
+pub struct Resolved {
+    pub source: Arc<SourceTree>,
+    pub store: Arc<dyn Store>,
+    pub pair: Pair,
+    pub manifest_url: ManifestUrl,
+}
+
+impl Target {
+    pub fn manifest_url(&self) -> Result<ManifestUrl> {
+        Ok(self.manifest.parse()?)
+    }
+
+    /// Source and dest from the flags, else from the manifest; every check that can be made
+    /// without writing is made here.
+    pub async fn resolve(&self, existing: Option<&Manifest>) -> Result<Resolved> {
+        let manifest_url = self.manifest_url()?;
+        let recorded = match existing {
+            Some(m) => m.pair().await?,
+            None => None,
+        };
+        let dest_text = match (&self.dest, &recorded) {
+            (Some(dest), _) => dest.clone(),
+            (None, Some(pair)) => pair.dest.clone(),
+            (None, None) => bail!("no dest given and none recorded in manifest {manifest_url}: give --dest URL"),
+        };
+        let source_path = match (&self.source, &recorded) {
+            (Some(source), _) => source.clone(),
+            (None, Some(pair)) => PathBuf::from(&pair.source),
+            (None, None) => bail!("no source given and none recorded in manifest {manifest_url}: give --source DIR"),
+        };
+        let dest = DestUrl::parse(&dest_text)?;
+        let source_dir = check_source(&source_path)?;
+        let DestUrl::Local(dest_path) = &dest;
+        let dest_dir = canonical_path(dest_path).with_context(|| format!("dest {}", dest_path.display()))?;
+        refuse_nesting(&source_dir, &dest_dir, &manifest_url)?;
+        let store = open_store(&dest)?;
+        let pair = Pair { source: source_dir.display().to_string(), dest: store.canonical_url() };
+        if let Some(manifest) = existing {
+            manifest.check_pair(&pair, false).await?;
+        }
+        let source = Arc::new(
+            SourceTree::open(&source_dir).with_context(|| format!("cannot open source {}", source_dir.display()))?,
+        );
+        Ok(Resolved { source, store, pair, manifest_url })
+    }
+}
+
+fn check_source(path: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => bail!("source {} is not a directory", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("source {} does not exist", path.display()),
+        Err(e) => bail!("source {}: {e}", path.display()),
+    }
+    std::fs::canonicalize(path).with_context(|| format!("source {}", path.display()))
+}
+
+/// The dest may not be inside the source (the sweep would copy its own output) nor contain it,
+/// and the manifest may not live in the source (it would be migrated while it changes).
+fn refuse_nesting(source: &Path, dest: &Path, manifest: &ManifestUrl) -> Result<()> {
+    if dest == source {
+        bail!("dest {} is the source itself", dest.display());
+    }
+    if dest.starts_with(source) {
+        bail!("dest {} is inside the source {}", dest.display(), source.display());
+    }
+    if source.starts_with(dest) {
+        bail!("source {} is inside the dest {}", source.display(), dest.display());
+    }
+    let ManifestUrl::Sqlite(db) = manifest;
+    let db = canonical_path(db).unwrap_or_else(|_| db.clone());
+    if db.starts_with(source) {
+        bail!("manifest {} is inside the source {}; keep it outside the migrated tree", db.display(), source.display());
+    }
+    Ok(())
+}
+
+/// Opens an existing manifest for a read-only command, or says how to create one.
+pub async fn open_existing_manifest(target: &Target) -> Result<Manifest> {
+    let url = target.manifest_url()?;
+    match Manifest::open_existing(&url).await? {
+        Some(manifest) => Ok(manifest),
+        None => bail!("no manifest at {url}; run `cutoverfs sweep --source DIR --dest URL` first, or give --manifest"),
+    }
+}
+
+/// SIGINT/SIGTERM set the flag once; a second signal ends the process at once.
+pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        for round in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if round == 0 {
+                eprintln!("cutoverfs: stopping after the copies in flight (again to quit at once)");
+                let _ = tx.send(true);
+            } else {
+                std::process::exit(exit::INTERRUPTED as i32);
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,270 @@
+//! Read-only commands: `plan`, `status`, `batches`, `batch`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+
+use super::{exit, open_existing_manifest, Scope, Target};
+use crate::engine::plan::{make_plan, Fate, Plan};
+use crate::manifest::{BatchRow, Manifest, State};
+use crate::util::{human_bytes, human_duration};
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub scope: Scope,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print one JSON object: `files` and `bytes` map every state to a number.
+    #[arg(long)]
+    pub json: bool,
+    /// How many problem files to list.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchesArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// The batch number, as `cutoverfs batches` lists it.
+    pub id: i64,
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn plan(args: PlanArgs) -> Result<u8> {
+    let filter = args.scope.filter()?;
+    let existing = Manifest::open_existing(&args.target.manifest_url()?).await?;
+    let resolved = args.target.resolve(existing.as_ref()).await?;
+    resolved.store.preflight().await?;
+    let plan = make_plan(existing.as_ref(), resolved.source, resolved.store, &filter).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan_json(&plan, &resolved.pair.source, &resolved.pair.dest))?);
+        return Ok(exit::OK);
+    }
+    println!("Plan: {} -> {}", resolved.pair.source, resolved.pair.dest);
+    println!("Scope: {}   ({} files, {}, {} directories)", filter.describe(), plan.files.files, human_bytes(plan.files.bytes), plan.dirs);
+    println!();
+    println!("{:<14} {:>10} {:>12}", "state", "files", "bytes");
+    for (state, totals) in &plan.by_state {
+        println!("{:<14} {:>10} {:>12}", state.as_str(), totals.files, human_bytes(totals.bytes));
+    }
+    println!();
+    println!("{:<14} {:>10} {:>12}", "a sweep would", "files", "bytes");
+    for (fate, totals) in &plan.by_fate {
+        println!("{:<14} {:>10} {:>12}", fate_label(*fate), totals.files, human_bytes(totals.bytes));
+    }
+    println!();
+    println!("{:<30} {:>10} {:>12} {:>10} {:>12}", "top-level folder", "files", "bytes", "to copy", "copy bytes");
+    for (folder, (all, to_copy)) in &plan.by_folder {
+        println!(
+            "{:<30} {:>10} {:>12} {:>10} {:>12}",
+            folder,
+            all.files,
+            human_bytes(all.bytes),
+            to_copy.files,
+            human_bytes(to_copy.bytes)
+        );
+    }
+    println!();
+    println!("Estimated duration: {} ({})", human_duration(plan.estimate()), plan.estimate_basis);
+    Ok(exit::OK)
+}
+
+fn fate_label(fate: Fate) -> &'static str {
+    match fate {
+        Fate::Copy => "copy",
+        Fate::Verified => "done already",
+        Fate::AlreadyThere => "find it there",
+        Fate::Conflict => "conflict",
+        Fate::Missing => "find missing",
+        Fate::Unsupported => "skip",
+        Fate::Other => "other",
+    }
+}
+
+fn plan_json(plan: &Plan, source: &str, dest: &str) -> serde_json::Value {
+    let mut value = serde_json::to_value(plan).unwrap_or_default();
+    value["source"] = json!(source);
+    value["dest"] = json!(dest);
+    value["by_folder"] = plan
+        .by_folder
+        .iter()
+        .map(|(folder, (all, to_copy))| (folder.clone(), json!({"files": all.files, "bytes": all.bytes, "copy_files": to_copy.files, "copy_bytes": to_copy.bytes})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    value
+}
+
+pub async fn status(args: StatusArgs) -> Result<u8> {
+    let manifest = open_existing_manifest(&args.target).await?;
+    if args.target.source.is_some() || args.target.dest.is_some() {
+        args.target.resolve(Some(&manifest)).await?;
+    }
+    let pair = manifest.pair().await?;
+    let mut files: BTreeMap<State, (u64, u64)> = State::ALL.iter().map(|s| (*s, (0, 0))).collect();
+    for file in manifest.files().await? {
+        let entry = files.entry(file.state).or_default();
+        entry.0 += 1;
+        entry.1 += file.size;
+    }
+    let dirs = manifest.count_dirs().await?;
+    let problems = manifest.problems(args.limit).await?;
+    let throughput = manifest.observed_throughput().await?;
+    let left: (u64, u64) = [State::Pending, State::Copying, State::Failed]
+        .iter()
+        .map(|s| files[s])
+        .fold((0, 0), |acc, (f, b)| (acc.0 + f, acc.1 + b));
+    let eta = throughput.map(|(f, b, secs)| left.0 as f64 / (f as f64 / secs) + left.1 as f64 / (b as f64 / secs).max(1.0));
+
+    if args.json {
+        let map = |pick: fn(&(u64, u64)) -> u64| -> serde_json::Map<String, serde_json::Value> {
+            files.iter().map(|(s, v)| (s.as_str().to_string(), json!(pick(v)))).collect()
+        };
+        let value = json!({
+            "manifest": manifest.location(),
+            "source": pair.as_ref().map(|p| p.source.clone()),
+            "dest": pair.as_ref().map(|p| p.dest.clone()),
+            "files": map(|v| v.0),
+            "bytes": map(|v| v.1),
+            "directories": dirs,
+            "throughput": throughput.map(|(f, b, secs)| json!({"files_per_second": f as f64 / secs, "bytes_per_second": b as f64 / secs})),
+            "eta_seconds": eta,
+            "problems": problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(exit::OK);
+    }
+    println!("Manifest:     {}", manifest.location());
+    if let Some(pair) = &pair {
+        println!("Source:       {}", pair.source);
+        println!("Destination:  {}", pair.dest);
+    }
+    println!();
+    println!("{:<12} {:>10} {:>12}", "state", "files", "bytes");
+    for (state, (count, bytes)) in &files {
+        println!("{:<12} {:>10} {:>12}", state.as_str(), count, human_bytes(*bytes));
+    }
+    println!("{:<12} {:>10}", "directories", dirs);
+    println!();
+    match throughput {
+        Some((f, b, secs)) => println!(
+            "Throughput:   {:.0} files/s, {}/s (finished batches)",
+            f as f64 / secs,
+            human_bytes((b as f64 / secs) as u64)
+        ),
+        None => println!("Throughput:   no finished batch yet"),
+    }
+    if let Some(eta) = eta.filter(|_| left.0 > 0) {
+        println!("ETA:          {} for {} files left", human_duration(std::time::Duration::from_secs_f64(eta)), left.0);
+    }
+    if !problems.is_empty() {
+        println!();
+        println!("Files that need attention (first {}):", args.limit);
+        for p in &problems {
+            println!("  {:<11} {}  ({} attempts) {}", p.state.as_str(), p.path, p.attempts, p.reason.as_deref().unwrap_or(""));
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn batches(args: BatchesArgs) -> Result<u8> {
+    let manifest = open_existing_manifest(&args.target).await?;
+    let rows = manifest.batches().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(exit::OK);
+    }
+    println!(
+        "{:>6} {:<12} {:<20} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>11}",
+        "batch", "status", "started (UTC)", "duration", "files", "copied", "already", "missing", "conflict", "failed", "bytes"
+    );
+    for row in &rows {
+        print_batch_line(row);
+    }
+    if rows.is_empty() {
+        println!("(no batches yet)");
+    }
+    Ok(exit::OK)
+}
+
+fn print_batch_line(row: &BatchRow) {
+    let t = &row.tally;
+    let duration = row
+        .finished_at
+        .map(|end| human_duration(std::time::Duration::from_millis((end - row.started_at).max(0) as u64)))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "{:>6} {:<12} {:<20} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>11}",
+        row.id,
+        row.status,
+        utc(row.started_at),
+        duration,
+        t.files,
+        t.copied,
+        t.already,
+        t.missing,
+        t.conflicts,
+        t.failed,
+        human_bytes(t.bytes)
+    );
+}
+
+fn utc(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string().replace('T', " ").trim_end_matches('Z').to_string()
+}
+
+pub async fn batch(args: BatchArgs) -> Result<u8> {
+    let manifest = open_existing_manifest(&args.target).await?;
+    let Some(row) = manifest.batch(args.id).await? else {
+        bail!("no batch {} in manifest {}; `cutoverfs batches` lists them", args.id, manifest.location());
+    };
+    let files = manifest.batch_files(args.id).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"batch": row, "files": files}))?);
+        return Ok(exit::OK);
+    }
+    println!("Batch {} ({}), node {}, {}", row.id, row.status, row.node, row.command);
+    println!("Started:  {} UTC", utc(row.started_at));
+    if let Some(end) = row.finished_at {
+        println!("Finished: {} UTC", utc(end));
+    }
+    let t = &row.tally;
+    println!(
+        "Files: {}  copied: {}  already there: {}  missing: {}  conflicts: {}  failed: {}  bytes: {}",
+        t.files,
+        t.copied,
+        t.already,
+        t.missing,
+        t.conflicts,
+        t.failed,
+        human_bytes(t.bytes)
+    );
+    println!();
+    println!("Files last handled in this batch, with their state now:");
+    for f in &files {
+        println!("  {:<11} {}  {}", f.state.as_str(), f.path, f.reason.as_deref().unwrap_or(""));
+    }
+    Ok(exit::OK)
+}

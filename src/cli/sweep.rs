@@ -1,0 +1,256 @@
+//! `cutoverfs sweep`: scan, then copy everything in scope, then the summary block of seed 000.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{exit, stop_on_signals, Scope, Target};
+use crate::engine::plan::{make_plan, Fate};
+use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
+use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
+use crate::engine::{node_id, PathFilter, Progress};
+use crate::manifest::{Manifest, State};
+use crate::util::{human_bytes, human_duration};
+
+#[derive(Debug, Clone, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub scope: Scope,
+    /// Files copied at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// Files per recorded batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// Retries of a failed copy, with exponential backoff, before the file is left as failed.
+    #[arg(long, default_value_t = 3)]
+    pub max_retries: u32,
+    /// First retry delay; each further retry waits twice as long.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub retry_delay: Duration,
+    /// How long a claimed file stays reserved to this run without renewal; a run that dies
+    /// leaves its files to others after this.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub lease_timeout: Duration,
+    /// Missing source files are reported but are not errors.
+    #[arg(long)]
+    pub skip_missing: bool,
+    /// Show what would happen; write nothing (not even the manifest).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Interval of progress log lines when there is no terminal (0 for none).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub progress_interval: Duration,
+}
+
+pub async fn run(args: SweepArgs) -> Result<u8> {
+    let filter = args.scope.filter()?;
+    if args.dry_run {
+        return dry_run(&args, &filter).await;
+    }
+    // Everything is checked before anything is created.
+    let url = args.target.manifest_url()?;
+    let existing = Manifest::open_existing(&url).await?;
+    let resolved = args.target.resolve(existing.as_ref()).await?;
+    resolved.store.preflight().await?;
+    if let Some(m) = existing {
+        m.close().await;
+    }
+    let manifest = Manifest::open(&resolved.manifest_url).await?;
+    manifest.check_pair(&resolved.pair, true).await?;
+    resolved.store.prepare().await?;
+
+    print_header(&args, &resolved.pair.source, &resolved.pair.dest, manifest.location(), &filter);
+    let stop = stop_on_signals();
+    let node = node_id();
+    manifest.close_abandoned_batches(&node).await?;
+    let scan = match scan_into_manifest(&manifest, resolved.source.clone(), resolved.store.clone(), &stop).await {
+        Ok(stats) => stats,
+        Err(ScanError::Interrupted) => {
+            println!("Interrupted during the scan; nothing was copied. Run the same command again to resume.");
+            return Ok(exit::INTERRUPTED);
+        }
+        Err(ScanError::Manifest(e)) => return Err(e.into()),
+    };
+    print_scan(&scan);
+    let requeued = manifest.requeue_for_new_sweep().await?;
+    if requeued > 0 {
+        tracing::info!(files = requeued, "failed and conflicting files get a fresh set of attempts");
+    }
+
+    let progress = Progress::start("Migrating", args.no_progress, args.progress_interval);
+    let (todo_files, todo_bytes) = to_do(&manifest, &filter).await?;
+    progress.set_totals(todo_files, todo_bytes);
+    let opts = SweepOptions {
+        concurrency: args.concurrency as usize,
+        batch_size: args.batch_size as usize,
+        max_retries: args.max_retries,
+        retry_delay: args.retry_delay,
+        lease: args.lease_timeout,
+        filter: filter.clone(),
+        node,
+        command: "sweep".into(),
+    };
+    let report = run_sweep(&manifest, resolved.source.clone(), resolved.store.clone(), &opts, &progress, &stop).await?;
+    progress.finish();
+    let code = print_summary(&manifest, &filter, &report, &scan, args.skip_missing).await?;
+    manifest.close().await;
+    Ok(code)
+}
+
+async fn to_do(manifest: &Manifest, filter: &PathFilter) -> Result<(u64, u64)> {
+    let mut files = 0;
+    let mut bytes = 0;
+    for file in manifest.files().await? {
+        if matches!(file.state, State::Pending | State::Failed | State::Copying) && filter.matches(&file.path) {
+            files += 1;
+            bytes += file.size;
+        }
+    }
+    Ok((files, bytes))
+}
+
+fn print_header(args: &SweepArgs, source: &str, dest: &str, manifest: &str, filter: &PathFilter) {
+    println!("=== cutoverfs sweep ===");
+    println!();
+    println!("Source:                   {source}");
+    println!("Destination:              {dest}");
+    println!("Manifest:                 {manifest}");
+    println!("Dry run:                  {}", if args.dry_run { "True" } else { "False" });
+    println!("Skip missing:             {}", if args.skip_missing { "True" } else { "False" });
+    println!("Filter:                   {}", filter.describe());
+    println!();
+}
+
+fn print_scan(scan: &ScanStats) {
+    println!(
+        "Scanned {} files ({}) and {} directories in {} ({:.0} entries/s): {} new, {} changed, {} missing, {} unsupported",
+        scan.files,
+        human_bytes(scan.bytes),
+        scan.dirs,
+        human_duration(scan.elapsed),
+        scan.rate(),
+        scan.new,
+        scan.changed,
+        scan.missing,
+        scan.unsupported
+    );
+    if scan.unreadable_dirs > 0 {
+        println!("  [WARN] {} directories could not be read; see the log", scan.unreadable_dirs);
+    }
+    println!();
+}
+
+/// Counts in scope, from the manifest, after the run.
+#[derive(Default)]
+struct InScope {
+    files: u64,
+    verified: u64,
+    missing: Vec<String>,
+    unsupported: u64,
+    conflicts: u64,
+    failed: u64,
+    unfinished: u64,
+}
+
+async fn in_scope(manifest: &Manifest, filter: &PathFilter) -> Result<InScope> {
+    let mut counts = InScope::default();
+    for file in manifest.files().await?.into_iter().filter(|f| filter.matches(&f.path)) {
+        counts.files += 1;
+        match file.state {
+            State::Verified => counts.verified += 1,
+            State::Missing => counts.missing.push(file.path),
+            State::Unsupported => counts.unsupported += 1,
+            State::Conflict => counts.conflicts += 1,
+            State::Failed => counts.failed += 1,
+            State::Pending | State::Copying | State::Copied => counts.unfinished += 1,
+            State::Deleted => counts.files -= 1,
+        }
+    }
+    Ok(counts)
+}
+
+async fn print_summary(
+    manifest: &Manifest,
+    filter: &PathFilter,
+    report: &SweepReport,
+    _scan: &ScanStats,
+    skip_missing: bool,
+) -> Result<u8> {
+    let counts = in_scope(manifest, filter).await?;
+    for path in counts.missing.iter().take(20) {
+        let tag = if skip_missing { "SKIP" } else { "MISSING" };
+        println!("  [{tag}] Source file does not exist: {path}");
+    }
+    if counts.missing.len() > 20 {
+        println!("  ... and {} more (cutoverfs status lists them)", counts.missing.len() - 20);
+    }
+    let missing = counts.missing.len() as u64;
+    let errors = counts.failed + counts.conflicts + if skip_missing { 0 } else { missing };
+    let rate = report.copied_bytes as f64 / report.elapsed.as_secs_f64().max(1e-3);
+    println!();
+    println!("=== Migration Summary ===");
+    println!("Total files processed:    {}", counts.files);
+    println!("Successfully copied:      {}", report.copied);
+    println!("Already exist:            {}", counts.verified.saturating_sub(report.copied));
+    println!("Skipped (missing):        {}", if skip_missing { missing } else { 0 });
+    println!("Skipped (unsupported):    {}", counts.unsupported);
+    if !skip_missing {
+        println!("Missing:                  {missing}");
+    }
+    println!("Conflicts:                {}", counts.conflicts);
+    println!("Failed:                   {}", counts.failed);
+    if counts.unfinished > 0 {
+        println!("Not finished:             {}", counts.unfinished);
+    }
+    println!("Errors:                   {errors}");
+    println!("Bytes copied:             {}", human_bytes(report.copied_bytes));
+    println!("Duration:                 {} ({}/s, {} batches)", human_duration(report.elapsed), human_bytes(rate as u64), report.batches);
+    println!();
+    if report.interrupted {
+        println!("MIGRATION INTERRUPTED - run the same command again to resume");
+        return Ok(exit::INTERRUPTED);
+    }
+    if errors > 0 || counts.unfinished > 0 {
+        println!("MIGRATION INCOMPLETE - `cutoverfs status` lists the files and reasons");
+        return Ok(exit::INCOMPLETE);
+    }
+    println!("MIGRATION COMPLETE");
+    Ok(exit::OK)
+}
+
+async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
+    let url = args.target.manifest_url()?;
+    let existing = Manifest::open_existing(&url).await?;
+    let resolved = args.target.resolve(existing.as_ref()).await?;
+    resolved.store.preflight().await?;
+    let location = existing.as_ref().map_or_else(|| format!("{url} (not created by a dry run)"), |m| m.location().to_string());
+    print_header(args, &resolved.pair.source, &resolved.pair.dest, &location, filter);
+    println!("DRY RUN MODE - No files will be modified");
+    println!();
+    let plan = make_plan(existing.as_ref(), resolved.source, resolved.store, filter).await?;
+    let missing = plan.count(Fate::Missing).files;
+    let errors = plan.count(Fate::Conflict).files + if args.skip_missing { 0 } else { missing };
+    println!("=== Migration Summary ===");
+    println!("Total files processed:    {}", plan.files.files);
+    println!("Successfully copied:      {}", plan.count(Fate::Copy).files);
+    println!("Already exist:            {}", plan.count(Fate::Verified).files + plan.count(Fate::AlreadyThere).files);
+    println!("Skipped (missing):        {}", if args.skip_missing { missing } else { 0 });
+    println!("Skipped (unsupported):    {}", plan.count(Fate::Unsupported).files);
+    if !args.skip_missing {
+        println!("Missing:                  {missing}");
+    }
+    println!("Conflicts:                {}", plan.count(Fate::Conflict).files);
+    println!("Errors:                   {errors}");
+    println!("Bytes to copy:            {}", human_bytes(plan.count(Fate::Copy).bytes));
+    println!("Estimated duration:       {} ({})", human_duration(plan.estimate()), plan.estimate_basis);
+    println!();
+    println!("DRY RUN COMPLETE - No files were actually modified");
+    Ok(exit::OK)
+}

@@ -1,0 +1,30 @@
+//! The migration engine: scanning the source into the manifest and copying files to the dest.
+//!
+//! Owns: the walk, the worker pool, batches, leases, retries and progress. It talks to the
+//! source through `SourceTree`, to the dest only through the `Store` trait, and records every
+//! decision in the `Manifest` before or right after acting on it (DESIGN §4.7). It never prints:
+//! commands turn its reports into output.
+
+pub mod filter;
+pub mod plan;
+pub mod progress;
+pub mod scan;
+pub mod sweep;
+
+pub use filter::PathFilter;
+pub use progress::Progress;
+
+/// A name for this process in leases and batches: host, pid and start time.
+pub fn node_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let host = unsafe {
+        if libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            "unknown-host".to_string()
+        }
+    };
+    format!("{host}:{}:{}", std::process::id(), crate::manifest::now_ms())
+}

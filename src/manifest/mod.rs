@@ -1,0 +1,800 @@
+//! The manifest (DESIGN §2-§3): the database that knows the state of every path.
+//!
+//! Owns: the schema (versioned migrations under `migrations/`), every SQL statement, leases and
+//! the source/dest pair a manifest belongs to. It may not touch files or the dest: callers act,
+//! the manifest records. Everything goes through `sqlx`'s `Any` driver with SQL that SQLite and
+//! PostgreSQL both accept (`$n` placeholders, `ON CONFLICT`, `RETURNING`), so another engine
+//! plugs in here without changing a caller.
+//!
+//! Write transactions hold writes only; reads happen before them and writes are guarded by the
+//! row's `version` or lease, so two writers never need to upgrade a read lock.
+
+mod state;
+
+pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
+
+/// Where the manifest lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestUrl {
+    Sqlite(PathBuf),
+}
+
+pub const DEFAULT_MANIFEST: &str = "sqlite:///var/lib/cutoverfs/manifest.db";
+
+impl FromStr for ManifestUrl {
+    type Err = ManifestError;
+    fn from_str(s: &str) -> Result<Self, ManifestError> {
+        let bad = |why: &str| ManifestError::BadUrl { url: s.to_string(), why: why.to_string() };
+        if let Some(rest) = s.strip_prefix("sqlite://") {
+            if !rest.starts_with('/') {
+                return Err(bad("the path after sqlite:// must be absolute, as in sqlite:///var/lib/cutoverfs/manifest.db"));
+            }
+            if rest.contains('?') {
+                return Err(bad("query options are not accepted on a sqlite manifest URL"));
+            }
+            return Ok(ManifestUrl::Sqlite(PathBuf::from(rest)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Err(bad("PostgreSQL manifests are not available in this version; use sqlite:///PATH"));
+        }
+        if s.starts_with('/') {
+            return Ok(ManifestUrl::Sqlite(PathBuf::from(s)));
+        }
+        Err(bad("expected sqlite:///ABSOLUTE/PATH or an absolute path"))
+    }
+}
+
+impl std::fmt::Display for ManifestUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("bad manifest URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("cannot open manifest {location}: {source}")]
+    Open { location: String, source: std::io::Error },
+    #[error("cannot open manifest {location}: {source}")]
+    Connect { location: String, source: sqlx::Error },
+    #[error("cannot bring manifest {location} to the current schema: {source}")]
+    Migrate { location: String, source: sqlx::migrate::MigrateError },
+    #[error(
+        "manifest {location} belongs to source {recorded_source} and dest {recorded_dest}, not to \
+         source {source_dir} and dest {dest}; use another --manifest for this pair"
+    )]
+    OtherPair {
+        location: String,
+        recorded_source: String,
+        recorded_dest: String,
+        source_dir: String,
+        dest: String,
+    },
+    #[error("manifest {location} has no source and dest recorded yet; give --source and --dest")]
+    NoPair { location: String },
+    #[error("manifest query failed: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("manifest holds a bad value: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = ManifestError> = std::result::Result<T, E>;
+
+/// The source and dest a manifest belongs to, as canonical strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub source: String,
+    pub dest: String,
+}
+
+/// A row handed to a worker by `claim`.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub attempts: u32,
+    /// Hashes of objects cutoverfs published at this path's key (confirmed or about to be).
+    pub owned_sha256: Vec<String>,
+}
+
+/// The end of one copy attempt, recorded against the lease that allowed it.
+#[derive(Debug, Clone)]
+pub enum FileUpdate {
+    /// About to publish content with this hash: recorded first so a crash right after the
+    /// publish still knows the object is ours.
+    Intent { path: String, owner: String, sha256: String },
+    Verified {
+        path: String,
+        owner: String,
+        sha256: String,
+        size: u64,
+        mtime_ns: i64,
+        mime: Option<String>,
+        dest_key: String,
+        dest_etag: Option<String>,
+        /// false when an identical object was already there and cutoverfs did not write it.
+        written_by_us: bool,
+    },
+    Failed { path: String, owner: String, error: String, retry_at: Option<i64> },
+    Missing { path: String, owner: String },
+    Conflict { path: String, owner: String, reason: String },
+    Unsupported { path: String, owner: String, reason: String },
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BatchTally {
+    pub files: u64,
+    pub copied: u64,
+    pub already: u64,
+    pub missing: u64,
+    pub conflicts: u64,
+    pub failed: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchRow {
+    pub id: i64,
+    pub node: String,
+    pub command: String,
+    pub status: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    #[serde(flatten)]
+    pub tally: BatchTally,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Problem {
+    pub path: String,
+    pub state: State,
+    pub attempts: i64,
+    pub reason: Option<String>,
+}
+
+/// One file-like row as reports need it.
+#[derive(Debug, Clone)]
+pub struct FileSummary {
+    pub path: String,
+    pub state: State,
+    pub size: u64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+const CLAIMABLE: &str = "kind = 'file' AND (state = 'pending' \
+     OR (state = 'failed' AND next_retry_at IS NOT NULL AND next_retry_at <= $1) \
+     OR (state = 'copying' AND lease_expires_at < $1))";
+
+/// Rows per multi-row statement: well under SQLite's and PostgreSQL's bind limits.
+const ROWS_PER_STATEMENT: usize = 200;
+
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pool: AnyPool,
+    location: String,
+}
+
+impl Manifest {
+    /// Opens the manifest, creating it (mode 0600, parent 0700) and applying migrations.
+    pub async fn open(url: &ManifestUrl) -> Result<Manifest> {
+        let ManifestUrl::Sqlite(path) = url;
+        let location = url.to_string();
+        create_private_file(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
+        let manifest = Self::connect(url, false).await?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&manifest.pool)
+            .await
+            .map_err(|source| ManifestError::Migrate { location, source })?;
+        Ok(manifest)
+    }
+
+    /// Opens an existing manifest without creating or changing anything (plans, dry runs).
+    pub async fn open_existing(url: &ManifestUrl) -> Result<Option<Manifest>> {
+        let ManifestUrl::Sqlite(path) = url;
+        if !path.exists() {
+            return Ok(None);
+        }
+        let manifest = Self::connect(url, true).await?;
+        let migrator = sqlx::migrate!("migrations/sqlite");
+        let applied: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_one(&manifest.pool)
+            .await
+            .map(|row| row.get(0))
+            .unwrap_or(0);
+        if applied != migrator.iter().count() as i64 {
+            return Err(ManifestError::Corrupt(format!(
+                "{} has an older schema; run a changing command (sweep) once to upgrade it",
+                manifest.location
+            )));
+        }
+        Ok(Some(manifest))
+    }
+
+    async fn connect(url: &ManifestUrl, read_only: bool) -> Result<Manifest> {
+        sqlx::any::install_default_drivers();
+        let ManifestUrl::Sqlite(path) = url;
+        let location = url.to_string();
+        let mode = if read_only { "ro" } else { "rw" };
+        let conn_url = format!("sqlite://{}?mode={mode}", path.display());
+        let options = AnyConnectOptions::from_str(&conn_url)
+            .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if !read_only {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                    }
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 30000").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
+        Ok(Manifest { pool, location })
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The pair this manifest belongs to, if one was recorded.
+    pub async fn pair(&self) -> Result<Option<Pair>> {
+        match (self.meta("source").await?, self.meta("dest").await?) {
+            (Some(source), Some(dest)) => Ok(Some(Pair { source, dest })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Errors if the manifest belongs to another pair; records the pair on first use.
+    pub async fn check_pair(&self, given: &Pair, record: bool) -> Result<()> {
+        match self.pair().await? {
+            Some(recorded) if recorded == *given => Ok(()),
+            Some(recorded) => Err(ManifestError::OtherPair {
+                location: self.location.clone(),
+                recorded_source: recorded.source,
+                recorded_dest: recorded.dest,
+                source_dir: given.source.clone(),
+                dest: given.dest.clone(),
+            }),
+            None if record => {
+                self.set_meta("source", &given.source).await?;
+                self.set_meta("dest", &given.dest).await?;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A new scan number; rows a scan does not see keep an older one.
+    pub async fn next_scan_id(&self) -> Result<i64> {
+        let last: i64 = self.meta("last_scan").await?.and_then(|v| v.parse().ok()).unwrap_or(0);
+        self.set_meta("last_scan", &(last + 1).to_string()).await?;
+        Ok(last + 1)
+    }
+
+    /// What the manifest says about these paths.
+    pub async fn recorded(&self, paths: &[&str]) -> Result<HashMap<String, Recorded>> {
+        let mut found = HashMap::with_capacity(paths.len());
+        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
+            let sql = format!(
+                "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version FROM entries WHERE path IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for path in chunk {
+                query = query.bind(*path);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let path: String = row.get(0);
+                found.insert(path, recorded_from_row(&row)?);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records one batch of scan results in one transaction. `changes` pairs each scanned entry
+    /// with its decision and the row version the decision was based on (0 for a new row).
+    pub async fn record_scan(&self, scan_id: i64, seen: &[&str], changes: &[(&Scanned, ScanChange, i64)]) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for chunk in seen.chunks(ROWS_PER_STATEMENT * 4) {
+            let sql = format!("UPDATE entries SET seen_scan = $1 WHERE path IN ({})", placeholders(2, chunk.len()));
+            let mut query = sqlx::query(&sql).bind(scan_id);
+            for path in chunk {
+                query = query.bind(*path);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for fresh in [true, false] {
+            let rows: Vec<_> = changes
+                .iter()
+                .filter_map(|(scanned, change, version)| match change {
+                    ScanChange::Write { state, reason, fresh_copy } if *fresh_copy == fresh => {
+                        Some((*scanned, *state, reason, *version))
+                    }
+                    _ => None,
+                })
+                .collect();
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let sql = upsert_sql(chunk.len(), fresh);
+                let mut query = sqlx::query(&sql);
+                for (scanned, state, reason, version) in chunk {
+                    query = query
+                        .bind(scanned.path.as_str())
+                        .bind(scanned.kind.as_str())
+                        .bind(state.as_str())
+                        .bind(reason.as_deref())
+                        .bind(scanned.size as i64)
+                        .bind(scanned.mtime_ns)
+                        .bind(scanned.mode as i64)
+                        .bind(scanned.uid as i64)
+                        .bind(scanned.gid as i64)
+                        .bind(scanned.link_target.as_deref())
+                        .bind(scan_id)
+                        .bind(*version)
+                        .bind(now);
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Paths a scan did not see, in pages (keyset on path).
+    pub async fn unseen(&self, scan_id: i64, after: &str, limit: usize) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT path FROM entries WHERE seen_scan < $1 AND state NOT IN ('missing', 'deleted') \
+             AND path > $2 ORDER BY path LIMIT $3",
+        )
+        .bind(scan_id)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn mark_missing(&self, paths: &[String]) -> Result<u64> {
+        let now = now_ms();
+        let mut changed = 0;
+        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
+            let sql = format!(
+                "UPDATE entries SET state = 'missing', reason = 'source file vanished', lease_owner = NULL, \
+                 version = version + 1, updated_at = $1 WHERE state NOT IN ('missing', 'deleted', 'copying') \
+                 AND path IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).bind(now);
+            for path in chunk {
+                query = query.bind(path.as_str());
+            }
+            changed += query.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(changed)
+    }
+
+    /// A new sweep gives failed and conflicting files a fresh set of attempts.
+    pub async fn requeue_for_new_sweep(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE entries SET state = 'pending', attempts = 0, next_retry_at = NULL, \
+             version = version + 1, updated_at = $1 WHERE state IN ('failed', 'conflict')",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Files a worker could take now, in path order after `after`.
+    pub async fn candidates(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        let sql = format!("SELECT path FROM entries WHERE {CLAIMABLE} AND path > $2 ORDER BY path LIMIT $3");
+        let rows = sqlx::query(&sql).bind(now_ms()).bind(after).bind(limit as i64).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Takes leases on those of `paths` that are still claimable; returns what was taken.
+    pub async fn claim(&self, paths: &[String], owner: &str, lease: Duration, batch_id: i64) -> Result<Vec<Claimed>> {
+        let now = now_ms();
+        let mut claimed = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
+            let sql = format!(
+                "UPDATE entries SET state = 'copying', lease_owner = $2, lease_expires_at = $3, batch_id = $4, \
+                 attempts = attempts + 1, copy_started_at = $1, version = version + 1, updated_at = $1 \
+                 WHERE {CLAIMABLE} AND path IN ({}) \
+                 RETURNING path, size, mtime_ns, attempts, dest_owned, dest_sha256, intent_sha256",
+                placeholders(5, chunk.len())
+            );
+            let mut query =
+                sqlx::query(&sql).bind(now).bind(owner).bind(now + lease.as_millis() as i64).bind(batch_id);
+            for path in chunk {
+                query = query.bind(path.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let owned: i64 = row.get(4);
+                let mut owned_sha256 = Vec::new();
+                for column in [5, 6] {
+                    if let Some(sha) = row.get::<Option<String>, _>(column) {
+                        if owned == 1 || column == 6 {
+                            owned_sha256.push(sha);
+                        }
+                    }
+                }
+                claimed.push(Claimed {
+                    path: row.get(0),
+                    size: row.get::<i64, _>(1) as u64,
+                    mtime_ns: row.get(2),
+                    attempts: row.get::<i64, _>(3) as u32,
+                    owned_sha256,
+                });
+            }
+        }
+        claimed.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(claimed)
+    }
+
+    /// Extends every lease this owner holds; a live worker is never overtaken.
+    pub async fn renew_leases(&self, owner: &str, lease: Duration) -> Result<u64> {
+        let until = now_ms() + lease.as_millis() as i64;
+        let done = sqlx::query("UPDATE entries SET lease_expires_at = $1 WHERE lease_owner = $2 AND state = 'copying'")
+            .bind(until)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Gives back every lease this owner holds (a clean stop): the files are pending again.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE entries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, \
+             attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, version = version + 1, updated_at = $1 \
+             WHERE lease_owner = $2 AND state = 'copying'",
+        )
+        .bind(now_ms())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records the outcomes of several copies in one transaction. Each update only applies while
+    /// its lease is still held; the result says, per update, whether it did.
+    pub async fn apply(&self, updates: &[FileUpdate]) -> Result<Vec<bool>> {
+        let now = now_ms();
+        let mut applied = Vec::with_capacity(updates.len());
+        let mut tx = self.pool.begin().await?;
+        for update in updates {
+            let done = update_query(update, now).execute(&mut *tx).await?;
+            applied.push(done.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Work in the way of finishing: failed files with a retry due at a time, and files leased
+    /// by other nodes until a time. Each with that time.
+    pub async fn waiting(&self, owner: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT path, next_retry_at FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL \
+             UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' AND lease_owner <> $1",
+        )
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<Option<i64>, _>(1).unwrap_or(0))).collect())
+    }
+
+    pub async fn open_batch(&self, node: &str, command: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "INSERT INTO batches (node, command, status, started_at) VALUES ($1, $2, 'running', $3) RETURNING id",
+        )
+        .bind(node)
+        .bind(command)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn close_batch(&self, id: i64, tally: &BatchTally, status: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE batches SET status = $2, finished_at = $3, files = $4, copied = $5, already = $6, \
+             missing = $7, conflicts = $8, failed = $9, bytes = $10 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(now_ms())
+        .bind(tally.files as i64)
+        .bind(tally.copied as i64)
+        .bind(tally.already as i64)
+        .bind(tally.missing as i64)
+        .bind(tally.conflicts as i64)
+        .bind(tally.failed as i64)
+        .bind(tally.bytes as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Batches left 'running' by a sweep that died are marked interrupted.
+    pub async fn close_abandoned_batches(&self, live_node: &str) -> Result<()> {
+        sqlx::query("UPDATE batches SET status = 'interrupted' WHERE status = 'running' AND node <> $1 AND NOT EXISTS (SELECT 1 FROM entries WHERE entries.batch_id = batches.id AND entries.state = 'copying' AND entries.lease_expires_at >= $2)")
+            .bind(live_node)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn batches(&self) -> Result<Vec<BatchRow>> {
+        let rows = sqlx::query(&format!("{BATCH_COLUMNS} ORDER BY id")).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(batch_from_row).collect())
+    }
+
+    pub async fn batch(&self, id: i64) -> Result<Option<BatchRow>> {
+        let row = sqlx::query(&format!("{BATCH_COLUMNS} WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(batch_from_row))
+    }
+
+    /// The files last handled in a batch, with their current state.
+    pub async fn batch_files(&self, id: i64) -> Result<Vec<Problem>> {
+        let rows = sqlx::query(
+            "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries WHERE batch_id = $1 ORDER BY path",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(problem_from_row).collect()
+    }
+
+    /// Every file-like row (not directories), for reports that group in Rust.
+    pub async fn files(&self) -> Result<Vec<FileSummary>> {
+        let rows = sqlx::query("SELECT path, state, size FROM entries WHERE kind <> 'dir' ORDER BY path")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(FileSummary {
+                    path: row.get(0),
+                    state: parse_state(row.get(1))?,
+                    size: row.get::<i64, _>(2) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Every recorded directory, for creating the namespace at the dest.
+    pub async fn directories(&self) -> Result<Vec<(String, u32)>> {
+        let rows = sqlx::query("SELECT path, mode FROM entries WHERE kind = 'dir' AND state = 'verified' ORDER BY path")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<i64, _>(1) as u32)).collect())
+    }
+
+    pub async fn count_dirs(&self) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM entries WHERE kind = 'dir'").fetch_one(&self.pool).await?.get(0);
+        Ok(n as u64)
+    }
+
+    /// Files that need an operator's eye: failed, conflicting, missing, unsupported.
+    pub async fn problems(&self, limit: usize) -> Result<Vec<Problem>> {
+        let rows = sqlx::query(
+            "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries \
+             WHERE state IN ('failed', 'conflict', 'missing', 'unsupported') ORDER BY state, path LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(problem_from_row).collect()
+    }
+
+    /// Bytes and seconds of finished batches, for estimates.
+    pub async fn observed_throughput(&self) -> Result<Option<(u64, u64, f64)>> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(files), 0) AS BIGINT), CAST(COALESCE(SUM(bytes), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(finished_at - started_at), 0) AS BIGINT) FROM batches WHERE finished_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let (files, bytes, ms): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        Ok((ms > 0 && files > 0).then(|| (files as u64, bytes as u64, ms as f64 / 1000.0)))
+    }
+}
+
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+        }
+    }
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    Ok(())
+}
+
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
+const SCAN_COLUMNS: usize = 13;
+
+fn upsert_sql(rows: usize, fresh_copy: bool) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| {
+            let base = row * SCAN_COLUMNS + 1;
+            let now = base + SCAN_COLUMNS - 1;
+            format!("({}, ${now}, ${now})", placeholders(base, SCAN_COLUMNS))
+        })
+        .collect();
+    let reset = if fresh_copy {
+        ", sha256 = NULL, mime = NULL, attempts = 0, last_error = NULL, next_retry_at = NULL, lease_owner = NULL, \
+         lease_expires_at = NULL, copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, \
+         queued_at = excluded.queued_at"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, link_target, seen_scan, \
+         version, created_at, updated_at, queued_at) VALUES {} \
+         ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
+         size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
+         gid = excluded.gid, link_target = excluded.link_target, seen_scan = excluded.seen_scan, \
+         updated_at = excluded.updated_at, version = entries.version + 1{reset} \
+         WHERE entries.version = excluded.version",
+        values.join(", ")
+    )
+}
+
+/// The guard on every copy outcome: it applies only while the worker's lease is still held.
+macro_rules! leased {
+    () => {
+        "WHERE path = $1 AND lease_owner = $2 AND state = 'copying'"
+    };
+}
+
+fn update_query(update: &FileUpdate, now: i64) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+    match update {
+        FileUpdate::Intent { path, owner, sha256 } => {
+            sqlx::query(concat!("UPDATE entries SET intent_sha256 = $3 ", leased!()))
+                .bind(path.as_str())
+                .bind(owner.as_str())
+                .bind(sha256.as_str())
+        }
+        FileUpdate::Verified { path, owner, sha256, size, mtime_ns, mime, dest_key, dest_etag, written_by_us } => {
+            sqlx::query(concat!(
+                    "UPDATE entries SET state = 'verified', reason = NULL, last_error = NULL, next_retry_at = NULL, \
+                     sha256 = $3, size = $4, mtime_ns = $5, mime = $6, dest_key = $7, dest_etag = $8, \
+                     dest_owned = CASE WHEN $9 = 1 THEN 1 WHEN dest_sha256 = $3 THEN dest_owned ELSE 0 END, \
+                     dest_sha256 = CASE WHEN $9 = 1 OR dest_sha256 = $3 THEN $3 ELSE NULL END, \
+                     intent_sha256 = NULL, lease_owner = NULL, lease_expires_at = NULL, copied_at = $10, \
+                     verified_at = $10, version = version + 1, updated_at = $10 ",
+                leased!()
+            ))
+            .bind(path.as_str())
+            .bind(owner.as_str())
+            .bind(sha256.as_str())
+            .bind(*size as i64)
+            .bind(*mtime_ns)
+            .bind(mime.as_deref())
+            .bind(dest_key.as_str())
+            .bind(dest_etag.as_deref())
+            .bind(*written_by_us as i64)
+            .bind(now)
+        }
+        FileUpdate::Failed { path, owner, error, retry_at } => sqlx::query(concat!(
+            "UPDATE entries SET state = 'failed', last_error = $3, next_retry_at = $4, lease_owner = NULL, \
+             lease_expires_at = NULL, version = version + 1, updated_at = $5 ",
+            leased!()
+        ))
+        .bind(path.as_str())
+        .bind(owner.as_str())
+        .bind(error.as_str())
+        .bind(*retry_at)
+        .bind(now),
+        FileUpdate::Missing { path, owner } => side_state(path, owner, "missing", "source file vanished", now),
+        FileUpdate::Conflict { path, owner, reason } => side_state(path, owner, "conflict", reason, now),
+        FileUpdate::Unsupported { path, owner, reason } => side_state(path, owner, "unsupported", reason, now),
+    }
+}
+
+fn side_state<'q>(
+    path: &'q str,
+    owner: &'q str,
+    state: &'static str,
+    reason: &'q str,
+    now: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    sqlx::query(concat!(
+        "UPDATE entries SET state = $3, reason = $4, last_error = NULL, next_retry_at = NULL, lease_owner = NULL, \
+         lease_expires_at = NULL, intent_sha256 = NULL, version = version + 1, updated_at = $5 ",
+        leased!()
+    ))
+    .bind(path)
+    .bind(owner)
+    .bind(state)
+    .bind(reason)
+    .bind(now)
+}
+
+const BATCH_COLUMNS: &str = "SELECT id, node, command, status, started_at, finished_at, files, copied, already, \
+     missing, conflicts, failed, bytes FROM batches";
+
+fn batch_from_row(row: &AnyRow) -> BatchRow {
+    let n = |i: usize| row.get::<i64, _>(i) as u64;
+    BatchRow {
+        id: row.get(0),
+        node: row.get(1),
+        command: row.get(2),
+        status: row.get(3),
+        started_at: row.get(4),
+        finished_at: row.get(5),
+        tally: BatchTally {
+            files: n(6),
+            copied: n(7),
+            already: n(8),
+            missing: n(9),
+            conflicts: n(10),
+            failed: n(11),
+            bytes: n(12),
+        },
+    }
+}
+
+fn parse_state(s: String) -> Result<State> {
+    s.parse().map_err(ManifestError::Corrupt)
+}
+
+fn problem_from_row(row: &AnyRow) -> Result<Problem> {
+    Ok(Problem { path: row.get(0), state: parse_state(row.get(1))?, attempts: row.get(2), reason: row.get(3) })
+}
+
+fn recorded_from_row(row: &AnyRow) -> Result<Recorded> {
+    Ok(Recorded {
+        kind: row.get::<String, _>(1).parse().map_err(ManifestError::Corrupt)?,
+        state: parse_state(row.get(2))?,
+        reason: row.get(3),
+        size: row.get::<i64, _>(4) as u64,
+        mtime_ns: row.get(5),
+        mode: row.get::<i64, _>(6) as u32,
+        uid: row.get::<i64, _>(7) as u32,
+        gid: row.get::<i64, _>(8) as u32,
+        version: row.get(9),
+    })
+}

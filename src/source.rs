@@ -1,0 +1,142 @@
+//! The legacy local tree (DESIGN §2 "source"), reached through a directory descriptor.
+//!
+//! Owns: opening and stat-ing files below the source root, and proving that a file did not
+//! change while it was read (§4.4). It may not write to the source: cutoverfs never changes a
+//! local file outside `purge` and the mount's own write path.
+//!
+//! Every path goes through `/proc/self/fd/<root fd>/...`, so the same code keeps working when a
+//! FUSE mount later hides the directory behind itself (the fd still reaches the real tree).
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The attributes the application sees and that decide whether a file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Attrs {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub atime_ns: i64,
+    pub ctime_ns: i64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl Attrs {
+    pub fn from_metadata(m: &Metadata) -> Self {
+        Attrs {
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            atime_ns: m.atime() * 1_000_000_000 + m.atime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+
+    /// Same content as far as the file system can tell: a write changes size, mtime or ctime,
+    /// and a rename-over changes the inode.
+    fn same_content_as(&self, other: &Attrs) -> bool {
+        self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.ctime_ns == other.ctime_ns
+            && self.ino == other.ino
+            && self.dev == other.dev
+    }
+}
+
+#[derive(Debug)]
+pub struct SourceTree {
+    display: PathBuf,
+    _root: OwnedFd,
+    base: PathBuf,
+}
+
+impl SourceTree {
+    /// Opens the root directory; from then on it is reached through the descriptor.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let dir = File::open(root)?;
+        if !dir.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        let fd: OwnedFd = dir.into();
+        let base = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        Ok(SourceTree { display: root.to_path_buf(), _root: fd, base })
+    }
+
+    /// The path the operator gave, for messages.
+    pub fn display_root(&self) -> &Path {
+        &self.display
+    }
+
+    /// A path that reaches `rel` through the root descriptor.
+    pub fn path_of(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() {
+            self.base.clone()
+        } else {
+            self.base.join(rel)
+        }
+    }
+
+    pub fn lstat(&self, rel: &str) -> io::Result<Metadata> {
+        std::fs::symlink_metadata(self.path_of(rel))
+    }
+
+    /// Opens a regular file for copying, refusing to follow a symlink at the last component.
+    pub fn open_file(&self, rel: &str) -> io::Result<OpenedSource> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path_of(rel);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)?;
+        let before = Attrs::from_metadata(&file.metadata()?);
+        if before.mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        Ok(OpenedSource { file, before, path })
+    }
+}
+
+/// An open source file together with what it looked like when opened.
+#[derive(Debug)]
+pub struct OpenedSource {
+    pub file: File,
+    pub before: Attrs,
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("source changed while it was copied ({0})")]
+pub struct SourceChanged(pub &'static str);
+
+impl OpenedSource {
+    /// Called after the last byte was read: the copy is only good if the open file did not
+    /// change meanwhile and the path still names that same file.
+    pub fn confirm_unchanged(&self) -> Result<(), SourceChanged> {
+        let after = self
+            .file
+            .metadata()
+            .map(|m| Attrs::from_metadata(&m))
+            .map_err(|_| SourceChanged("fstat failed"))?;
+        if !self.before.same_content_as(&after) {
+            return Err(SourceChanged("size, mtime or ctime moved"));
+        }
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if Attrs::from_metadata(&m).same_content_as(&after) => Ok(()),
+            Ok(_) => Err(SourceChanged("the path now names another file")),
+            Err(_) => Err(SourceChanged("the path was removed")),
+        }
+    }
+}
