@@ -196,7 +196,7 @@ impl Manifest {
         let location = url.to_string();
         create_private_file(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
         let manifest = Self::connect(url, false).await?;
-        sqlx::migrate!("migrations/sqlite")
+        sqlx::migrate!("src/manifest/migrations/sqlite")
             .run(&manifest.pool)
             .await
             .map_err(|source| ManifestError::Migrate { location, source })?;
@@ -210,7 +210,7 @@ impl Manifest {
             return Ok(None);
         }
         let manifest = Self::connect(url, true).await?;
-        let migrator = sqlx::migrate!("migrations/sqlite");
+        let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
         let applied: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
             .fetch_one(&manifest.pool)
             .await
