@@ -19,8 +19,8 @@ pub struct SweepArgs {
     pub target: Target,
     #[command(flatten)]
     pub scope: Scope,
-    /// Files copied at once.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Files in flight at once (reads, writes and syncs overlap across them).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
     /// Files per recorded batch.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -97,7 +97,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         node,
         command: "sweep".into(),
     };
-    let report = run_sweep(&manifest, resolved.source.clone(), resolved.store.clone(), &opts, &progress, &stop).await?;
+    let report = run_sweep(&manifest, resolved.source.clone(), resolved.store.clone(), &opts, progress.clone(), &stop).await?;
     progress.finish();
     let code = print_summary(&manifest, &filter, &report, &scan, args.skip_missing).await?;
     manifest.close().await;

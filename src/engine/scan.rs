@@ -20,6 +20,8 @@ use crate::store::Store;
 
 /// Entries per batch sent from the walk to the recorder.
 const WALK_BATCH: usize = 1000;
+/// Walk batches merged into one manifest transaction at most.
+const RECORD_GROUP: usize = 16;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ScanStats {
@@ -212,12 +214,17 @@ pub async fn scan_into_manifest(
     let mut walk = start_walk(source.clone(), store);
     let mut stats = ScanStats::default();
     let mut stop = stop.clone();
+    let mut received = Vec::new();
     loop {
-        let batch = tokio::select! {
-            batch = walk.batches.recv() => batch,
+        // Whatever the walkers have queued meanwhile goes into one transaction.
+        let more = tokio::select! {
+            n = walk.batches.recv_many(&mut received, RECORD_GROUP) => n,
             _ = stop.wait_for(|stopped| *stopped) => return Err(ScanError::Interrupted),
         };
-        let Some(batch) = batch else { break };
+        if more == 0 {
+            break;
+        }
+        let batch: Vec<Scanned> = received.drain(..).flatten().collect();
         record_batch(manifest, scan_id, &batch, &mut stats).await?;
     }
     stats.unreadable_dirs = walk.unreadable_dirs.load(Ordering::Relaxed);
@@ -237,7 +244,9 @@ pub async fn scan_into_manifest(
 
 async fn record_batch(manifest: &Manifest, scan_id: i64, batch: &[Scanned], stats: &mut ScanStats) -> Result<(), ScanError> {
     let paths: Vec<&str> = batch.iter().map(|s| s.path.as_str()).collect();
+    let t0 = Instant::now();
     let recorded = manifest.recorded(&paths).await?;
+    let t1 = t0.elapsed();
     let mut changes = Vec::new();
     for scanned in batch {
         count(stats, scanned);
@@ -256,6 +265,7 @@ async fn record_batch(manifest: &Manifest, scan_id: i64, batch: &[Scanned], stat
     }
     let seen: Vec<&str> = paths.into_iter().filter(|p| recorded.contains_key(*p)).collect();
     manifest.record_scan(scan_id, &seen, &changes).await?;
+    tracing::debug!(select_us = t1.as_micros() as u64, write_us = (t0.elapsed() - t1).as_micros() as u64, n = batch.len(), "scan batch");
     Ok(())
 }
 

@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::filter::PathFilter;
 use super::progress::Progress;
 use crate::manifest::{now_ms, BatchTally, Claimed, FileUpdate, Manifest, ManifestError};
 use crate::source::SourceTree;
-use crate::store::{PublishGuard, PutOutcome, Store, StoreError};
+use crate::store::{PublishGuard, PutOutcome, SourceRef, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
@@ -60,17 +60,40 @@ enum Outcome {
     Abandoned,
 }
 
+/// Batches being copied at once: the next batch is claimed while the last files of the
+/// previous one finish, so workers never idle at a batch boundary.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// What every copy task shares.
+struct Shared {
+    source: Arc<SourceTree>,
+    store: Arc<dyn Store>,
+    recorder: Recorder,
+    opts: SweepOptions,
+    progress: Arc<Progress>,
+    stop: watch::Receiver<bool>,
+}
+
 pub async fn run_sweep(
     manifest: &Manifest,
     source: Arc<SourceTree>,
     store: Arc<dyn Store>,
     opts: &SweepOptions,
-    progress: &Progress,
+    progress: Arc<Progress>,
     stop: &watch::Receiver<bool>,
 ) -> Result<SweepReport, ManifestError> {
     let started = Instant::now();
-    let recorder = Recorder::start(manifest.clone());
+    let shared = Arc::new(Shared {
+        source,
+        store: store.clone(),
+        recorder: Recorder::start(manifest.clone()),
+        opts: opts.clone(),
+        progress,
+        stop: stop.clone(),
+    });
     let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
+    let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut batches: JoinSet<Result<BatchTally, ManifestError>> = JoinSet::new();
     let mut report = SweepReport::default();
     let mut cursor = String::new();
     let result = async {
@@ -84,25 +107,47 @@ pub async fn run_sweep(
                 if let Some(id) = batch_id {
                     manifest.close_batch(id, &BatchTally::default(), "completed").await?;
                 }
+                // Files in flight may fail and come due for a retry: finish them first.
+                while let Some(done) = batches.join_next().await {
+                    report.add(&done.map_err(join_error)??);
+                }
                 if !wait_for_more_work(manifest, opts, stop).await? {
                     break;
                 }
                 continue;
             }
             let batch_id = batch_id.unwrap_or_default();
-            let tally = copy_batch(claimed, &source, &store, &recorder, opts, progress, stop)
-                .instrument(tracing::info_span!("batch", id = batch_id))
-                .await;
-            let status = if tally.failed + tally.conflicts + tally.missing > 0 { "partial" } else { "completed" };
-            let status = if *stop.borrow() { "interrupted" } else { status };
-            manifest.close_batch(batch_id, &tally, status).await?;
-            report.batches += 1;
-            report.copied += tally.copied;
-            report.copied_bytes += tally.bytes;
-            report.already_there += tally.already;
-            report.missing += tally.missing;
-            report.conflicts += tally.conflicts;
-            report.failed_attempts += tally.failed;
+            let files = dispatch_batch(claimed, &shared, &in_flight).await;
+            let manifest = manifest.clone();
+            let stop = stop.clone();
+            batches.spawn(
+                async move {
+                    let tally = Arc::new(TallyCounters::default());
+                    let mut files = files;
+                    while let Some(outcome) = files.join_next().await {
+                        tally.add(outcome.unwrap_or(Outcome::Abandoned));
+                    }
+                    let tally = tally.snapshot();
+                    let status = if *stop.borrow() {
+                        "interrupted"
+                    } else if tally.failed + tally.conflicts + tally.missing > 0 {
+                        "partial"
+                    } else {
+                        "completed"
+                    };
+                    manifest.close_batch(batch_id, &tally, status).await?;
+                    Ok(tally)
+                }
+                .instrument(tracing::info_span!("batch", id = batch_id)),
+            );
+            while batches.len() >= BATCHES_IN_FLIGHT {
+                if let Some(done) = batches.join_next().await {
+                    report.add(&done.map_err(join_error)??);
+                }
+            }
+        }
+        while let Some(done) = batches.join_next().await {
+            report.add(&done.map_err(join_error)??);
         }
         Ok::<(), ManifestError>(())
     }
@@ -118,6 +163,49 @@ pub async fn run_sweep(
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+fn join_error(e: tokio::task::JoinError) -> ManifestError {
+    ManifestError::Corrupt(format!("a batch task failed: {e}"))
+}
+
+impl SweepReport {
+    fn add(&mut self, tally: &BatchTally) {
+        self.batches += 1;
+        self.copied += tally.copied;
+        self.copied_bytes += tally.bytes;
+        self.already_there += tally.already;
+        self.missing += tally.missing;
+        self.conflicts += tally.conflicts;
+        self.failed_attempts += tally.failed;
+    }
+}
+
+/// Starts a task per file, each once a slot among `--concurrency` is free. Files not started
+/// because the run is stopping stay leased and are released when the sweep ends.
+async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>, in_flight: &Arc<Semaphore>) -> JoinSet<Outcome> {
+    let mut files = JoinSet::new();
+    for file in claimed {
+        let Ok(slot) = in_flight.clone().acquire_owned().await else { break };
+        if *shared.stop.borrow() {
+            break;
+        }
+        let shared = shared.clone();
+        let span = tracing::info_span!("copy", path = %file.path, attempt = file.attempts);
+        files.spawn(
+            async move {
+                let size = file.size;
+                let outcome = copy_one(file, &shared).await;
+                drop(slot);
+                if outcome != Outcome::Abandoned {
+                    shared.progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { size });
+                }
+                outcome
+            }
+            .instrument(span),
+        );
+    }
+    files
 }
 
 /// Claims up to one batch of in-scope files, opening a batch record for them.
@@ -178,46 +266,11 @@ async fn wait_for_more_work(
     Ok(true)
 }
 
-async fn copy_batch(
-    claimed: Vec<Claimed>,
-    source: &Arc<SourceTree>,
-    store: &Arc<dyn Store>,
-    recorder: &Recorder,
-    opts: &SweepOptions,
-    progress: &Progress,
-    stop: &watch::Receiver<bool>,
-) -> BatchTally {
-    let tally = TallyCounters::default();
-    futures_util::stream::iter(claimed)
-        .for_each_concurrent(opts.concurrency.max(1), |file| {
-            let tally = &tally;
-            async move {
-                if *stop.borrow() {
-                    return; // left leased; released as a whole when the sweep ends
-                }
-                let span = tracing::info_span!("copy", path = %file.path, attempt = file.attempts);
-                let size = file.size;
-                let outcome = copy_one(file, source, store, recorder, opts).instrument(span).await;
-                tally.add(outcome);
-                if outcome != Outcome::Abandoned {
-                    progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { size });
-                }
-            }
-        })
-        .await;
-    tally.into_tally()
-}
-
-async fn copy_one(
-    file: Claimed,
-    source: &Arc<SourceTree>,
-    store: &Arc<dyn Store>,
-    recorder: &Recorder,
-    opts: &SweepOptions,
-) -> Outcome {
+async fn copy_one(file: Claimed, shared: &Shared) -> Outcome {
+    let (recorder, opts) = (&shared.recorder, &shared.opts);
     let path = file.path.clone();
     let owner = opts.node.clone();
-    let (update, outcome) = match attempt_copy(&file, source, store, recorder, &owner).await {
+    let (update, outcome) = match attempt_copy(&file, &shared.source, &shared.store, recorder, &owner).await {
         Ok(done) => done,
         Err(error) => {
             let retry_at = (file.attempts <= opts.max_retries).then(|| {
@@ -257,21 +310,14 @@ async fn attempt_copy(
         Ok(key) => key,
         Err(reason) => return Ok((FileUpdate::Unsupported { path, owner: owner_s, reason }, Outcome::Unsupported)),
     };
-    let tree = source.clone();
-    let rel = file.path.clone();
-    let opened = tokio::task::spawn_blocking(move || tree.open_file(&rel))
-        .await
-        .map_err(|e| StoreError::Unusable(format!("open thread failed: {e}")))?;
-    let opened = match opened {
-        Ok(opened) => opened,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((FileUpdate::Missing { path, owner: owner_s }, Outcome::Missing));
-        }
-        Err(e) => return Err(StoreError::SourceRead(e)),
-    };
-    let seen = opened.before;
     let guard = Guard { recorder, path: &file.path, owner, owned: &file.owned_sha256 };
-    let outcome = store.put(&key, opened, &guard).await?;
+    let source_ref = SourceRef { tree: source.clone(), rel: file.path.clone() };
+    let stored = match store.put(&key, source_ref, &guard).await {
+        Ok(stored) => stored,
+        Err(StoreError::SourceMissing) => return Ok((FileUpdate::Missing { path, owner: owner_s }, Outcome::Missing)),
+        Err(e) => return Err(e),
+    };
+    let seen = stored.source;
     let mime = mime_guess::from_path(&file.path).first_raw().map(str::to_string);
     let verified = |sha256: String, written_by_us: bool, etag: Option<String>| FileUpdate::Verified {
         path: path.clone(),
@@ -284,7 +330,7 @@ async fn attempt_copy(
         dest_etag: etag,
         written_by_us,
     };
-    Ok(match outcome {
+    Ok(match stored.outcome {
         PutOutcome::Written { sha256, size, etag } => {
             tracing::debug!(bytes = size, "copied and verified");
             (verified(sha256, true, etag), Outcome::Copied(size))
@@ -309,6 +355,10 @@ struct Guard<'a> {
 
 #[async_trait]
 impl PublishGuard for Guard<'_> {
+    fn writer_id(&self) -> String {
+        self.recorder.manifest_id.clone()
+    }
+
     async fn before_publish(&self, sha256: &str) -> Result<(), StoreError> {
         let intent = FileUpdate::Intent { path: self.path.to_string(), owner: self.owner.to_string(), sha256: sha256.to_string() };
         match self.recorder.apply(intent).await {
@@ -351,15 +401,16 @@ impl TallyCounters {
         self.files.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn into_tally(self) -> BatchTally {
+    fn snapshot(&self) -> BatchTally {
+        let n = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         BatchTally {
-            files: self.files.into_inner(),
-            copied: self.copied.into_inner(),
-            already: self.already.into_inner(),
-            missing: self.missing.into_inner(),
-            conflicts: self.conflicts.into_inner(),
-            failed: self.failed.into_inner(),
-            bytes: self.bytes.into_inner(),
+            files: n(&self.files),
+            copied: n(&self.copied),
+            already: n(&self.already),
+            missing: n(&self.missing),
+            conflicts: n(&self.conflicts),
+            failed: n(&self.failed),
+            bytes: n(&self.bytes),
         }
     }
 }
@@ -368,12 +419,14 @@ impl TallyCounters {
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<(FileUpdate, oneshot::Sender<Result<bool, String>>)>,
+    manifest_id: String,
 }
 
 const RECORDER_GROUP: usize = 512;
 
 impl Recorder {
     pub fn start(manifest: Manifest) -> Recorder {
+        let manifest_id = manifest.id().to_string();
         let (tx, mut rx) = mpsc::channel::<(FileUpdate, oneshot::Sender<Result<bool, String>>)>(RECORDER_GROUP * 2);
         tokio::spawn(async move {
             let mut group = Vec::with_capacity(RECORDER_GROUP);
@@ -393,7 +446,7 @@ impl Recorder {
                 }
             }
         });
-        Recorder { tx }
+        Recorder { tx, manifest_id }
     }
 
     pub async fn apply(&self, update: FileUpdate) -> Result<bool, String> {

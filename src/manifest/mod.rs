@@ -176,17 +176,25 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
-const CLAIMABLE: &str = "kind = 'file' AND (state = 'pending' \
-     OR (state = 'failed' AND next_retry_at IS NOT NULL AND next_retry_at <= $1) \
-     OR (state = 'copying' AND lease_expires_at < $1))";
+const CLAIMABLE: &str = "entries.kind = 'file' AND (entries.state = 'pending' \
+     OR (entries.state = 'failed' AND entries.next_retry_at IS NOT NULL AND entries.next_retry_at <= $1) \
+     OR (entries.state = 'copying' AND entries.lease_expires_at < $1))";
 
-/// Rows per multi-row statement: well under SQLite's and PostgreSQL's bind limits.
-const ROWS_PER_STATEMENT: usize = 200;
+/// Claimable rows by state, each read in path order straight from the (state, path) index.
+const CANDIDATES: [&str; 3] = [
+    "SELECT path FROM entries WHERE state = 'pending' AND kind = 'file' AND path > $2 AND $1 = $1 \
+     ORDER BY path LIMIT $3",
+    "SELECT path FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL AND next_retry_at <= $1 \
+     AND kind = 'file' AND path > $2 ORDER BY path LIMIT $3",
+    "SELECT path FROM entries WHERE state = 'copying' AND lease_expires_at < $1 AND kind = 'file' AND path > $2 \
+     ORDER BY path LIMIT $3",
+];
 
 #[derive(Debug, Clone)]
 pub struct Manifest {
     pool: AnyPool,
     location: String,
+    id: String,
 }
 
 impl Manifest {
@@ -200,7 +208,16 @@ impl Manifest {
             .run(&manifest.pool)
             .await
             .map_err(|source| ManifestError::Migrate { location, source })?;
-        Ok(manifest)
+        sqlx::query("INSERT INTO meta (key, value) VALUES ('id', $1) ON CONFLICT (key) DO NOTHING")
+            .bind(random_id())
+            .execute(&manifest.pool)
+            .await?;
+        manifest.load_id().await
+    }
+
+    async fn load_id(mut self) -> Result<Manifest> {
+        self.id = self.meta("id").await?.unwrap_or_default();
+        Ok(self)
     }
 
     /// Opens an existing manifest without creating or changing anything (plans, dry runs).
@@ -222,7 +239,7 @@ impl Manifest {
                 manifest.location
             )));
         }
-        Ok(Some(manifest))
+        Ok(Some(manifest.load_id().await?))
     }
 
     async fn connect(url: &ManifestUrl, read_only: bool) -> Result<Manifest> {
@@ -248,11 +265,16 @@ impl Manifest {
             .connect_with(options)
             .await
             .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
-        Ok(Manifest { pool, location })
+        Ok(Manifest { pool, location, id: String::new() })
     }
 
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// A random id made when the manifest was created: marks the dest objects it owns.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub async fn close(&self) {
@@ -311,19 +333,19 @@ impl Manifest {
     /// What the manifest says about these paths.
     pub async fn recorded(&self, paths: &[&str]) -> Result<HashMap<String, Recorded>> {
         let mut found = HashMap::with_capacity(paths.len());
-        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
-            let sql = format!(
-                "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version FROM entries WHERE path IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for path in chunk {
-                query = query.bind(*path);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                let path: String = row.get(0);
-                found.insert(path, recorded_from_row(&row)?);
-            }
+        if paths.is_empty() {
+            return Ok(found);
+        }
+        let rows = sqlx::query(
+            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version FROM entries \
+             WHERE path IN (SELECT value FROM json_each($1))",
+        )
+        .bind(json_list(paths))
+        .fetch_all(&self.pool)
+        .await?;
+        for row in rows {
+            let path: String = row.get(0);
+            found.insert(path, recorded_from_row(&row)?);
         }
         Ok(found)
     }
@@ -333,45 +355,42 @@ impl Manifest {
     pub async fn record_scan(&self, scan_id: i64, seen: &[&str], changes: &[(&Scanned, ScanChange, i64)]) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for chunk in seen.chunks(ROWS_PER_STATEMENT * 4) {
-            let sql = format!("UPDATE entries SET seen_scan = $1 WHERE path IN ({})", placeholders(2, chunk.len()));
-            let mut query = sqlx::query(&sql).bind(scan_id);
-            for path in chunk {
-                query = query.bind(*path);
-            }
-            query.execute(&mut *tx).await?;
+        if !seen.is_empty() {
+            sqlx::query("UPDATE entries SET seen_scan = $1 WHERE path IN (SELECT value FROM json_each($2))")
+                .bind(scan_id)
+                .bind(json_list(seen))
+                .execute(&mut *tx)
+                .await?;
         }
         for fresh in [true, false] {
-            let rows: Vec<_> = changes
+            let rows: Vec<serde_json::Value> = changes
                 .iter()
                 .filter_map(|(scanned, change, version)| match change {
-                    ScanChange::Write { state, reason, fresh_copy } if *fresh_copy == fresh => {
-                        Some((*scanned, *state, reason, *version))
-                    }
+                    ScanChange::Write { state, reason, fresh_copy } if *fresh_copy == fresh => Some(serde_json::json!([
+                        scanned.path,
+                        scanned.kind.as_str(),
+                        state.as_str(),
+                        reason,
+                        scanned.size,
+                        scanned.mtime_ns,
+                        scanned.mode,
+                        scanned.uid,
+                        scanned.gid,
+                        scanned.link_target,
+                        version
+                    ])),
                     _ => None,
                 })
                 .collect();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let sql = upsert_sql(chunk.len(), fresh);
-                let mut query = sqlx::query(&sql);
-                for (scanned, state, reason, version) in chunk {
-                    query = query
-                        .bind(scanned.path.as_str())
-                        .bind(scanned.kind.as_str())
-                        .bind(state.as_str())
-                        .bind(reason.as_deref())
-                        .bind(scanned.size as i64)
-                        .bind(scanned.mtime_ns)
-                        .bind(scanned.mode as i64)
-                        .bind(scanned.uid as i64)
-                        .bind(scanned.gid as i64)
-                        .bind(scanned.link_target.as_deref())
-                        .bind(scan_id)
-                        .bind(*version)
-                        .bind(now);
-                }
-                query.execute(&mut *tx).await?;
+            if rows.is_empty() {
+                continue;
             }
+            sqlx::query(if fresh { UPSERT_FRESH } else { UPSERT_ATTRS })
+                .bind(serde_json::Value::Array(rows).to_string())
+                .bind(scan_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -392,22 +411,19 @@ impl Manifest {
     }
 
     pub async fn mark_missing(&self, paths: &[String]) -> Result<u64> {
-        let now = now_ms();
-        let mut changed = 0;
-        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
-            let sql = format!(
-                "UPDATE entries SET state = 'missing', reason = 'source file vanished', lease_owner = NULL, \
-                 version = version + 1, updated_at = $1 WHERE state NOT IN ('missing', 'deleted', 'copying') \
-                 AND path IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut query = sqlx::query(&sql).bind(now);
-            for path in chunk {
-                query = query.bind(path.as_str());
-            }
-            changed += query.execute(&self.pool).await?.rows_affected();
+        if paths.is_empty() {
+            return Ok(0);
         }
-        Ok(changed)
+        let done = sqlx::query(
+            "UPDATE entries SET state = 'missing', reason = 'source file vanished', lease_owner = NULL, \
+             version = version + 1, updated_at = $1 WHERE state NOT IN ('missing', 'deleted', 'copying') \
+             AND path IN (SELECT value FROM json_each($2))",
+        )
+        .bind(now_ms())
+        .bind(json_list(paths))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// A new sweep gives failed and conflicting files a fresh set of attempts.
@@ -424,47 +440,51 @@ impl Manifest {
 
     /// Files a worker could take now, in path order after `after`.
     pub async fn candidates(&self, after: &str, limit: usize) -> Result<Vec<String>> {
-        let sql = format!("SELECT path FROM entries WHERE {CLAIMABLE} AND path > $2 ORDER BY path LIMIT $3");
-        let rows = sqlx::query(&sql).bind(now_ms()).bind(after).bind(limit as i64).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let now = now_ms();
+        let mut paths = Vec::new();
+        for sql in CANDIDATES {
+            let rows = sqlx::query(sql).bind(now).bind(after).bind(limit as i64).fetch_all(&self.pool).await?;
+            paths.extend(rows.iter().map(|r| r.get::<String, _>(0)));
+        }
+        paths.sort_unstable();
+        paths.truncate(limit);
+        Ok(paths)
     }
 
     /// Takes leases on those of `paths` that are still claimable; returns what was taken.
     pub async fn claim(&self, paths: &[String], owner: &str, lease: Duration, batch_id: i64) -> Result<Vec<Claimed>> {
         let now = now_ms();
-        let mut claimed = Vec::with_capacity(paths.len());
-        for chunk in paths.chunks(ROWS_PER_STATEMENT * 4) {
-            let sql = format!(
-                "UPDATE entries SET state = 'copying', lease_owner = $2, lease_expires_at = $3, batch_id = $4, \
-                 attempts = attempts + 1, copy_started_at = $1, version = version + 1, updated_at = $1 \
-                 WHERE {CLAIMABLE} AND path IN ({}) \
-                 RETURNING path, size, mtime_ns, attempts, dest_owned, dest_sha256, intent_sha256",
-                placeholders(5, chunk.len())
-            );
-            let mut query =
-                sqlx::query(&sql).bind(now).bind(owner).bind(now + lease.as_millis() as i64).bind(batch_id);
-            for path in chunk {
-                query = query.bind(path.as_str());
-            }
-            for row in query.fetch_all(&self.pool).await? {
+        // The listed paths drive the statement (primary-key lookups), whatever the table's size.
+        let sql = format!(
+            "WITH c AS MATERIALIZED (SELECT value AS path FROM json_each($5)) \
+             UPDATE entries SET state = 'copying', lease_owner = $2, lease_expires_at = $3, batch_id = $4, \
+             attempts = attempts + 1, copy_started_at = $1, version = version + 1, updated_at = $1 \
+             FROM c WHERE entries.path = c.path AND {CLAIMABLE} \
+             RETURNING entries.path, size, mtime_ns, attempts, dest_owned, dest_sha256, intent_sha256"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now)
+            .bind(owner)
+            .bind(now + lease.as_millis() as i64)
+            .bind(batch_id)
+            .bind(json_list(paths))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut claimed: Vec<Claimed> = rows
+            .iter()
+            .map(|row| {
                 let owned: i64 = row.get(4);
-                let mut owned_sha256 = Vec::new();
-                for column in [5, 6] {
-                    if let Some(sha) = row.get::<Option<String>, _>(column) {
-                        if owned == 1 || column == 6 {
-                            owned_sha256.push(sha);
-                        }
-                    }
-                }
-                claimed.push(Claimed {
+                let confirmed: Option<String> = row.get(5);
+                let intent: Option<String> = row.get(6);
+                Claimed {
                     path: row.get(0),
                     size: row.get::<i64, _>(1) as u64,
                     mtime_ns: row.get(2),
                     attempts: row.get::<i64, _>(3) as u32,
-                    owned_sha256,
-                });
-            }
-        }
+                    owned_sha256: confirmed.filter(|_| owned == 1).into_iter().chain(intent).collect(),
+                }
+            })
+            .collect();
         claimed.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(claimed)
     }
@@ -498,11 +518,35 @@ impl Manifest {
     /// its lease is still held; the result says, per update, whether it did.
     pub async fn apply(&self, updates: &[FileUpdate]) -> Result<Vec<bool>> {
         let now = now_ms();
-        let mut applied = Vec::with_capacity(updates.len());
+        let mut applied = vec![false; updates.len()];
         let mut tx = self.pool.begin().await?;
-        for update in updates {
+        let verified: Vec<(usize, serde_json::Value)> = updates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, update)| verified_json(update).map(|json| (i, json)))
+            .collect();
+        if !verified.is_empty() {
+            let rows = serde_json::Value::Array(verified.iter().map(|(_, json)| json.clone()).collect());
+            let done: std::collections::HashSet<String> = sqlx::query(VERIFY_MANY)
+                .bind(rows.to_string())
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for (i, _) in &verified {
+                if let FileUpdate::Verified { path, .. } = &updates[*i] {
+                    applied[*i] = done.contains(path);
+                }
+            }
+        }
+        for (i, update) in updates.iter().enumerate() {
+            if matches!(update, FileUpdate::Verified { .. }) {
+                continue;
+            }
             let done = update_query(update, now).execute(&mut *tx).await?;
-            applied.push(done.rows_affected() == 1);
+            applied[i] = done.rows_affected() == 1;
         }
         tx.commit().await?;
         Ok(applied)
@@ -638,6 +682,15 @@ impl Manifest {
     }
 }
 
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+        bytes[..8].copy_from_slice(&now_ms().to_le_bytes());
+        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    hex::encode(bytes)
+}
+
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(parent) = path.parent() {
@@ -649,37 +702,55 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+/// A list of strings as one JSON parameter: bulk statements expand it with `json_each`, so a
+/// thousand rows cost one bind instead of thousands. (PostgreSQL spells it
+/// `jsonb_array_elements_text`; the bulk statements are the only engine-specific SQL.)
+fn json_list<S: AsRef<str>>(items: &[S]) -> String {
+    serde_json::Value::Array(items.iter().map(|s| serde_json::Value::from(s.as_ref())).collect()).to_string()
 }
 
-const SCAN_COLUMNS: usize = 13;
+const SCAN_INSERT: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
+     link_target, seen_scan, version, created_at, updated_at, queued_at) \
+     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, \
+     r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9, $2, r.value ->> 10, $3, $3, $3 \
+     FROM json_each($1) AS r WHERE true \
+     ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
+     size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
+     gid = excluded.gid, link_target = excluded.link_target, seen_scan = excluded.seen_scan, \
+     updated_at = excluded.updated_at, version = entries.version + 1";
 
-fn upsert_sql(rows: usize, fresh_copy: bool) -> String {
-    let values: Vec<String> = (0..rows)
-        .map(|row| {
-            let base = row * SCAN_COLUMNS + 1;
-            let now = base + SCAN_COLUMNS - 1;
-            format!("({}, ${now}, ${now})", placeholders(base, SCAN_COLUMNS))
-        })
-        .collect();
-    let reset = if fresh_copy {
-        ", sha256 = NULL, mime = NULL, attempts = 0, last_error = NULL, next_retry_at = NULL, lease_owner = NULL, \
-         lease_expires_at = NULL, copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, \
-         queued_at = excluded.queued_at"
-    } else {
-        ""
-    };
-    format!(
-        "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, link_target, seen_scan, \
-         version, created_at, updated_at, queued_at) VALUES {} \
-         ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
-         size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
-         gid = excluded.gid, link_target = excluded.link_target, seen_scan = excluded.seen_scan, \
-         updated_at = excluded.updated_at, version = entries.version + 1{reset} \
-         WHERE entries.version = excluded.version",
-        values.join(", ")
-    )
+/// A scanned change that needs a fresh copy: what the last copy recorded is cleared.
+const UPSERT_FRESH: &str = const_format::concatcp!(
+    SCAN_INSERT,
+    ", sha256 = NULL, mime = NULL, attempts = 0, last_error = NULL, next_retry_at = NULL, lease_owner = NULL, \
+     lease_expires_at = NULL, copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, \
+     queued_at = excluded.queued_at WHERE entries.version = excluded.version"
+);
+
+/// A scanned change of attributes only (mode, owner): the state and copy record stay.
+const UPSERT_ATTRS: &str = const_format::concatcp!(SCAN_INSERT, " WHERE entries.version = excluded.version");
+
+/// Marks many copies verified at once, each guarded by its lease.
+const VERIFY_MANY: &str = "WITH v AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS sha256, \
+     value ->> 2 AS size, value ->> 3 AS mtime_ns, value ->> 4 AS mime, value ->> 5 AS dest_key, \
+     value ->> 6 AS dest_etag, value ->> 7 AS ours, value ->> 8 AS owner FROM json_each($1)) \
+     UPDATE entries SET state = 'verified', reason = NULL, last_error = NULL, next_retry_at = NULL, \
+     sha256 = v.sha256, size = v.size, mtime_ns = v.mtime_ns, mime = v.mime, dest_key = v.dest_key, \
+     dest_etag = v.dest_etag, \
+     dest_owned = CASE WHEN v.ours = 1 THEN 1 WHEN entries.dest_sha256 = v.sha256 THEN entries.dest_owned ELSE 0 END, \
+     dest_sha256 = CASE WHEN v.ours = 1 OR entries.dest_sha256 = v.sha256 THEN v.sha256 ELSE NULL END, \
+     intent_sha256 = NULL, lease_owner = NULL, lease_expires_at = NULL, copied_at = $2, verified_at = $2, \
+     version = entries.version + 1, updated_at = $2 \
+     FROM v WHERE entries.path = v.path AND entries.lease_owner = v.owner AND entries.state = 'copying' \
+     RETURNING entries.path";
+
+fn verified_json(update: &FileUpdate) -> Option<serde_json::Value> {
+    match update {
+        FileUpdate::Verified { path, owner, sha256, size, mtime_ns, mime, dest_key, dest_etag, written_by_us } => {
+            Some(serde_json::json!([path, sha256, size, mtime_ns, mime, dest_key, dest_etag, *written_by_us as i64, owner]))
+        }
+        _ => None,
+    }
 }
 
 /// The guard on every copy outcome: it applies only while the worker's lease is still held.
@@ -697,27 +768,7 @@ fn update_query(update: &FileUpdate, now: i64) -> sqlx::query::Query<'_, sqlx::A
                 .bind(owner.as_str())
                 .bind(sha256.as_str())
         }
-        FileUpdate::Verified { path, owner, sha256, size, mtime_ns, mime, dest_key, dest_etag, written_by_us } => {
-            sqlx::query(concat!(
-                    "UPDATE entries SET state = 'verified', reason = NULL, last_error = NULL, next_retry_at = NULL, \
-                     sha256 = $3, size = $4, mtime_ns = $5, mime = $6, dest_key = $7, dest_etag = $8, \
-                     dest_owned = CASE WHEN $9 = 1 THEN 1 WHEN dest_sha256 = $3 THEN dest_owned ELSE 0 END, \
-                     dest_sha256 = CASE WHEN $9 = 1 OR dest_sha256 = $3 THEN $3 ELSE NULL END, \
-                     intent_sha256 = NULL, lease_owner = NULL, lease_expires_at = NULL, copied_at = $10, \
-                     verified_at = $10, version = version + 1, updated_at = $10 ",
-                leased!()
-            ))
-            .bind(path.as_str())
-            .bind(owner.as_str())
-            .bind(sha256.as_str())
-            .bind(*size as i64)
-            .bind(*mtime_ns)
-            .bind(mime.as_deref())
-            .bind(dest_key.as_str())
-            .bind(dest_etag.as_deref())
-            .bind(*written_by_us as i64)
-            .bind(now)
-        }
+        FileUpdate::Verified { .. } => unreachable!("verified outcomes are applied in bulk"),
         FileUpdate::Failed { path, owner, error, retry_at } => sqlx::query(concat!(
             "UPDATE entries SET state = 'failed', last_error = $3, next_retry_at = $4, lease_owner = NULL, \
              lease_expires_at = NULL, version = version + 1, updated_at = $5 ",

@@ -1,11 +1,14 @@
 //! `file://` dest: a private local directory.
 //!
 //! A file is written to an unnamed temporary file (`O_TMPFILE`) in its target directory, hashed
-//! in the same pass, given the source's mode, owner and times, fsynced, and only then linked to
-//! its name with a call that fails if the name exists (`linkat`), followed by an fsync of the
-//! directory. A crash at any point leaves either nothing or the whole file at the key, and no
-//! temporary name behind. Where `O_TMPFILE` is unsupported, a dot-named temporary file and
-//! `renameat2(RENAME_NOREPLACE)` give the same guarantees (a crash may leave the temporary).
+//! in the same pass, given the source's mode, owner and times and an ownership mark (the xattr
+//! `user.cutoverfs` = manifest id and SHA-256), made durable, and only then linked to its name
+//! with a call that fails if the name exists (`linkat`); the new directory entry is made durable
+//! before the copy counts as done. Durability comes from `SyncGroup` (one `syncfs` for many
+//! files), or from per-file fsyncs where a subdirectory is another file system. A crash at any
+//! point leaves either nothing or the whole file at the key, and no temporary name behind. Where
+//! `O_TMPFILE` is unsupported, a dot-named temporary file and `renameat2(RENAME_NOREPLACE)` give
+//! the same guarantees (a crash may leave the temporary).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -19,15 +22,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{canonical_path, PublishGuard, PutOutcome, Store, StoreError};
+use super::durable::SyncGroup;
+use super::{canonical_path, PublishGuard, PutOutcome, SourceRef, Store, StoreError, Stored};
 use crate::source::OpenedSource;
+
+/// The extended attribute that marks a file as written by cutoverfs for one manifest.
+const OWNER_XATTR: &str = "user.cutoverfs";
 
 /// Bytes between two requests to start write-back, so the final fsync has little left to do.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
 pub struct LocalStore {
     root: PathBuf,
+    sync: std::sync::OnceLock<(SyncGroup, u64)>,
+    /// Blocking I/O calls at once: many files may be in flight, but only this many threads
+    /// read and write at a time.
+    io_slots: tokio::sync::Semaphore,
 }
+
+/// Threads doing file I/O at once; more only adds context switches on small machines.
+const IO_THREADS: usize = 8;
 
 impl LocalStore {
     pub fn new(root: &Path) -> Result<LocalStore, StoreError> {
@@ -36,7 +50,40 @@ impl LocalStore {
             target: root.display().to_string(),
             source,
         })?;
-        Ok(LocalStore { root })
+        Ok(LocalStore { root, sync: std::sync::OnceLock::new(), io_slots: tokio::sync::Semaphore::new(IO_THREADS) })
+    }
+
+    /// The group syncer of the dest's file system and that file system's device number.
+    fn sync_group(&self) -> Result<&(SyncGroup, u64), StoreError> {
+        if let Some(group) = self.sync.get() {
+            return Ok(group);
+        }
+        let dir = File::open(&self.root).map_err(dest_err("open", &self.root))?;
+        let dev = dir.metadata().map_err(dest_err("stat", &self.root))?.dev();
+        let _ = self.sync.set((SyncGroup::start(dir), dev));
+        Ok(self.sync.get().expect("set just above"))
+    }
+
+    async fn io<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let _slot = self.io_slots.acquire().await.map_err(|_| StoreError::Unusable("store closed".into()))?;
+        blocking(work).await
+    }
+
+    /// Makes what was written durable: with the group sync when `dev` is the dest's file
+    /// system, else by fsyncing `file` and, if given, the directory of `linked_at`.
+    async fn make_durable(&self, dev: u64, file: &File, linked_at: Option<&Path>) -> Result<(), StoreError> {
+        let (group, root_dev) = self.sync_group()?;
+        if dev == *root_dev {
+            return group.wait().await.map_err(dest_err("sync", &self.root));
+        }
+        file.sync_all().map_err(dest_err("fsync", &self.root))?;
+        match linked_at {
+            Some(path) => fsync_parent(path).map_err(dest_err("fsync directory of", path)),
+            None => Ok(()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -68,7 +115,7 @@ impl Store for LocalStore {
     async fn prepare(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
         blocking(move || {
-            create_dirs_durably(Path::new("/"), &root).map_err(|source| StoreError::Dest {
+            create_dirs(Path::new("/"), &root).and_then(|()| fsync_parent(&root)).map_err(|source| StoreError::Dest {
                 op: "create",
                 target: root.display().to_string(),
                 source,
@@ -77,13 +124,31 @@ impl Store for LocalStore {
         .await
     }
 
-    async fn put(&self, key: &str, source: OpenedSource, guard: &dyn PublishGuard) -> Result<PutOutcome, StoreError> {
+    async fn put(&self, key: &str, source: SourceRef, guard: &dyn PublishGuard) -> Result<Stored, StoreError> {
         let root = self.root.clone();
         let target = self.target(key);
-        let staged = blocking(move || stage(&root, &target, source)).await?;
-        guard.before_publish(&staged.sha256).await?;
+        let writer = guard.writer_id();
+        let staged = self.io(move || {
+            let opened = source.tree.open_file(&source.rel).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StoreError::SourceMissing,
+                _ => StoreError::SourceRead(e),
+            })?;
+            stage(&root, &target, opened, &writer)
+        })
+        .await?;
+        if !staged.marked {
+            guard.before_publish(&staged.sha256).await?;
+        }
+        let dev = staged.file.metadata().map_err(dest_err("stat", &staged.target))?.dev();
+        self.make_durable(dev, &staged.file, None).await?;
         let owned = guard.owned_sha256();
-        blocking(move || publish(staged, &owned)).await
+        let writer = guard.writer_id();
+        let source_attrs = staged.source;
+        let (outcome, staged) = self.io(move || publish(staged, &owned, &writer)).await?;
+        if matches!(outcome, PutOutcome::Written { .. }) {
+            self.make_durable(dev, &staged.file, Some(&staged.target)).await?;
+        }
+        Ok(Stored { outcome, source: source_attrs })
     }
 
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
@@ -99,7 +164,7 @@ impl Store for LocalStore {
         let dir = self.target(rel);
         blocking(move || {
             let err = |source| StoreError::Dest { op: "mkdir", target: dir.display().to_string(), source };
-            create_dirs_durably(&root, &dir).map_err(err)?;
+            create_dirs(&root, &dir).map_err(err)?;
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777)).map_err(err)
         })
         .await
@@ -114,7 +179,7 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(StoreError::Unusable(format!("copy thread failed: {e}"))))
 }
 
-/// A fully written, fsynced file that is not yet visible at its key.
+/// A fully written file that is not yet visible at its key.
 struct Staged {
     file: File,
     /// Set when the fallback named temporary file was used instead of O_TMPFILE.
@@ -122,6 +187,9 @@ struct Staged {
     target: PathBuf,
     sha256: String,
     size: u64,
+    /// Whether the file carries the ownership mark.
+    marked: bool,
+    source: crate::source::Attrs,
 }
 
 impl Drop for Staged {
@@ -136,22 +204,54 @@ fn dest_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> S
     move |source| StoreError::Dest { op, target: path.display().to_string(), source }
 }
 
-fn stage(root: &Path, target: &Path, source: OpenedSource) -> Result<Staged, StoreError> {
+fn stage(root: &Path, target: &Path, source: OpenedSource, writer: &str) -> Result<Staged, StoreError> {
     let dir = target.parent().unwrap_or(root);
-    create_dirs_durably(root, dir).map_err(dest_err("mkdir", dir))?;
+    create_dirs(root, dir).map_err(dest_err("mkdir", dir))?;
     let (mut file, temp_name) = open_temp(dir, target).map_err(dest_err("create temp in", dir))?;
-    let staged = (|| -> Result<(String, u64), StoreError> {
-        let (sha256, size) = copy_hashing(&source, &mut file, target)?;
-        source.confirm_unchanged()?;
-        apply_attrs(&file, &source).map_err(dest_err("set attributes on", target))?;
-        file.sync_all().map_err(dest_err("fsync", target))?;
-        Ok((sha256, size))
-    })();
-    let mut staged_file = Staged { file, temp_name, target: target.to_path_buf(), sha256: String::new(), size: 0 };
-    let (sha256, size) = staged?;
-    staged_file.sha256 = sha256;
-    staged_file.size = size;
-    Ok(staged_file)
+    let mut staged = Staged {
+        file: file.try_clone().map_err(dest_err("dup", dir))?,
+        temp_name,
+        target: target.to_path_buf(),
+        sha256: String::new(),
+        size: 0,
+        marked: false,
+        source: source.before,
+    };
+    let (sha256, size) = copy_hashing(&source, &mut file, target)?;
+    source.confirm_unchanged()?;
+    apply_attrs(&file, &source).map_err(dest_err("set attributes on", target))?;
+    staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", target))?;
+    staged.sha256 = sha256;
+    staged.size = size;
+    Ok(staged)
+}
+
+/// Marks the file as written by this manifest; false where the file system has no user xattrs.
+fn set_owner_mark(file: &File, writer: &str, sha256: &str) -> io::Result<bool> {
+    let name = CString::new(OWNER_XATTR).expect("no NUL");
+    let value = format!("{writer}:{sha256}");
+    // SAFETY: valid name and value buffers for the call's duration.
+    let rc = unsafe {
+        libc::fsetxattr(file.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOTSUP) | Some(libc::EPERM) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// The ownership mark of a file, if it has one.
+fn owner_mark(path: &Path) -> Option<String> {
+    let name = CString::new(OWNER_XATTR).expect("no NUL");
+    let path = cstring(path).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: valid buffers for the call's duration.
+    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
@@ -231,32 +331,31 @@ fn timespec(ns: i64) -> libc::timespec {
     libc::timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) }
 }
 
-fn publish(staged: Staged, owned: &[String]) -> Result<PutOutcome, StoreError> {
+fn publish(staged: Staged, owned: &[String], writer: &str) -> Result<(PutOutcome, Staged), StoreError> {
     let target = staged.target.clone();
     match link_no_replace(&staged.file, staged.temp_name.as_deref(), &target) {
         Ok(()) => {
-            fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
-            return Ok(PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None });
+            let written = PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None };
+            return Ok((written, staged));
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(dest_err("link", &target)(e)),
     }
     let Some((size, existing)) = hash_existing(&target).map_err(dest_err("read existing", &target))? else {
-        return Ok(PutOutcome::Conflict { reason: "dest holds something that is not a regular file".into() });
+        let reason = "dest holds something that is not a regular file".to_string();
+        return Ok((PutOutcome::Conflict { reason }, staged));
     };
+    let ours = owned.contains(&existing) || owner_mark(&target) == Some(format!("{writer}:{existing}"));
     if existing == staged.sha256 {
-        let ours = owned.contains(&existing);
-        return Ok(PutOutcome::AlreadyThere { sha256: existing, size, ours });
+        return Ok((PutOutcome::AlreadyThere { sha256: existing, size, ours }, staged));
     }
-    if !owned.contains(&existing) {
-        return Ok(PutOutcome::Conflict {
-            reason: format!(
-                "dest already holds a different file that cutoverfs did not write (size {size}, sha256 {existing})"
-            ),
-        });
+    if !ours {
+        let reason =
+            format!("dest already holds a different file that cutoverfs did not write (size {size}, sha256 {existing})");
+        return Ok((PutOutcome::Conflict { reason }, staged));
     }
     replace_own_object(&staged, &target)?;
-    Ok(PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None })
+    Ok((PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None }, staged))
 }
 
 /// Makes the staged file visible at `target` unless something is already there.
@@ -313,8 +412,7 @@ fn replace_own_object(staged: &Staged, target: &Path) -> Result<(), StoreError> 
             temp
         }
     };
-    std::fs::rename(&temp, target).map_err(dest_err("rename over", target))?;
-    fsync_parent(target).map_err(dest_err("fsync directory of", target))
+    std::fs::rename(&temp, target).map_err(dest_err("rename over", target))
 }
 
 /// Size and SHA-256 of a regular file at `path`; None when it is something else.
@@ -335,18 +433,18 @@ fn fsync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Creates `dir` and any missing parents below `root`, fsyncing each parent that gained an
-/// entry so the new directories survive a crash.
-fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
+/// Creates `dir` and any missing parents below `root`. New directory entries become durable with
+/// the next sync of the file system (the put that needed them waits for it).
+fn create_dirs(root: &Path, dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
     let parent = dir.parent().unwrap_or(root);
     if parent != dir {
-        create_dirs_durably(root, parent)?;
+        create_dirs(root, parent)?;
     }
     match std::fs::create_dir(dir) {
-        Ok(()) => fsync_parent(dir),
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(e),
     }

@@ -5,6 +5,7 @@
 //! not write is never replaced (§4.2). A store never touches the manifest: what it must know
 //! about ownership it asks through `PublishGuard`.
 
+mod durable;
 mod local;
 
 pub use local::LocalStore;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::source::{OpenedSource, SourceChanged};
+use crate::source::{Attrs, SourceChanged, SourceTree};
 
 /// A parsed `--dest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +67,24 @@ pub enum PutOutcome {
     Conflict { reason: String },
 }
 
+/// A file of the source to copy; the store opens it on its own I/O thread.
+#[derive(Debug, Clone)]
+pub struct SourceRef {
+    pub tree: Arc<SourceTree>,
+    pub rel: String,
+}
+
+/// The result of a put and what the source looked like when it was read.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub outcome: PutOutcome,
+    pub source: Attrs,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("source file vanished")]
+    SourceMissing,
     #[error(transparent)]
     SourceChanged(#[from] SourceChanged),
     #[error("cannot read source: {0}")]
@@ -81,10 +98,16 @@ pub enum StoreError {
 }
 
 /// What a store asks of the caller about ownership, so it never needs the manifest.
+///
+/// Before anything is visible at a key, ownership of what will be there must be provable after
+/// a crash: either the object carries a mark naming this manifest (`writer_id`), or, where the
+/// dest cannot mark objects, the store calls `before_publish` so the manifest records it.
 #[async_trait]
 pub trait PublishGuard: Send + Sync {
-    /// Called once the content hash is known and before anything becomes visible at the key;
-    /// an error aborts the put with nothing published.
+    /// A stable id of the manifest on whose behalf objects are written.
+    fn writer_id(&self) -> String;
+    /// Called with the content hash before publishing an object that could not be marked; an
+    /// error aborts the put with nothing published.
     async fn before_publish(&self, sha256: &str) -> Result<(), StoreError>;
     /// Hashes of the objects cutoverfs wrote at this key; an existing object with another hash
     /// is not ours and is never replaced.
@@ -105,10 +128,10 @@ pub trait Store: Send + Sync {
     /// Makes the dest ready to receive files (creates the root of a local dest).
     async fn prepare(&self) -> Result<(), StoreError>;
 
-    /// Copies `source` to `key`, hashing in the same pass. The store must call
-    /// `source.confirm_unchanged()` after the last byte was read and before publishing, and must
-    /// call `guard.before_publish` before anything is visible at the key.
-    async fn put(&self, key: &str, source: OpenedSource, guard: &dyn PublishGuard) -> Result<PutOutcome, StoreError>;
+    /// Copies `source` to `key`, hashing in the same pass. The store must check
+    /// `OpenedSource::confirm_unchanged` after the last byte was read and before publishing
+    /// (DESIGN §4.4), and make ownership provable as `PublishGuard` says.
+    async fn put(&self, key: &str, source: SourceRef, guard: &dyn PublishGuard) -> Result<Stored, StoreError>;
 
     /// The size of whatever is at `key`, if anything (for dry runs: reads nothing else).
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError>;
