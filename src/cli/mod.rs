@@ -94,6 +94,12 @@ impl Scope {
 }
 
 pub fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of stdout goes away
+    // (`cutoverfs status | head`) instead of panicking on a broken pipe.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -211,13 +217,29 @@ fn refuse_nesting(source: &Path, dest: &Path, manifest: &ManifestUrl) -> Result<
     Ok(())
 }
 
-/// Opens an existing manifest for a read-only command, or says how to create one.
-pub async fn open_existing_manifest(target: &Target) -> Result<Manifest> {
+/// Runs a read-only command on an existing manifest (or says how to create one), closing it
+/// afterwards so SQLite leaves no WAL files behind.
+pub async fn with_existing_manifest<T>(target: &Target, work: impl AsyncFnOnce(&Manifest) -> Result<T>) -> Result<T> {
     let url = target.manifest_url()?;
-    match Manifest::open_existing(&url).await? {
-        Some(manifest) => Ok(manifest),
-        None => bail!("no manifest at {url}; run `cutoverfs sweep --source DIR --dest URL` first, or give --manifest"),
+    let Some(manifest) = Manifest::open_existing(&url).await? else {
+        bail!("no manifest at {url}; run `cutoverfs sweep --source DIR --dest URL` first, or give --manifest");
+    };
+    let result = work(&manifest).await;
+    manifest.close().await;
+    result
+}
+
+/// Like `with_existing_manifest`, for commands that also work before any manifest exists.
+pub async fn with_optional_manifest<T>(
+    target: &Target,
+    work: impl AsyncFnOnce(Option<&Manifest>) -> Result<T>,
+) -> Result<T> {
+    let manifest = Manifest::open_existing(&target.manifest_url()?).await?;
+    let result = work(manifest.as_ref()).await;
+    if let Some(manifest) = manifest {
+        manifest.close().await;
     }
+    result
 }
 
 /// SIGINT/SIGTERM set the flag once; a second signal ends the process at once.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::{exit, open_existing_manifest, Scope, Target};
+use super::{exit, with_existing_manifest, with_optional_manifest, Scope, Target};
 use crate::engine::plan::{make_plan, Fate, Plan};
 use crate::manifest::{BatchRow, Manifest, State};
 use crate::util::{human_bytes, human_duration};
@@ -54,10 +54,13 @@ pub struct BatchArgs {
 
 pub async fn plan(args: PlanArgs) -> Result<u8> {
     let filter = args.scope.filter()?;
-    let existing = Manifest::open_existing(&args.target.manifest_url()?).await?;
-    let resolved = args.target.resolve(existing.as_ref()).await?;
-    resolved.store.preflight().await?;
-    let plan = make_plan(existing.as_ref(), resolved.source, resolved.store, &filter).await?;
+    let (plan, resolved) = with_optional_manifest(&args.target, async |existing| {
+        let resolved = args.target.resolve(existing).await?;
+        resolved.store.preflight().await?;
+        let plan = make_plan(existing, resolved.source.clone(), resolved.store.clone(), &filter).await?;
+        Ok((plan, resolved))
+    })
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan_json(&plan, &resolved.pair.source, &resolved.pair.dest))?);
         return Ok(exit::OK);
@@ -117,9 +120,12 @@ fn plan_json(plan: &Plan, source: &str, dest: &str) -> serde_json::Value {
 }
 
 pub async fn status(args: StatusArgs) -> Result<u8> {
-    let manifest = open_existing_manifest(&args.target).await?;
+    with_existing_manifest(&args.target, async |manifest| status_of(manifest, &args).await).await
+}
+
+async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
     if args.target.source.is_some() || args.target.dest.is_some() {
-        args.target.resolve(Some(&manifest)).await?;
+        args.target.resolve(Some(manifest)).await?;
     }
     let pair = manifest.pair().await?;
     let mut files: BTreeMap<State, (u64, u64)> = State::ALL.iter().map(|s| (*s, (0, 0))).collect();
@@ -189,8 +195,7 @@ pub async fn status(args: StatusArgs) -> Result<u8> {
 }
 
 pub async fn batches(args: BatchesArgs) -> Result<u8> {
-    let manifest = open_existing_manifest(&args.target).await?;
-    let rows = manifest.batches().await?;
+    let rows = with_existing_manifest(&args.target, async |manifest| Ok(manifest.batches().await?)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(exit::OK);
@@ -236,11 +241,13 @@ fn utc(ms: i64) -> String {
 }
 
 pub async fn batch(args: BatchArgs) -> Result<u8> {
-    let manifest = open_existing_manifest(&args.target).await?;
-    let Some(row) = manifest.batch(args.id).await? else {
-        bail!("no batch {} in manifest {}; `cutoverfs batches` lists them", args.id, manifest.location());
-    };
-    let files = manifest.batch_files(args.id).await?;
+    let (row, files) = with_existing_manifest(&args.target, async |manifest| {
+        let Some(row) = manifest.batch(args.id).await? else {
+            bail!("no batch {} in manifest {}; `cutoverfs batches` lists them", args.id, manifest.location());
+        };
+        Ok((row, manifest.batch_files(args.id).await?))
+    })
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json!({"batch": row, "files": files}))?);
         return Ok(exit::OK);

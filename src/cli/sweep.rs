@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::{exit, stop_on_signals, Scope, Target};
+use super::{exit, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::plan::{make_plan, Fate};
 use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
@@ -55,13 +55,12 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         return dry_run(&args, &filter).await;
     }
     // Everything is checked before anything is created.
-    let url = args.target.manifest_url()?;
-    let existing = Manifest::open_existing(&url).await?;
-    let resolved = args.target.resolve(existing.as_ref()).await?;
-    resolved.store.preflight().await?;
-    if let Some(m) = existing {
-        m.close().await;
-    }
+    let resolved = with_optional_manifest(&args.target, async |existing| {
+        let resolved = args.target.resolve(existing).await?;
+        resolved.store.preflight().await?;
+        Ok(resolved)
+    })
+    .await?;
     let manifest = Manifest::open(&resolved.manifest_url).await?;
     manifest.check_pair(&resolved.pair, true).await?;
     resolved.store.prepare().await?;
@@ -227,14 +226,17 @@ async fn print_summary(
 
 async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
     let url = args.target.manifest_url()?;
-    let existing = Manifest::open_existing(&url).await?;
-    let resolved = args.target.resolve(existing.as_ref()).await?;
-    resolved.store.preflight().await?;
-    let location = existing.as_ref().map_or_else(|| format!("{url} (not created by a dry run)"), |m| m.location().to_string());
+    let (plan, resolved, location) = with_optional_manifest(&args.target, async |existing| {
+        let resolved = args.target.resolve(existing).await?;
+        resolved.store.preflight().await?;
+        let location = existing.map_or_else(|| format!("{url} (not created by a dry run)"), |m| m.location().to_string());
+        let plan = make_plan(existing, resolved.source.clone(), resolved.store.clone(), filter).await?;
+        Ok((plan, resolved, location))
+    })
+    .await?;
     print_header(args, &resolved.pair.source, &resolved.pair.dest, &location, filter);
     println!("DRY RUN MODE - No files will be modified");
     println!();
-    let plan = make_plan(existing.as_ref(), resolved.source, resolved.store, filter).await?;
     let missing = plan.count(Fate::Missing).files;
     let errors = plan.count(Fate::Conflict).files + if args.skip_missing { 0 } else { missing };
     println!("=== Migration Summary ===");

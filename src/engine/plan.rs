@@ -92,8 +92,9 @@ pub async fn make_plan(
                 (ScanChange::Unchanged, Some(old)) => old.state,
                 (ScanChange::Unchanged, None) => State::Pending,
             };
+            let owned = old.is_some_and(|o| o.dest_owned);
             let fate = match state {
-                State::Pending => fate_at_dest(&*store, &scanned.path, scanned.size).await,
+                State::Pending => fate_at_dest(&*store, &scanned.path, scanned.size, owned).await,
                 State::Verified => Fate::Verified,
                 State::Unsupported => Fate::Unsupported,
                 State::Conflict => Fate::Conflict,
@@ -118,11 +119,14 @@ pub async fn make_plan(
     Ok(plan)
 }
 
-async fn fate_at_dest(store: &dyn Store, path: &str, size: u64) -> Fate {
+/// What a sweep would find at the dest. By size only (a dry run reads no content); an object
+/// cutoverfs wrote earlier is replaced, never a conflict.
+async fn fate_at_dest(store: &dyn Store, path: &str, size: u64, owned: bool) -> Fate {
     let Ok(key) = store.key_for(path) else { return Fate::Unsupported };
     match store.existing_size(&key).await {
         Ok(None) | Err(_) => Fate::Copy,
         Ok(Some(existing)) if existing == size => Fate::AlreadyThere,
+        Ok(Some(_)) if owned => Fate::Copy,
         Ok(Some(_)) => Fate::Conflict,
     }
 }

@@ -158,6 +158,8 @@ pub async fn run_sweep(
         tracing::info!(files = released, "gave back leases of files not copied");
     }
     result?;
+    // Batches of runs that died are closed once their files have been taken over.
+    manifest.close_abandoned_batches(&opts.node).await?;
     if !report.interrupted {
         create_directories(manifest, &store, &opts.filter).await;
     }

@@ -204,10 +204,20 @@ impl Manifest {
         let location = url.to_string();
         create_private_file(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
         let manifest = Self::connect(url, false).await?;
-        sqlx::migrate!("src/manifest/migrations/sqlite")
-            .run(&manifest.pool)
-            .await
-            .map_err(|source| ManifestError::Migrate { location, source })?;
+        // Two processes creating the same manifest at once would both migrate; SQLite has no
+        // migration lock of its own, so an flock on the file serialises them.
+        let lock = std::fs::File::open(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
+        let lock = tokio::task::spawn_blocking(move || {
+            // SAFETY: flock on a descriptor we own; SQLite's own locks are fcntl locks and do not interact.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+            (rc == 0).then_some(lock).ok_or_else(std::io::Error::last_os_error)
+        })
+        .await
+        .map_err(|e| ManifestError::Corrupt(e.to_string()))?
+        .map_err(|source| ManifestError::Open { location: location.clone(), source })?;
+        let migrated = sqlx::migrate!("src/manifest/migrations/sqlite").run(&manifest.pool).await;
+        drop(lock);
+        migrated.map_err(|source| ManifestError::Migrate { location, source })?;
         sqlx::query("INSERT INTO meta (key, value) VALUES ('id', $1) ON CONFLICT (key) DO NOTHING")
             .bind(random_id())
             .execute(&manifest.pool)
@@ -220,34 +230,43 @@ impl Manifest {
         Ok(self)
     }
 
-    /// Opens an existing manifest without creating or changing anything (plans, dry runs).
+    /// Opens an existing manifest without creating or changing anything (plans, dry runs,
+    /// reports). None when there is none yet, including an empty file left by a crash before
+    /// its schema was written. Close it with `close()` so SQLite removes its WAL files.
     pub async fn open_existing(url: &ManifestUrl) -> Result<Option<Manifest>> {
         let ManifestUrl::Sqlite(path) = url;
-        if !path.exists() {
-            return Ok(None);
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.len() > 0 => {}
+            _ => return Ok(None),
         }
-        let manifest = Self::connect(url, true).await?;
+        let manifest = Self::connect(url, false).await?;
         let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
         let applied: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
             .fetch_one(&manifest.pool)
             .await
             .map(|row| row.get(0))
             .unwrap_or(0);
+        if applied == 0 {
+            manifest.close().await;
+            return Ok(None);
+        }
         if applied != migrator.iter().count() as i64 {
+            manifest.close().await;
             return Err(ManifestError::Corrupt(format!(
-                "{} has an older schema; run a changing command (sweep) once to upgrade it",
+                "{} has an older schema; run `cutoverfs sweep` once to upgrade it",
                 manifest.location
             )));
         }
         Ok(Some(manifest.load_id().await?))
     }
 
+    /// Connects read-write even for read-only commands, which simply never write: a read-only
+    /// SQLite connection cannot remove the WAL files it creates on close.
     async fn connect(url: &ManifestUrl, read_only: bool) -> Result<Manifest> {
         sqlx::any::install_default_drivers();
         let ManifestUrl::Sqlite(path) = url;
         let location = url.to_string();
-        let mode = if read_only { "ro" } else { "rw" };
-        let conn_url = format!("sqlite://{}?mode={mode}", path.display());
+        let conn_url = format!("sqlite://{}?mode=rw", path.display());
         let options = AnyConnectOptions::from_str(&conn_url)
             .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
         let pool = AnyPoolOptions::new()
@@ -337,7 +356,7 @@ impl Manifest {
             return Ok(found);
         }
         let rows = sqlx::query(
-            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version FROM entries \
+            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version, dest_owned FROM entries \
              WHERE path IN (SELECT value FROM json_each($1))",
         )
         .bind(json_list(paths))
@@ -628,9 +647,10 @@ impl Manifest {
         rows.iter().map(problem_from_row).collect()
     }
 
-    /// Every file-like row (not directories), for reports that group in Rust.
+    /// Every file-like row (and directories cutoverfs could not enter), for reports that group
+    /// in Rust.
     pub async fn files(&self) -> Result<Vec<FileSummary>> {
-        let rows = sqlx::query("SELECT path, state, size FROM entries WHERE kind <> 'dir' ORDER BY path")
+        let rows = sqlx::query("SELECT path, state, size FROM entries WHERE kind <> 'dir' OR state = 'unsupported' ORDER BY path")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -847,5 +867,6 @@ fn recorded_from_row(row: &AnyRow) -> Result<Recorded> {
         uid: row.get::<i64, _>(7) as u32,
         gid: row.get::<i64, _>(8) as u32,
         version: row.get(9),
+        dest_owned: row.get::<i64, _>(10) == 1,
     })
 }

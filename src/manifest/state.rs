@@ -120,6 +120,8 @@ pub struct Recorded {
     pub uid: u32,
     pub gid: u32,
     pub version: i64,
+    /// cutoverfs wrote the object now at this path's key.
+    pub dest_owned: bool,
 }
 
 /// The decision for one scanned path.
@@ -177,6 +179,12 @@ pub fn after_scan(old: Option<&Recorded>, seen: &Scanned) -> ScanChange {
             ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true }
         }
         _ if content_changed => ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true },
+        // Same content, new mode or owner: a copied file goes back to pending so the sweep
+        // brings the attributes to the dest (it finds the content there and only re-applies
+        // them, DESIGN §4.6).
+        State::Verified | State::Copied if attrs_changed => {
+            ScanChange::Write { state: State::Pending, reason: None, fresh_copy: false }
+        }
         state if attrs_changed => ScanChange::Write { state, reason: old.reason.clone(), fresh_copy: false },
         _ => ScanChange::Unchanged,
     }
@@ -201,7 +209,18 @@ mod tests {
     }
 
     fn recorded(state: State, size: u64, mtime_ns: i64) -> Recorded {
-        Recorded { kind: Kind::File, state, reason: None, size, mtime_ns, mode: 0o100644, uid: 0, gid: 0, version: 3 }
+        Recorded {
+            kind: Kind::File,
+            state,
+            reason: None,
+            size,
+            mtime_ns,
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            version: 3,
+            dest_owned: false,
+        }
     }
 
     #[test]
@@ -237,11 +256,13 @@ mod tests {
     }
 
     #[test]
-    fn mode_change_keeps_state() {
+    fn mode_change_of_a_copied_file_sends_it_back_without_forgetting_the_copy() {
         let old = recorded(State::Verified, 10, 5);
         let mut s = seen(Kind::File, 10, 5);
         s.mode = 0o100600;
-        assert_eq!(after_scan(Some(&old), &s), ScanChange::Write { state: State::Verified, reason: None, fresh_copy: false });
+        assert_eq!(after_scan(Some(&old), &s), ScanChange::Write { state: State::Pending, reason: None, fresh_copy: false });
+        let failed = recorded(State::Failed, 10, 5);
+        assert_eq!(after_scan(Some(&failed), &s), ScanChange::Write { state: State::Failed, reason: None, fresh_copy: false });
     }
 
     #[test]

@@ -219,7 +219,7 @@ fn stage(root: &Path, target: &Path, source: OpenedSource, writer: &str) -> Resu
     };
     let (sha256, size) = copy_hashing(&source, &mut file, target)?;
     source.confirm_unchanged()?;
-    apply_attrs(&file, &source).map_err(dest_err("set attributes on", target))?;
+    apply_attrs(&file, &source.before).map_err(dest_err("set attributes on", target))?;
     staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", target))?;
     staged.sha256 = sha256;
     staged.size = size;
@@ -308,9 +308,8 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 /// Mode, owner (when running as root) and times of the source, like `cp -a`.
-fn apply_attrs(file: &File, source: &OpenedSource) -> io::Result<()> {
+fn apply_attrs(file: &File, attrs: &crate::source::Attrs) -> io::Result<()> {
     let fd = file.as_raw_fd();
-    let attrs = source.before;
     // SAFETY: syscalls on an fd we own, with plain values.
     unsafe {
         if libc::geteuid() == 0 && libc::fchown(fd, attrs.uid, attrs.gid) != 0 {
@@ -347,6 +346,12 @@ fn publish(staged: Staged, owned: &[String], writer: &str) -> Result<(PutOutcome
     };
     let ours = owned.contains(&existing) || owner_mark(&target) == Some(format!("{writer}:{existing}"));
     if existing == staged.sha256 {
+        if ours {
+            // Our object with the right content: bring mode, owner and times up to date (a chmod
+            // or touch of the source sends the file back here). A foreign one is left as it is.
+            let file = File::open(&target).map_err(dest_err("open", &target))?;
+            apply_attrs(&file, &staged.source).map_err(dest_err("set attributes on", &target))?;
+        }
         return Ok((PutOutcome::AlreadyThere { sha256: existing, size, ours }, staged));
     }
     if !ours {

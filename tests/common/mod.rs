@@ -1,0 +1,424 @@
+//! Helpers shared by the integration tests: a private workspace per test, running the binary,
+//! reading `status --json`, and comparing trees (content, mode, times, owner).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The nine states of DESIGN §3, in the order of the design.
+pub const STATES: [&str; 9] =
+    ["pending", "copying", "copied", "verified", "failed", "missing", "conflict", "unsupported", "deleted"];
+
+/// How long any single command may run before the test gives up on it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cutoverfs")
+}
+
+/// A `Command` for the binary with no inherited cutoverfs settings.
+pub fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env_remove("CUTOVERFS_LOG").env_remove("CUTOVERFS_MANIFEST").env("NO_COLOR", "1").stdin(Stdio::null());
+    cmd
+}
+
+/// The outcome of one run of the binary.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Exit code; None when the process was ended by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// The value of a summary line such as `Successfully copied:      3`.
+    pub fn field(&self, label: &str) -> Option<String> {
+        let prefix = format!("{label}:");
+        self.stdout.lines().find_map(|line| line.strip_prefix(&prefix).map(|rest| rest.trim().to_string()))
+    }
+
+    /// A numeric summary field; panics with the whole output when absent.
+    pub fn count(&self, label: &str) -> u64 {
+        let value = self.field(label).unwrap_or_else(|| panic!("no {label:?} line in output\n{self}"));
+        value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{label:?} is not a number: {value:?}\n{self}"))
+    }
+
+    pub fn assert_code(&self, expected: i32) -> &Self {
+        assert_eq!(self.code, Some(expected), "unexpected exit code\n{self}");
+        self
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--- exit code: {:?} ({:.2?})\n--- stdout:\n{}\n--- stderr:\n{}\n---",
+            self.code, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary to completion (with a timeout) and captures everything.
+pub fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_command(command().args(args))
+}
+
+pub fn run_command(cmd: &mut Command) -> Run {
+    let started = Instant::now();
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cannot start cutoverfs");
+    wait_capturing(child, started, COMMAND_TIMEOUT)
+}
+
+/// Waits for a child whose stdout and stderr are piped, killing it after `timeout`.
+pub fn wait_capturing(mut child: Child, started: Instant, timeout: Duration) -> Run {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
+            let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+            panic!("cutoverfs did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+    Run { code: status.code(), stdout, stderr, elapsed: started.elapsed() }
+}
+
+/// One test's private workspace: `src/` (created), a dest path and a manifest path (not created).
+pub struct Work {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub src: PathBuf,
+    pub dest: PathBuf,
+    pub manifest: PathBuf,
+}
+
+impl Work {
+    pub fn new() -> Work {
+        let tmp = tempfile::Builder::new().prefix("cutoverfs-it-").tempdir().expect("temp dir");
+        // Canonical, so paths compare equal to what cutoverfs records.
+        let root = fs::canonicalize(tmp.path()).unwrap();
+        let src = root.join("src");
+        fs::create_dir(&src).unwrap();
+        Work { dest: root.join("dest"), manifest: root.join("state").join("manifest.db"), src, root, tmp }
+    }
+
+    pub fn dest_url(&self) -> String {
+        file_url(&self.dest)
+    }
+
+    pub fn manifest_url(&self) -> String {
+        format!("sqlite://{}", self.manifest.display())
+    }
+
+    /// Writes `content` at `rel` below the source, creating parent directories.
+    pub fn write(&self, rel: &str, content: &[u8]) -> PathBuf {
+        write_file(&self.src.join(rel), content)
+    }
+
+    /// `--source --dest --manifest` of this workspace.
+    pub fn target(&self) -> Vec<OsString> {
+        vec![
+            "--source".into(),
+            self.src.clone().into(),
+            "--dest".into(),
+            self.dest_url().into(),
+            "--manifest".into(),
+            self.manifest_url().into(),
+        ]
+    }
+
+    /// `cutoverfs <cmd> <target flags> <extra>`.
+    pub fn cmd(&self, cmd: &str, extra: &[&str]) -> Run {
+        let mut args: Vec<OsString> = vec![cmd.into()];
+        args.extend(self.target());
+        args.extend(extra.iter().map(OsString::from));
+        run(args)
+    }
+
+    /// `cutoverfs sweep` with this workspace, no progress bar, fast retries (unless `extra` sets
+    /// `--retry-delay`).
+    pub fn sweep(&self, extra: &[&str]) -> Run {
+        let mut args = vec!["--no-progress"];
+        if !extra.contains(&"--retry-delay") {
+            args.extend(["--retry-delay", "10ms"]);
+        }
+        args.extend_from_slice(extra);
+        self.cmd("sweep", &args)
+    }
+
+    /// `cutoverfs <cmd> --manifest M <extra>`: relies on the pair recorded in the manifest.
+    pub fn cmd_manifest_only(&self, cmd: &str, extra: &[&str]) -> Run {
+        let mut args: Vec<OsString> = vec![cmd.into(), "--manifest".into(), self.manifest_url().into()];
+        args.extend(extra.iter().map(OsString::from));
+        run(args)
+    }
+
+    /// `status --json` parsed; panics with the output when it fails.
+    pub fn status(&self) -> Value {
+        let run = self.cmd_manifest_only("status", &["--json"]);
+        run.assert_code(0);
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{run}"))
+    }
+}
+
+impl Default for Work {
+    fn default() -> Self {
+        Work::new()
+    }
+}
+
+pub fn file_url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+pub fn write_file(path: &Path, content: &[u8]) -> PathBuf {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+    path.to_path_buf()
+}
+
+/// Sets a file's access and modification times.
+pub fn set_times(path: &Path, atime: SystemTime, mtime: SystemTime) {
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_times(fs::FileTimes::new().set_accessed(atime).set_modified(mtime)).unwrap();
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = XorShift::new(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// xorshift64: small, reproducible randomness for delays and sizes.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform-ish in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// What the tests compare about one entry of a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Dir { mode: u32 },
+    File { sha256: String, size: u64, mode: u32, mtime_ns: i64, uid: u32, gid: u32 },
+    Other { kind: String },
+}
+
+/// Every entry below `root` (relative paths), symlinks not followed.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let entry = entry.unwrap();
+            let rel_child = rel.join(entry.file_name());
+            let meta = fs::symlink_metadata(entry.path()).unwrap();
+            let ft = meta.file_type();
+            let value = if ft.is_dir() {
+                stack.push(rel_child.clone());
+                Entry::Dir { mode: meta.mode() & 0o7777 }
+            } else if ft.is_file() {
+                let bytes = fs::read(entry.path()).unwrap();
+                Entry::File {
+                    sha256: sha256_hex(&bytes),
+                    size: meta.size(),
+                    mode: meta.mode() & 0o7777,
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                }
+            } else {
+                Entry::Other { kind: format!("{ft:?}") }
+            };
+            out.insert(rel_child, value);
+        }
+    }
+    out
+}
+
+/// Only the regular files of a snapshot.
+pub fn files_of(snapshot: &BTreeMap<PathBuf, Entry>) -> BTreeMap<PathBuf, Entry> {
+    snapshot.iter().filter(|(_, e)| matches!(e, Entry::File { .. })).map(|(p, e)| (p.clone(), e.clone())).collect()
+}
+
+/// Asserts that every regular file of `src` is at `dest` with the same content, size, mode,
+/// mtime and owner, that directories exist with the same mode, and that `dest` holds nothing
+/// else.
+pub fn assert_trees_equal(src: &Path, dest: &Path) {
+    let a = snapshot(src);
+    let b = snapshot(dest);
+    let mut problems = Vec::new();
+    for (path, entry) in &a {
+        match (entry, b.get(path)) {
+            (Entry::Other { .. }, _) => {}
+            (_, None) => problems.push(format!("{} is missing at dest", path.display())),
+            (want, Some(got)) if want != got => {
+                problems.push(format!("{}: source {want:?} but dest {got:?}", path.display()))
+            }
+            _ => {}
+        }
+    }
+    for path in b.keys() {
+        if !a.contains_key(path) {
+            problems.push(format!("{} is at dest but not in the source", path.display()));
+        }
+    }
+    assert!(problems.is_empty(), "trees differ ({} problems):\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Names in `dest` that look like cutoverfs temporary files (".cutoverfs-*").
+pub fn leftover_temp_files(dest: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if !dest.exists() {
+        return found;
+    }
+    let mut stack = vec![dest.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name().as_bytes().starts_with(b".cutoverfs-") {
+                found.push(entry.path());
+            }
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// The number at `files.<state>` (or `bytes.<state>`) of a `status --json` value.
+pub fn state_count(status: &Value, section: &str, state: &str) -> u64 {
+    status[section][state].as_u64().unwrap_or_else(|| panic!("no number at {section}.{state} in {status:#}"))
+}
+
+/// Asserts that `status.files` has exactly these non-zero states (all others zero).
+pub fn assert_file_states(status: &Value, expected: &[(&str, u64)]) {
+    for state in STATES {
+        let want = expected.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+        assert_eq!(state_count(status, "files", state), want, "files.{state} in status:\n{status:#}");
+    }
+}
+
+/// The problems of a `status --json` value with this path.
+pub fn problem<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
+    status["problems"].as_array()?.iter().find(|p| p["path"].as_str() == Some(path))
+}
+
+/// Every file (name and bytes) below `dir`, for "nothing changed" checks.
+pub fn dir_contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if !dir.exists() {
+        return out;
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.insert(entry.path(), fs::read(entry.path()).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// A tree of `count` small files (sizes `lo..=hi` bytes) spread over `folders` top-level
+/// folders with one level of subfolders. Returns the total bytes.
+pub fn small_tree(work: &Work, count: usize, folders: usize, lo: u64, hi: u64, seed: u64) -> u64 {
+    let mut rng = XorShift::new(seed);
+    let mut total = 0;
+    for i in 0..count {
+        let len = rng.range(lo, hi) as usize;
+        let rel = format!("f{:02}/s{}/file-{i:05}.bin", i % folders, (i / folders) % 5);
+        work.write(&rel, &pseudo_random(len, seed.wrapping_mul(1_000_003) + i as u64));
+        total += len as u64;
+    }
+    total
+}
