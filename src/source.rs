@@ -72,7 +72,11 @@ impl SourceTree {
         }
         let fd: OwnedFd = dir.into();
         let base = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        Ok(SourceTree { display: root.to_path_buf(), _root: fd, base })
+        Ok(SourceTree {
+            display: root.to_path_buf(),
+            _root: fd,
+            base,
+        })
     }
 
     /// The path the operator gave, for messages.
@@ -103,7 +107,10 @@ impl SourceTree {
             .open(&path)?;
         let before = Attrs::from_metadata(&file.metadata()?);
         if before.mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
         }
         Ok(OpenedSource { file, before, path })
     }

@@ -20,13 +20,30 @@ fn without_a_terminal_progress_is_logged_at_the_interval() {
     busy_tree(&w);
     let run = w.cmd("sweep", &["--progress-interval", "50ms"]);
     run.assert_code(0);
-    assert!(run.elapsed.as_millis() > 200, "the sweep was too quick to show progress ({:?})", run.elapsed);
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| l.contains("files") && l.contains("ETA")).collect();
-    assert!(!lines.is_empty(), "no progress line with files and ETA on stderr\n{run}");
+    assert!(
+        run.elapsed.as_millis() > 200,
+        "the sweep was too quick to show progress ({:?})",
+        run.elapsed
+    );
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("files") && l.contains("ETA"))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "no progress line with files and ETA on stderr\n{run}"
+    );
     assert!(lines.iter().any(|l| l.contains("Migrating")), "{lines:#?}");
-    assert!(!run.stdout.contains("ETA"), "progress lines belong on stderr\n{run}");
+    assert!(
+        !run.stdout.contains("ETA"),
+        "progress lines belong on stderr\n{run}"
+    );
     // No terminal: no bar drawing codes either.
-    assert!(!run.stderr.contains("\u{1b}[2K"), "a bar was drawn without a terminal\n{run}");
+    assert!(
+        !run.stderr.contains("\u{1b}[2K"),
+        "a bar was drawn without a terminal\n{run}"
+    );
 }
 
 #[test]
@@ -35,7 +52,10 @@ fn progress_interval_zero_logs_no_progress_lines() {
     busy_tree(&w);
     let run = w.cmd("sweep", &["--progress-interval", "0s"]);
     run.assert_code(0);
-    assert!(!run.stderr.lines().any(|l| l.contains("ETA")), "progress lines with --progress-interval 0\n{run}");
+    assert!(
+        !run.stderr.lines().any(|l| l.contains("ETA")),
+        "progress lines with --progress-interval 0\n{run}"
+    );
 }
 
 fn shell_quote(s: &str) -> String {
@@ -60,7 +80,10 @@ fn on_a_terminal_a_progress_bar_is_drawn() {
     );
     assert_eq!(run.code, Some(0), "{run}");
     assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}");
-    assert!(run.stdout.contains("Migrating"), "no progress bar on a terminal\n{run}");
+    assert!(
+        run.stdout.contains("Migrating"),
+        "no progress bar on a terminal\n{run}"
+    );
     assert_trees_equal(&w.src, &w.dest);
 
     // --no-progress: no bar even on a terminal.
@@ -70,16 +93,29 @@ fn on_a_terminal_a_progress_bar_is_drawn() {
     for arg in w2.target() {
         cmd.push(shell_quote(arg.to_str().unwrap()));
     }
-    let run = run_command(Command::new("script").args(["-qfec", &cmd.join(" "), "/dev/null"]).env("TERM", "xterm"));
+    let run = run_command(
+        Command::new("script")
+            .args(["-qfec", &cmd.join(" "), "/dev/null"])
+            .env("TERM", "xterm"),
+    );
     assert_eq!(run.code, Some(0), "{run}");
-    assert!(!run.stdout.contains("Migrating ["), "a bar was drawn with --no-progress\n{run}");
+    assert!(
+        !run.stdout.contains("Migrating ["),
+        "a bar was drawn with --no-progress\n{run}"
+    );
 }
 
 #[test]
 fn demo_runs_the_whole_cutover_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("x");
-    let run = run([std::ffi::OsStr::new("demo"), "--dir".as_ref(), dir.as_os_str(), "--files".as_ref(), "50".as_ref()]);
+    let run = run([
+        std::ffi::OsStr::new("demo"),
+        "--dir".as_ref(),
+        dir.as_os_str(),
+        "--files".as_ref(),
+        "50".as_ref(),
+    ]);
     run.assert_code(0);
     assert!(run.stdout.contains("files identical"), "{run}");
     let identical: u64 = run
@@ -91,7 +127,13 @@ fn demo_runs_the_whole_cutover_and_cleans_up() {
         .unwrap_or(0);
     assert_eq!(identical, 56, "50 small + 3 fixed + 3 large files\n{run}");
     assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}");
-    assert!(run.stdout.contains("Successfully copied:      0"), "the second sweep copies nothing\n{run}");
+    assert!(
+        run.stdout.contains("Successfully copied:      0"),
+        "the second sweep copies nothing\n{run}"
+    );
     assert!(!run.stdout.contains("FAILED"), "{run}");
-    assert!(!dir.join("media").exists() && !dir.join("private-media").exists(), "the demo did not clean up");
+    assert!(
+        !dir.join("media").exists() && !dir.join("private-media").exists(),
+        "the demo did not clean up"
+    );
 }

@@ -14,19 +14,33 @@ fn reports_tree(w: &Work) -> (BTreeMap<String, (u64, u64)>, u64, u64) {
     let mut by_folder: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut add = |rel: String, len: usize, seed: u64| {
         w.write(&rel, &pseudo_random(len, seed));
-        let folder = rel.split_once('/').map_or(".".to_string(), |(top, _)| top.to_string());
+        let folder = rel
+            .split_once('/')
+            .map_or(".".to_string(), |(top, _)| top.to_string());
         let e = by_folder.entry(folder).or_default();
         e.0 += 1;
         e.1 += len as u64;
     };
     for i in 0..17u64 {
-        add(format!("documents/2025/{:02}/invoice-{i}.pdf", i % 4), 100 + i as usize * 31, i);
+        add(
+            format!("documents/2025/{:02}/invoice-{i}.pdf", i % 4),
+            100 + i as usize * 31,
+            i,
+        );
     }
     for i in 0..9u64 {
-        add(format!("contracts/R{}/C{i}/contract.pdf", i % 3), 2000 + i as usize, 100 + i);
+        add(
+            format!("contracts/R{}/C{i}/contract.pdf", i % 3),
+            2000 + i as usize,
+            100 + i,
+        );
     }
     for i in 0..11u64 {
-        add(format!("missions/expenses/receipt-{i}.jpg"), 5000 + i as usize * 7, 200 + i);
+        add(
+            format!("missions/expenses/receipt-{i}.jpg"),
+            5000 + i as usize * 7,
+            200 + i,
+        );
     }
     for i in 0..3u64 {
         add(format!("root-{i}.txt"), 10 + i as usize, 300 + i);
@@ -51,12 +65,21 @@ fn plan_before_any_sweep_counts_by_folder_and_state_and_writes_nothing() {
 
     assert_eq!(plan["files"]["files"], files, "{plan:#}");
     assert_eq!(plan["files"]["bytes"], bytes, "{plan:#}");
-    let folders = plan["by_folder"].as_object().unwrap_or_else(|| panic!("no by_folder: {plan:#}"));
-    assert_eq!(folders.keys().cloned().collect::<BTreeSet<_>>(), by_folder.keys().cloned().collect(), "{plan:#}");
+    let folders = plan["by_folder"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no by_folder: {plan:#}"));
+    assert_eq!(
+        folders.keys().cloned().collect::<BTreeSet<_>>(),
+        by_folder.keys().cloned().collect(),
+        "{plan:#}"
+    );
     for (folder, (n, b)) in &by_folder {
         assert_eq!(folders[folder]["files"], *n, "files of {folder}: {plan:#}");
         assert_eq!(folders[folder]["bytes"], *b, "bytes of {folder}: {plan:#}");
-        assert_eq!(folders[folder]["copy_files"], *n, "to copy in {folder}: {plan:#}");
+        assert_eq!(
+            folders[folder]["copy_files"], *n,
+            "to copy in {folder}: {plan:#}"
+        );
     }
     assert_eq!(plan["by_state"]["pending"]["files"], files, "{plan:#}");
     assert_eq!(plan["by_state"].as_object().unwrap().len(), 1, "{plan:#}");
@@ -66,7 +89,10 @@ fn plan_before_any_sweep_counts_by_folder_and_state_and_writes_nothing() {
     let human = w.cmd("plan", &[]);
     human.assert_code(0);
     for folder in by_folder.keys() {
-        assert!(human.stdout.lines().any(|l| l.starts_with(folder.as_str())), "{folder} missing\n{human}");
+        assert!(
+            human.stdout.lines().any(|l| l.starts_with(folder.as_str())),
+            "{folder} missing\n{human}"
+        );
     }
     assert!(human.stdout.contains("Estimated duration"), "{human}");
     assert!(!w.manifest.exists());
@@ -80,7 +106,11 @@ fn plan_after_a_sweep_uses_the_recorded_pair_and_sees_changes() {
 
     let plan = json(&w.cmd_manifest_only("plan", &["--json"]));
     assert_eq!(plan["source"], w.src.to_str().unwrap(), "{plan:#}");
-    assert_eq!(plan["dest"].as_str().map(|d| d.trim_end_matches('/')), Some(w.dest_url().as_str()), "{plan:#}");
+    assert_eq!(
+        plan["dest"].as_str().map(|d| d.trim_end_matches('/')),
+        Some(w.dest_url().as_str()),
+        "{plan:#}"
+    );
     assert_eq!(plan["by_state"]["verified"]["files"], files, "{plan:#}");
     for (folder, (n, _)) in &by_folder {
         assert_eq!(plan["by_folder"][folder]["files"], *n, "{plan:#}");
@@ -92,7 +122,11 @@ fn plan_after_a_sweep_uses_the_recorded_pair_and_sees_changes() {
     fs::remove_file(w.src.join("root-0.txt")).unwrap();
     let db = fs::read(&w.manifest).unwrap();
     let plan = json(&w.cmd_manifest_only("plan", &["--json"]));
-    assert_eq!(fs::read(&w.manifest).unwrap(), db, "plan changed the manifest");
+    assert_eq!(
+        fs::read(&w.manifest).unwrap(),
+        db,
+        "plan changed the manifest"
+    );
     assert_eq!(plan["by_state"]["pending"]["files"], 1, "{plan:#}");
     assert_eq!(plan["by_state"]["missing"]["files"], 1, "{plan:#}");
     assert_eq!(plan["by_state"]["verified"]["files"], files - 1, "{plan:#}");
@@ -100,8 +134,15 @@ fn plan_after_a_sweep_uses_the_recorded_pair_and_sees_changes() {
 
     // Scoped.
     let scoped = json(&w.cmd_manifest_only("plan", &["--json", "--include", "contracts/**"]));
-    assert_eq!(scoped["files"]["files"], by_folder["contracts"].0, "{scoped:#}");
-    assert_eq!(scoped["by_folder"].as_object().unwrap().len(), 1, "{scoped:#}");
+    assert_eq!(
+        scoped["files"]["files"], by_folder["contracts"].0,
+        "{scoped:#}"
+    );
+    assert_eq!(
+        scoped["by_folder"].as_object().unwrap().len(),
+        1,
+        "{scoped:#}"
+    );
 }
 
 #[test]
@@ -112,10 +153,19 @@ fn status_json_maps_all_nine_states_in_files_and_bytes() {
     w.sweep(&[]).assert_code(0);
     let status = w.status();
     for section in ["files", "bytes"] {
-        let map = status[section].as_object().unwrap_or_else(|| panic!("no {section} object: {status:#}"));
-        assert_eq!(map.len(), 9, "{section} must map exactly the 9 states: {status:#}");
+        let map = status[section]
+            .as_object()
+            .unwrap_or_else(|| panic!("no {section} object: {status:#}"));
+        assert_eq!(
+            map.len(),
+            9,
+            "{section} must map exactly the 9 states: {status:#}"
+        );
         for state in STATES {
-            assert!(map.get(state).is_some_and(Value::is_u64), "{section}.{state} missing or not a number: {status:#}");
+            assert!(
+                map.get(state).is_some_and(Value::is_u64),
+                "{section}.{state} missing or not a number: {status:#}"
+            );
         }
     }
     assert_file_states(&status, &[("verified", files), ("unsupported", 1)]);
@@ -123,14 +173,20 @@ fn status_json_maps_all_nine_states_in_files_and_bytes() {
     let problems = status["problems"].as_array().expect("problems is an array");
     assert_eq!(problems.len(), 1, "{status:#}");
     for key in ["path", "state", "attempts", "reason"] {
-        assert!(problems[0].get(key).is_some(), "problem without {key}: {status:#}");
+        assert!(
+            problems[0].get(key).is_some(),
+            "problem without {key}: {status:#}"
+        );
     }
 
     // The human form shows every state.
     let human = w.cmd_manifest_only("status", &[]);
     human.assert_code(0);
     for state in STATES {
-        assert!(human.stdout.lines().any(|l| l.starts_with(state)), "{state} missing\n{human}");
+        assert!(
+            human.stdout.lines().any(|l| l.starts_with(state)),
+            "{state} missing\n{human}"
+        );
     }
 }
 
@@ -143,7 +199,11 @@ fn batches_account_for_every_file_and_batch_shows_them() {
 
     let rows = json(&w.cmd_manifest_only("batches", &["--json"]));
     let rows = rows.as_array().expect("batches --json is an array");
-    assert!(rows.len() as u64 >= files.div_ceil(7), "{} batches for {files} files of 7", rows.len());
+    assert!(
+        rows.len() as u64 >= files.div_ceil(7),
+        "{} batches for {files} files of 7",
+        rows.len()
+    );
     let sum = |key: &str| rows.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
     assert_eq!(sum("copied"), files, "{rows:#?}");
     assert_eq!(sum("files"), files, "{rows:#?}");
@@ -151,12 +211,26 @@ fn batches_account_for_every_file_and_batch_shows_them() {
     assert_eq!(sum("failed") + sum("conflicts") + sum("missing"), 0);
     for r in rows {
         assert_eq!(r["status"], "completed", "{r:#}");
-        assert!(r["files"].as_u64().unwrap() <= 7, "batch over --batch-size: {r:#}");
-        assert!(r["finished_at"].as_i64() >= r["started_at"].as_i64(), "{r:#}");
+        assert!(
+            r["files"].as_u64().unwrap() <= 7,
+            "batch over --batch-size: {r:#}"
+        );
+        assert!(
+            r["finished_at"].as_i64() >= r["started_at"].as_i64(),
+            "{r:#}"
+        );
     }
     let human = w.cmd_manifest_only("batches", &[]);
     human.assert_code(0);
-    assert_eq!(human.stdout.lines().filter(|l| l.contains("completed")).count(), rows.len(), "{human}");
+    assert_eq!(
+        human
+            .stdout
+            .lines()
+            .filter(|l| l.contains("completed"))
+            .count(),
+        rows.len(),
+        "{human}"
+    );
 
     // Every file was last handled in exactly one batch.
     let mut seen = BTreeSet::new();
@@ -168,7 +242,10 @@ fn batches_account_for_every_file_and_batch_shows_them() {
         assert_eq!(listed.len() as u64, r["files"].as_u64().unwrap(), "{one:#}");
         for f in listed {
             assert_eq!(f["state"], "verified", "{f}");
-            assert!(seen.insert(f["path"].as_str().unwrap().to_string()), "{f} in two batches");
+            assert!(
+                seen.insert(f["path"].as_str().unwrap().to_string()),
+                "{f} in two batches"
+            );
         }
     }
     assert_eq!(seen.len() as u64, files);
@@ -177,15 +254,20 @@ fn batches_account_for_every_file_and_batch_shows_them() {
     let human = w.cmd_manifest_only("batch", &[&first]);
     human.assert_code(0);
     assert!(human.stdout.contains(&format!("Batch {first}")), "{human}");
-    let some_file =
-        json(&w.cmd_manifest_only("batch", &[&first, "--json"]))["files"][0]["path"].as_str().unwrap().to_string();
+    let some_file = json(&w.cmd_manifest_only("batch", &[&first, "--json"]))["files"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(human.stdout.contains(&some_file), "{human}");
 
     let missing = w.cmd_manifest_only("batch", &["99999"]);
     assert_eq!(missing.code, Some(2), "{missing}");
     let lines = missing.stderr_lines();
     assert_eq!(lines.len(), 1, "{missing}");
-    assert!(lines[0].starts_with("cutoverfs: error: ") && lines[0].contains("99999"), "{missing}");
+    assert!(
+        lines[0].starts_with("cutoverfs: error: ") && lines[0].contains("99999"),
+        "{missing}"
+    );
 }
 
 #[test]

@@ -18,17 +18,30 @@ fn refused(run: &Run, names: &[&str]) -> String {
     let line = lines[0];
     assert!(line.starts_with("cutoverfs: error: "), "{run}");
     for name in names {
-        assert!(line.contains(name), "the error does not name {name:?}\n{run}");
+        assert!(
+            line.contains(name),
+            "the error does not name {name:?}\n{run}"
+        );
     }
-    assert!(!run.stdout.contains("MIGRATION"), "a refused run printed a summary\n{run}");
+    assert!(
+        !run.stdout.contains("MIGRATION"),
+        "a refused run printed a summary\n{run}"
+    );
     line.to_string()
 }
 
 /// Nothing of the workspace was created by the refused run.
 fn nothing_created(w: &Work) {
     assert!(!w.dest.exists(), "dest {} was created", w.dest.display());
-    assert!(!w.manifest.exists(), "manifest {} was created", w.manifest.display());
-    assert!(!w.manifest.parent().unwrap().exists(), "manifest directory was created");
+    assert!(
+        !w.manifest.exists(),
+        "manifest {} was created",
+        w.manifest.display()
+    );
+    assert!(
+        !w.manifest.parent().unwrap().exists(),
+        "manifest directory was created"
+    );
 }
 
 fn sweep_with(source: &Path, dest: &str, manifest: &str, extra: &[&str]) -> Run {
@@ -85,7 +98,12 @@ fn dest_inside_or_equal_to_the_source_is_refused() {
     ] {
         let run = sweep_with(&w.src, &file_url(&dest), &w.manifest_url(), &[]);
         refused(&run, &[says]);
-        assert_eq!(snapshot(&w.src), before, "the source changed after refusing dest {}", dest.display());
+        assert_eq!(
+            snapshot(&w.src),
+            before,
+            "the source changed after refusing dest {}",
+            dest.display()
+        );
         nothing_created(&w);
     }
 }
@@ -99,16 +117,28 @@ fn source_inside_the_dest_is_refused() {
     let run = sweep_with(&src, &file_url(&outer), &w.manifest_url(), &[]);
     refused(&run, &["inside the dest"]);
     assert!(!w.manifest.exists());
-    assert_eq!(fs::read_dir(&outer).unwrap().count(), 1, "something was created in the dest");
+    assert_eq!(
+        fs::read_dir(&outer).unwrap().count(),
+        1,
+        "something was created in the dest"
+    );
 }
 
 #[test]
 fn manifest_inside_the_source_is_refused() {
     let w = workspace_with_files();
     let inside = w.src.join("manifest.db");
-    let run = sweep_with(&w.src, &w.dest_url(), &format!("sqlite://{}", inside.display()), &[]);
+    let run = sweep_with(
+        &w.src,
+        &w.dest_url(),
+        &format!("sqlite://{}", inside.display()),
+        &[],
+    );
     refused(&run, &["manifest", "inside the source"]);
-    assert!(!inside.exists(), "the manifest was created inside the source");
+    assert!(
+        !inside.exists(),
+        "the manifest was created inside the source"
+    );
     assert!(!w.dest.exists());
 }
 
@@ -130,7 +160,10 @@ fn malformed_dest_urls_are_refused_with_the_reason() {
             let run = sweep_with(&w.src, &url, &w.manifest_url(), extra);
             let line = refused(&run, &[says]);
             if !url.is_empty() {
-                assert!(line.contains(&url), "the error does not quote the URL {url:?}\n{run}");
+                assert!(
+                    line.contains(&url),
+                    "the error does not quote the URL {url:?}\n{run}"
+                );
             }
             nothing_created(&w);
             assert!(!w.root.join("escape").exists());
@@ -175,21 +208,42 @@ fn manifest_of_another_pair_is_refused_and_left_unchanged() {
     let other_dest = w.root.join("dest-c");
     let run = sweep_with(&w.src, &file_url(&other_dest), &w.manifest_url(), &[]);
     let line = refused(&run, &[]);
-    for name in [w.src.to_str().unwrap(), &w.dest_url(), &file_url(&other_dest)] {
-        assert!(line.contains(name), "the error does not name {name:?}: {line}");
+    for name in [
+        w.src.to_str().unwrap(),
+        &w.dest_url(),
+        &file_url(&other_dest),
+    ] {
+        assert!(
+            line.contains(name),
+            "the error does not name {name:?}: {line}"
+        );
     }
     assert!(!other_dest.exists(), "the other dest was created");
-    assert_eq!(fs::read(&w.manifest).unwrap(), db_before, "the manifest changed");
+    assert_eq!(
+        fs::read(&w.manifest).unwrap(),
+        db_before,
+        "the manifest changed"
+    );
     assert_eq!(dir_contents(&w.dest), dest_before);
 
     // Another source, same dest; and both other.
     let other_src = w.root.join("src-b");
     write_file(&other_src.join("z.txt"), b"z");
-    for (src, dest) in [(&other_src, w.dest_url()), (&other_src, file_url(&other_dest))] {
+    for (src, dest) in [
+        (&other_src, w.dest_url()),
+        (&other_src, file_url(&other_dest)),
+    ] {
         let run = sweep_with(src, &dest, &w.manifest_url(), &[]);
         let line = refused(&run, &[]);
-        assert!(line.contains(other_src.to_str().unwrap()) && line.contains(w.src.to_str().unwrap()), "{line}");
-        assert_eq!(fs::read(&w.manifest).unwrap(), db_before, "the manifest changed");
+        assert!(
+            line.contains(other_src.to_str().unwrap()) && line.contains(w.src.to_str().unwrap()),
+            "{line}"
+        );
+        assert_eq!(
+            fs::read(&w.manifest).unwrap(),
+            db_before,
+            "the manifest changed"
+        );
         assert!(!other_dest.exists());
         assert!(!w.dest.join("z.txt").exists());
     }
@@ -197,15 +251,29 @@ fn manifest_of_another_pair_is_refused_and_left_unchanged() {
     // Read-only commands refuse the other pair too.
     for cmd in ["plan", "status"] {
         let mut args: Vec<OsString> = vec![cmd.into()];
-        args.extend(["--source".into(), w.src.clone().into(), "--dest".into(), file_url(&other_dest).into()]);
+        args.extend([
+            "--source".into(),
+            w.src.clone().into(),
+            "--dest".into(),
+            file_url(&other_dest).into(),
+        ]);
         args.extend(["--manifest".into(), w.manifest_url().into()]);
         let run = common::run(args);
         refused(&run, &[&file_url(&other_dest)]);
     }
     // The dry run too.
-    let run = sweep_with(&w.src, &file_url(&other_dest), &w.manifest_url(), &["--dry-run"]);
+    let run = sweep_with(
+        &w.src,
+        &file_url(&other_dest),
+        &w.manifest_url(),
+        &["--dry-run"],
+    );
     refused(&run, &[&file_url(&other_dest)]);
-    assert_eq!(fs::read(&w.manifest).unwrap(), db_before, "the manifest changed");
+    assert_eq!(
+        fs::read(&w.manifest).unwrap(),
+        db_before,
+        "the manifest changed"
+    );
 }
 
 /// A read-only tmpfs mounted for one test and unmounted when dropped.
@@ -214,9 +282,16 @@ struct ReadOnlyMount(PathBuf);
 impl ReadOnlyMount {
     fn new(dir: &Path) -> ReadOnlyMount {
         fs::create_dir_all(dir).unwrap();
-        let status =
-            Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"]).arg(dir).status().unwrap();
-        assert!(status.success(), "cannot mount a read-only tmpfs at {} (needs root)", dir.display());
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot mount a read-only tmpfs at {} (needs root)",
+            dir.display()
+        );
         ReadOnlyMount(dir.to_path_buf())
     }
 }
@@ -237,7 +312,10 @@ fn unwritable_dest_is_refused_before_anything_is_written() {
         let extra: &[&str] = if dry { &["--dry-run"] } else { &[] };
         let run = sweep_with(&w.src, &file_url(&dest), &w.manifest_url(), extra);
         refused(&run, &[ro.to_str().unwrap()]);
-        assert!(!w.manifest.exists(), "manifest created for an unusable dest\n{run}");
+        assert!(
+            !w.manifest.exists(),
+            "manifest created for an unusable dest\n{run}"
+        );
         assert!(!w.manifest.parent().unwrap().exists());
         assert!(!dest.exists());
     }
@@ -285,9 +363,12 @@ fn report_commands_without_a_manifest_say_how_to_create_one() {
 #[test]
 fn out_of_range_numbers_are_refused_by_the_parser() {
     let w = workspace_with_files();
-    for extra in
-        [&["--concurrency", "0"][..], &["--batch-size", "0"], &["--retry-delay", "soon"], &["--max-retries=-1"]]
-    {
+    for extra in [
+        &["--concurrency", "0"][..],
+        &["--batch-size", "0"],
+        &["--retry-delay", "soon"],
+        &["--max-retries=-1"],
+    ] {
         let run = sweep_with(&w.src, &w.dest_url(), &w.manifest_url(), extra);
         assert_eq!(run.code, Some(2), "{extra:?}\n{run}");
         let flag = extra[0].split('=').next().unwrap();

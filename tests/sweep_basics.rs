@@ -24,10 +24,16 @@ fn help_lists_the_available_commands_only() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
     for wanted in ["sweep", "plan", "status", "batches", "batch", "demo"] {
-        assert!(commands.iter().any(|c| c == wanted), "{wanted} not in the command list {commands:?}\n{run}");
+        assert!(
+            commands.iter().any(|c| c == wanted),
+            "{wanted} not in the command list {commands:?}\n{run}"
+        );
     }
     for absent in ["mount", "verify", "rollback", "purge"] {
-        assert!(!commands.iter().any(|c| c == absent), "{absent} is listed but not implemented\n{run}");
+        assert!(
+            !commands.iter().any(|c| c == absent),
+            "{absent} is listed but not implemented\n{run}"
+        );
         // And it is refused, not silently accepted.
         let refused = common::run([absent, "--help"]);
         assert_ne!(refused.code, Some(0), "`{absent}` is accepted\n{refused}");
@@ -41,16 +47,33 @@ fn first_sweep_copies_everything_with_attributes_and_second_copies_nothing() {
     let files: Vec<(&str, Vec<u8>, u32)> = vec![
         ("top.txt", b"hello world\n".to_vec(), 0o644),
         ("empty.dat", Vec::new(), 0o600),
-        ("documents/2025/01/19/invoice.pdf", pseudo_random(70_000, 1), 0o640),
-        ("documents/2025/01/20/scan.tiff", pseudo_random(3 << 20, 2), 0o755),
-        ("missions/expenses/R1/M2/receipt.jpg", pseudo_random(48 * 1024, 3), 0o444),
-        ("missions/name with spaces & ünïcödé.txt", b"x".to_vec(), 0o604),
+        (
+            "documents/2025/01/19/invoice.pdf",
+            pseudo_random(70_000, 1),
+            0o640,
+        ),
+        (
+            "documents/2025/01/20/scan.tiff",
+            pseudo_random(3 << 20, 2),
+            0o755,
+        ),
+        (
+            "missions/expenses/R1/M2/receipt.jpg",
+            pseudo_random(48 * 1024, 3),
+            0o444,
+        ),
+        (
+            "missions/name with spaces & ünïcödé.txt",
+            b"x".to_vec(),
+            0o604,
+        ),
     ];
     for (i, (rel, content, mode)) in files.iter().enumerate() {
         let path = w.write(rel, content);
         set_mode(&path, *mode);
         std::os::unix::fs::chown(&path, Some(1000 + i as u32), Some(2000 + i as u32)).unwrap();
-        let mtime = now - Duration::from_secs(86_400 * 30 + i as u64 * 7) + Duration::from_nanos(123_456_789);
+        let mtime = now - Duration::from_secs(86_400 * 30 + i as u64 * 7)
+            + Duration::from_nanos(123_456_789);
         let atime = now - Duration::from_secs(3600 + i as u64);
         set_times(&path, atime, mtime);
     }
@@ -61,7 +84,11 @@ fn first_sweep_copies_everything_with_attributes_and_second_copies_nothing() {
     // updates an atime older than the ctime, which set_times just moved).
     let atimes: Vec<(i64, i64)> = files
         .iter()
-        .map(|(rel, _, _)| fs::metadata(w.src.join(rel)).map(|m| (m.atime(), m.atime_nsec())).unwrap())
+        .map(|(rel, _, _)| {
+            fs::metadata(w.src.join(rel))
+                .map(|m| (m.atime(), m.atime_nsec()))
+                .unwrap()
+        })
         .collect();
 
     let first = w.sweep(&[]);
@@ -80,12 +107,19 @@ fn first_sweep_copies_everything_with_attributes_and_second_copies_nothing() {
         assert_eq!(*atime, (d.atime(), d.atime_nsec()), "atime of {rel}");
     }
     assert_trees_equal(&w.src, &w.dest);
-    assert!(w.dest.join("empty/dir").is_dir(), "empty directories are recorded and created at the dest");
+    assert!(
+        w.dest.join("empty/dir").is_dir(),
+        "empty directories are recorded and created at the dest"
+    );
     assert_eq!(snapshot(&w.src), src_before, "the sweep changed the source");
     assert!(leftover_temp_files(&w.dest).is_empty());
 
     let meta = fs::metadata(&w.manifest).expect("manifest file exists");
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "manifest file mode");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "manifest file mode"
+    );
 
     let status = w.status();
     assert_file_states(&status, &[("verified", 6)]);
@@ -105,16 +139,30 @@ fn first_sweep_copies_everything_with_attributes_and_second_copies_nothing() {
 fn logs_go_to_stderr_and_cutoverfs_log_raises_verbosity() {
     let w = Work::new();
     w.write("a/one.txt", b"one");
-    let run = run_command(command().env("CUTOVERFS_LOG", "debug").args(["sweep", "--no-progress"]).args(w.target()));
+    let run = run_command(
+        command()
+            .env("CUTOVERFS_LOG", "debug")
+            .args(["sweep", "--no-progress"])
+            .args(w.target()),
+    );
     run.assert_code(0);
-    assert!(run.stderr.contains("DEBUG"), "CUTOVERFS_LOG=debug shows debug lines\n{run}");
-    assert!(!run.stdout.contains("DEBUG") && !run.stdout.contains("INFO"), "log lines on stdout\n{run}");
+    assert!(
+        run.stderr.contains("DEBUG"),
+        "CUTOVERFS_LOG=debug shows debug lines\n{run}"
+    );
+    assert!(
+        !run.stdout.contains("DEBUG") && !run.stdout.contains("INFO"),
+        "log lines on stdout\n{run}"
+    );
 
     let w2 = Work::new();
     w2.write("a/one.txt", b"one");
     let quiet = w2.sweep(&[]);
     quiet.assert_code(0);
-    assert!(!quiet.stderr.contains("DEBUG"), "debug lines at the default level\n{quiet}");
+    assert!(
+        !quiet.stderr.contains("DEBUG"),
+        "debug lines at the default level\n{quiet}"
+    );
 }
 
 #[test]
@@ -124,29 +172,63 @@ fn incremental_rescan_recopies_changed_copies_new_and_reports_deleted() {
     w.write("docs/deleted.txt", b"soon gone");
     w.write("docs/same.txt", b"never touched");
     w.sweep(&[]).assert_code(0);
-    assert_eq!(fs::read(w.dest.join("docs/changed.txt")).unwrap(), b"version one");
+    assert_eq!(
+        fs::read(w.dest.join("docs/changed.txt")).unwrap(),
+        b"version one"
+    );
 
     // Modified (another size, later mtime), deleted, added.
     let changed = w.write("docs/changed.txt", b"version two, longer than the first");
-    set_times(&changed, SystemTime::now(), SystemTime::now() + Duration::from_secs(5));
+    set_times(
+        &changed,
+        SystemTime::now(),
+        SystemTime::now() + Duration::from_secs(5),
+    );
     fs::remove_file(w.src.join("docs/deleted.txt")).unwrap();
     w.write("docs/new.txt", b"brand new");
 
     let run = w.sweep(&[]);
     run.assert_code(1);
     assert!(run.stdout.contains("MIGRATION INCOMPLETE"), "{run}");
-    assert_eq!(run.count("Successfully copied"), 2, "changed and new are copied\n{run}");
+    assert_eq!(
+        run.count("Successfully copied"),
+        2,
+        "changed and new are copied\n{run}"
+    );
     assert_eq!(run.count("Missing"), 1, "{run}");
     assert_eq!(run.count("Skipped (missing)"), 0, "{run}");
-    assert!(run.stdout.contains("docs/deleted.txt"), "the missing file is named\n{run}");
-    assert_eq!(fs::read(w.dest.join("docs/changed.txt")).unwrap(), b"version two, longer than the first");
+    assert!(
+        run.stdout.contains("docs/deleted.txt"),
+        "the missing file is named\n{run}"
+    );
+    assert_eq!(
+        fs::read(w.dest.join("docs/changed.txt")).unwrap(),
+        b"version two, longer than the first"
+    );
     assert_eq!(fs::read(w.dest.join("docs/new.txt")).unwrap(), b"brand new");
-    assert_eq!(fs::read(w.dest.join("docs/same.txt")).unwrap(), b"never touched");
+    assert_eq!(
+        fs::read(w.dest.join("docs/same.txt")).unwrap(),
+        b"never touched"
+    );
     // The dest copy of a deleted source file is kept (nothing is lost).
-    assert_eq!(fs::read(w.dest.join("docs/deleted.txt")).unwrap(), b"soon gone");
-    let (s, d) = (fs::metadata(&changed).unwrap(), fs::metadata(w.dest.join("docs/changed.txt")).unwrap());
-    assert_eq!((s.mtime(), s.mtime_nsec()), (d.mtime(), d.mtime_nsec()), "mtime of the re-copied file");
-    assert!(leftover_temp_files(&w.dest).is_empty(), "{:?}", leftover_temp_files(&w.dest));
+    assert_eq!(
+        fs::read(w.dest.join("docs/deleted.txt")).unwrap(),
+        b"soon gone"
+    );
+    let (s, d) = (
+        fs::metadata(&changed).unwrap(),
+        fs::metadata(w.dest.join("docs/changed.txt")).unwrap(),
+    );
+    assert_eq!(
+        (s.mtime(), s.mtime_nsec()),
+        (d.mtime(), d.mtime_nsec()),
+        "mtime of the re-copied file"
+    );
+    assert!(
+        leftover_temp_files(&w.dest).is_empty(),
+        "{:?}",
+        leftover_temp_files(&w.dest)
+    );
 
     let status = w.status();
     assert_file_states(&status, &[("verified", 3), ("missing", 1)]);
@@ -156,10 +238,17 @@ fn incremental_rescan_recopies_changed_copies_new_and_reports_deleted() {
     let skip = w.sweep(&["--skip-missing"]);
     skip.assert_code(0);
     assert!(skip.stdout.contains("MIGRATION COMPLETE"), "{skip}");
-    assert_eq!(skip.field("Skipped (missing)").as_deref(), Some("1"), "{skip}");
+    assert_eq!(
+        skip.field("Skipped (missing)").as_deref(),
+        Some("1"),
+        "{skip}"
+    );
     assert_eq!(skip.count("Successfully copied"), 0, "{skip}");
     assert_eq!(skip.count("Errors"), 0, "{skip}");
-    assert!(skip.field("Missing").is_none(), "no Missing line with --skip-missing\n{skip}");
+    assert!(
+        skip.field("Missing").is_none(),
+        "no Missing line with --skip-missing\n{skip}"
+    );
 }
 
 #[test]
@@ -197,12 +286,16 @@ fn symlinks_fifos_and_non_utf8_names_are_unsupported_with_reasons() {
     let status = w.status();
     assert_file_states(&status, &[("verified", 1), ("unsupported", 4)]);
     let reason = |path: &str| -> String {
-        let p = problem(&status, path).unwrap_or_else(|| panic!("{path} not in problems: {status:#}"));
+        let p =
+            problem(&status, path).unwrap_or_else(|| panic!("{path} not in problems: {status:#}"));
         assert_eq!(p["state"], "unsupported", "{p}");
         p["reason"].as_str().unwrap_or_default().to_lowercase()
     };
     assert!(reason("ok/link").contains("symbolic link"), "{status:#}");
-    assert!(reason("ok/outside-link").contains("symbolic link"), "{status:#}");
+    assert!(
+        reason("ok/outside-link").contains("symbolic link"),
+        "{status:#}"
+    );
     assert!(reason("ok/pipe").contains("fifo"), "{status:#}");
     let bad = status["problems"]
         .as_array()
@@ -211,10 +304,20 @@ fn symlinks_fifos_and_non_utf8_names_are_unsupported_with_reasons() {
         .find(|p| p["path"].as_str().is_some_and(|s| s.starts_with("ok/bad-")))
         .unwrap_or_else(|| panic!("the non-UTF-8 name is not in problems: {status:#}"));
     assert!(bad["reason"].as_str().unwrap().contains("UTF-8"), "{bad}");
-    assert!(bad["reason"].as_str().unwrap().contains("\\xff"), "the bad bytes are shown escaped: {bad}");
+    assert!(
+        bad["reason"].as_str().unwrap().contains("\\xff"),
+        "the bad bytes are shown escaped: {bad}"
+    );
 
-    let at_dest: Vec<_> = fs::read_dir(w.dest.join("ok")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(at_dest, vec![std::ffi::OsString::from("regular.txt")], "only the regular file is at the dest");
+    let at_dest: Vec<_> = fs::read_dir(w.dest.join("ok"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        at_dest,
+        vec![std::ffi::OsString::from("regular.txt")],
+        "only the regular file is at the dest"
+    );
 
     // A second run records nothing new and still succeeds.
     let again = w.sweep(&[]);
@@ -241,7 +344,10 @@ fn a_directory_with_a_non_utf8_name_is_reported_and_not_copied() {
         .unwrap_or_else(|| panic!("the non-UTF-8 directory is not in problems: {status:#}"));
     assert_eq!(bad["state"], "unsupported");
     // The summary must not hide it: a whole directory (and every file in it) was skipped.
-    assert!(run.count("Skipped (unsupported)") >= 1, "the skipped directory is not counted\n{run}");
+    assert!(
+        run.count("Skipped (unsupported)") >= 1,
+        "the skipped directory is not counted\n{run}"
+    );
 }
 
 #[test]
@@ -271,15 +377,25 @@ fn different_dest_file_is_a_conflict_and_never_overwritten() {
     assert!(run.stdout.contains("MIGRATION INCOMPLETE"), "{run}");
     assert_eq!(run.count("Conflicts"), 1, "{run}");
     assert_eq!(run.count("Errors"), 1, "{run}");
-    assert_eq!(fs::read(&theirs).unwrap(), b"someone else's file", "a foreign dest file was changed");
+    assert_eq!(
+        fs::read(&theirs).unwrap(),
+        b"someone else's file",
+        "a foreign dest file was changed"
+    );
     let after = fs::metadata(&theirs).unwrap();
-    assert_eq!((before.ino(), before.mode(), before.mtime_nsec()), (after.ino(), after.mode(), after.mtime_nsec()));
+    assert_eq!(
+        (before.ino(), before.mode(), before.mtime_nsec()),
+        (after.ino(), after.mode(), after.mtime_nsec())
+    );
 
     let status = w.status();
     assert_file_states(&status, &[("verified", 1), ("conflict", 1)]);
     let p = problem(&status, "a/clash.txt").expect("the conflict is a problem");
     assert_eq!(p["state"], "conflict");
-    assert!(p["reason"].as_str().is_some_and(|r| !r.is_empty()), "conflict without a reason: {p}");
+    assert!(
+        p["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "conflict without a reason: {p}"
+    );
 
     // Still refused on the next run.
     let again = w.sweep(&[]);
@@ -314,8 +430,14 @@ fn include_and_exclude_limit_what_is_copied() {
     run.assert_code(0);
     assert_eq!(run.count("Successfully copied"), 3, "{run}");
     assert_eq!(run.count("Total files processed"), 3, "{run}");
-    let copied: Vec<_> = files_of(&snapshot(&w.dest)).into_keys().map(|p| p.display().to_string()).collect();
-    assert_eq!(copied, vec!["contracts/x/d.pdf", "documents/a.pdf", "f.pdf"]);
+    let copied: Vec<_> = files_of(&snapshot(&w.dest))
+        .into_keys()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        copied,
+        vec!["contracts/x/d.pdf", "documents/a.pdf", "f.pdf"]
+    );
     // Out-of-scope files are recorded, not copied.
     let status = w.status();
     assert_file_states(&status, &[("verified", 3), ("pending", 3)]);
@@ -325,7 +447,10 @@ fn include_and_exclude_limit_what_is_copied() {
     assert_eq!(docs.count("Successfully copied"), 2, "{docs}");
     assert!(w.dest.join("documents/tmp/b.pdf").exists());
     assert!(w.dest.join("documents/c.txt").exists());
-    assert!(!w.dest.join("missions").exists(), "missions/ is out of scope");
+    assert!(
+        !w.dest.join("missions").exists(),
+        "missions/ is out of scope"
+    );
     assert_file_states(&w.status(), &[("verified", 5), ("pending", 1)]);
 }
 
@@ -338,13 +463,20 @@ fn dry_run_without_manifest_creates_nothing() {
     std::os::unix::fs::symlink("one.txt", w.src.join("a/link")).unwrap();
     let run = w.sweep(&["--dry-run"]);
     run.assert_code(0);
-    assert!(run.stdout.contains("DRY RUN COMPLETE - No files were actually modified"), "{run}");
+    assert!(
+        run.stdout
+            .contains("DRY RUN COMPLETE - No files were actually modified"),
+        "{run}"
+    );
     assert_eq!(run.count("Total files processed"), 4, "{run}");
     assert_eq!(run.count("Successfully copied"), 3, "{run}");
     assert_eq!(run.count("Already exist"), 0, "{run}");
     assert_eq!(run.count("Skipped (unsupported)"), 1, "{run}");
     assert!(!w.manifest.exists(), "a dry run created the manifest");
-    assert!(!w.manifest.parent().unwrap().exists(), "a dry run created the manifest directory");
+    assert!(
+        !w.manifest.parent().unwrap().exists(),
+        "a dry run created the manifest directory"
+    );
     assert!(!w.dest.exists(), "a dry run created the dest");
 }
 
@@ -384,8 +516,16 @@ fn dry_run_on_an_existing_manifest_changes_nothing() {
     assert!(run.stdout.contains("DRY RUN COMPLETE"), "{run}");
     assert_eq!(run.count("Total files processed"), 3, "{run}");
     assert_eq!(run.count("Missing"), 1, "{run}");
-    assert_eq!(fs::read(&w.manifest).unwrap(), db_before, "a dry run changed the manifest file");
-    assert_eq!(dir_contents(&w.dest), dest_before, "a dry run changed the dest");
+    assert_eq!(
+        fs::read(&w.manifest).unwrap(),
+        db_before,
+        "a dry run changed the manifest file"
+    );
+    assert_eq!(
+        dir_contents(&w.dest),
+        dest_before,
+        "a dry run changed the dest"
+    );
     // The manifest still says what the real run left.
     assert_file_states(&w.status(), &[("verified", 2)]);
 }
@@ -406,8 +546,16 @@ fn dry_run_counts_a_changed_file_copied_earlier_as_a_copy_not_a_conflict() {
     real.assert_code(0);
     assert_eq!(real.count("Successfully copied"), 1, "{real}");
     assert_eq!(real.count("Conflicts"), 0, "{real}");
-    assert_eq!(dry.count("Conflicts"), real.count("Conflicts"), "the dry run disagrees with the sweep\n{dry}");
-    assert_eq!(dry.count("Successfully copied"), 1, "the dry run disagrees with the sweep\n{dry}");
+    assert_eq!(
+        dry.count("Conflicts"),
+        real.count("Conflicts"),
+        "the dry run disagrees with the sweep\n{dry}"
+    );
+    assert_eq!(
+        dry.count("Successfully copied"),
+        1,
+        "the dry run disagrees with the sweep\n{dry}"
+    );
 }
 
 /// A dry run "writes nothing (not even the manifest)": no files may appear next to it either.
@@ -420,5 +568,8 @@ fn dry_run_on_an_existing_manifest_leaves_no_new_files_beside_it() {
     let before: Vec<_> = dir_contents(state_dir).into_keys().collect();
     w.sweep(&["--dry-run"]).assert_code(0);
     let after: Vec<_> = dir_contents(state_dir).into_keys().collect();
-    assert_eq!(after, before, "a dry run created files next to the manifest");
+    assert_eq!(
+        after, before,
+        "a dry run created files next to the manifest"
+    );
 }

@@ -12,7 +12,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const CRASH_FLAGS: [&str; 7] = ["--lease-timeout", "2s", "--concurrency", "8", "--batch-size", "50", "--no-progress"];
+const CRASH_FLAGS: [&str; 7] = [
+    "--lease-timeout",
+    "2s",
+    "--concurrency",
+    "8",
+    "--batch-size",
+    "50",
+    "--no-progress",
+];
 
 /// A running sweep whose stdout is read line by line as it comes.
 struct Live {
@@ -31,7 +39,12 @@ impl Live {
         args.extend(extra.iter().map(std::ffi::OsString::from));
         let stderr = std::fs::File::create(stderr_path).unwrap();
         let started = Instant::now();
-        let mut child = command().args(args).stdout(Stdio::piped()).stderr(stderr).spawn().expect("start sweep");
+        let mut child = command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start sweep");
         let out = child.stdout.take().unwrap();
         let stdout = Arc::new(Mutex::new(String::new()));
         let (tx, scanned) = mpsc::channel();
@@ -47,7 +60,14 @@ impl Live {
                 s.push('\n');
             }
         });
-        Live { child, started, stdout, scanned, reader, stderr_path: stderr_path.to_path_buf() }
+        Live {
+            child,
+            started,
+            stdout,
+            scanned,
+            reader,
+            stderr_path: stderr_path.to_path_buf(),
+        }
     }
 
     /// Waits for the "Scanned ..." line; false if the process ended or the wait timed out.
@@ -80,7 +100,12 @@ impl Live {
         self.reader.join().unwrap();
         let stdout = self.stdout.lock().unwrap().clone();
         let stderr = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        Run { code: status.code(), stdout, stderr, elapsed: self.started.elapsed() }
+        Run {
+            code: status.code(),
+            stdout,
+            stderr,
+            elapsed: self.started.elapsed(),
+        }
     }
 }
 
@@ -129,7 +154,10 @@ fn sweep_killed_at_random_points_resumes_to_a_verified_identical_copy() {
         let run = live.finish(Duration::from_secs(60));
         // Whatever happened, a round that ended by itself must not have hit an error.
         if let Some(code) = run.code {
-            assert!(code == 0 || code == 1, "round {round} ended with {code}\n{run}");
+            assert!(
+                code == 0 || code == 1,
+                "round {round} ended with {code}\n{run}"
+            );
         }
     }
     eprintln!(
@@ -139,9 +167,16 @@ fn sweep_killed_at_random_points_resumes_to_a_verified_identical_copy() {
     // A debug build copies this tree in seconds, so odd rounds die mid-copy; an optimised build
     // may finish first, which is fine too.
     if cfg!(debug_assertions) {
-        assert!(killed_copying >= 5, "too few rounds were killed while copying");
+        assert!(
+            killed_copying >= 5,
+            "too few rounds were killed while copying"
+        );
     }
-    assert!(leftover_temp_files(&w.dest).is_empty(), "temporaries after kills: {:?}", leftover_temp_files(&w.dest));
+    assert!(
+        leftover_temp_files(&w.dest).is_empty(),
+        "temporaries after kills: {:?}",
+        leftover_temp_files(&w.dest)
+    );
 
     let mut flags = CRASH_FLAGS.to_vec();
     flags.extend(["--retry-delay", "10ms"]);
@@ -154,7 +189,11 @@ fn sweep_killed_at_random_points_resumes_to_a_verified_identical_copy() {
     let status = w.status();
     assert_file_states(&status, &[("verified", total as u64)]);
     assert_trees_equal(&w.src, &w.dest);
-    assert!(leftover_temp_files(&w.dest).is_empty(), "temporaries left: {:?}", leftover_temp_files(&w.dest));
+    assert!(
+        leftover_temp_files(&w.dest).is_empty(),
+        "temporaries left: {:?}",
+        leftover_temp_files(&w.dest)
+    );
 
     eprintln!("crash test took {:.1?}", started.elapsed());
 }
@@ -173,7 +212,10 @@ fn batch_of_a_killed_sweep_is_not_left_running_after_a_later_sweep_finished() {
     let mut live = Live::start(&w, &CRASH_FLAGS, &log);
     assert!(live.wait_scanned(Duration::from_secs(60)));
     std::thread::sleep(Duration::from_millis(200));
-    assert!(live.child.try_wait().unwrap().is_none(), "the sweep finished before it could be killed");
+    assert!(
+        live.child.try_wait().unwrap().is_none(),
+        "the sweep finished before it could be killed"
+    );
     live.child.kill().unwrap();
     let killed = live.finish(Duration::from_secs(30));
     assert_eq!(killed.code, None, "{killed}");
@@ -186,8 +228,16 @@ fn batch_of_a_killed_sweep_is_not_left_running_after_a_later_sweep_finished() {
     let batches = w.cmd_manifest_only("batches", &["--json"]);
     batches.assert_code(0);
     let rows: serde_json::Value = serde_json::from_str(&batches.stdout).unwrap();
-    let running: Vec<_> = rows.as_array().unwrap().iter().filter(|b| b["status"] == "running").collect();
-    assert!(running.is_empty(), "batches of a dead sweep still shown as running: {running:#?}");
+    let running: Vec<_> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "running")
+        .collect();
+    assert!(
+        running.is_empty(),
+        "batches of a dead sweep still shown as running: {running:#?}"
+    );
 }
 
 /// A crash right after the manifest file was created and before its schema was written leaves
@@ -214,30 +264,61 @@ fn sigint_and_sigterm_stop_cleanly_and_a_rerun_completes() {
         w.write(&format!("big/b{i}.bin"), &pseudo_random(6 << 20, 70 + i));
     }
     let log = w.root.join("sig.stderr");
-    let flags = ["--no-progress", "--concurrency", "4", "--batch-size", "20", "--lease-timeout", "2s"];
+    let flags = [
+        "--no-progress",
+        "--concurrency",
+        "4",
+        "--batch-size",
+        "20",
+        "--lease-timeout",
+        "2s",
+    ];
     let mut interrupted = 0;
     for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         let live = Live::start(&w, &flags, &log);
-        assert!(live.wait_scanned(Duration::from_secs(60)), "no scan line before {name}");
-        std::thread::sleep(Duration::from_millis(if cfg!(debug_assertions) { 300 } else { 30 }));
+        assert!(
+            live.wait_scanned(Duration::from_secs(60)),
+            "no scan line before {name}"
+        );
+        std::thread::sleep(Duration::from_millis(if cfg!(debug_assertions) {
+            300
+        } else {
+            30
+        }));
         live.signal(sig);
         let run = live.finish(Duration::from_secs(60));
         match run.code {
             Some(130) => {
                 interrupted += 1;
-                assert!(run.stdout.contains("MIGRATION INTERRUPTED"), "{name}\n{run}");
+                assert!(
+                    run.stdout.contains("MIGRATION INTERRUPTED"),
+                    "{name}\n{run}"
+                );
                 assert!(!run.stdout.contains("MIGRATION COMPLETE"), "{name}\n{run}");
             }
             Some(0) => assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}"),
-            other => panic!("{name}: exit {other:?}, expected 130 (or 0 if it finished first)\n{run}"),
+            other => {
+                panic!("{name}: exit {other:?}, expected 130 (or 0 if it finished first)\n{run}")
+            }
         }
         let status = w.status();
-        assert_eq!(state_count(&status, "files", "copying"), 0, "{name} left leases behind: {status:#}");
-        assert_eq!(state_count(&status, "files", "failed"), 0, "{name}: {status:#}");
+        assert_eq!(
+            state_count(&status, "files", "copying"),
+            0,
+            "{name} left leases behind: {status:#}"
+        );
+        assert_eq!(
+            state_count(&status, "files", "failed"),
+            0,
+            "{name}: {status:#}"
+        );
         assert!(leftover_temp_files(&w.dest).is_empty());
     }
     if cfg!(debug_assertions) {
-        assert!(interrupted > 0, "the tree was copied before any signal arrived; make it bigger");
+        assert!(
+            interrupted > 0,
+            "the tree was copied before any signal arrived; make it bigger"
+        );
     }
 
     // Twice: the second signal ends the process at once (leases then expire after 2 s).
@@ -256,7 +337,10 @@ fn sigint_and_sigterm_stop_cleanly_and_a_rerun_completes() {
         probe
     };
     let run = ended_already.finish(Duration::from_secs(60));
-    assert!(matches!(run.code, Some(130) | Some(0)), "double SIGINT: {run}");
+    assert!(
+        matches!(run.code, Some(130) | Some(0)),
+        "double SIGINT: {run}"
+    );
 
     let last = w.cmd("sweep", &flags);
     last.assert_code(0);

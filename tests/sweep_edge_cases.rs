@@ -17,15 +17,26 @@ fn touching_a_verified_file_brings_its_new_mtime_to_the_dest() {
     let w = Work::new();
     let path = w.write("a/photo.jpg", &pseudo_random(10_000, 1));
     w.write("a/other.txt", b"other");
-    set_times(&path, SystemTime::now(), SystemTime::now() - Duration::from_secs(7200));
+    set_times(
+        &path,
+        SystemTime::now(),
+        SystemTime::now() - Duration::from_secs(7200),
+    );
     w.sweep(&[]).assert_code(0);
     assert_trees_equal(&w.src, &w.dest);
 
-    set_times(&path, SystemTime::now(), SystemTime::now() - Duration::from_secs(60));
+    set_times(
+        &path,
+        SystemTime::now(),
+        SystemTime::now() - Duration::from_secs(60),
+    );
     let run = w.sweep(&[]);
     run.assert_code(0);
     assert_file_states(&w.status(), &[("verified", 2)]);
-    let (s, d) = (fs::metadata(&path).unwrap(), fs::metadata(w.dest.join("a/photo.jpg")).unwrap());
+    let (s, d) = (
+        fs::metadata(&path).unwrap(),
+        fs::metadata(w.dest.join("a/photo.jpg")).unwrap(),
+    );
     assert_eq!(
         (s.mtime(), s.mtime_nsec()),
         (d.mtime(), d.mtime_nsec()),
@@ -44,7 +55,10 @@ fn chmod_of_a_verified_file_reaches_the_dest() {
     let run = w.sweep(&[]);
     run.assert_code(0);
     let mode = fs::metadata(w.dest.join("a/doc.pdf")).unwrap().mode() & 0o7777;
-    assert_eq!(mode, 0o600, "the dest kept mode {mode:o} after chmod 600 of the source\n{run}");
+    assert_eq!(
+        mode, 0o600,
+        "the dest kept mode {mode:o} after chmod 600 of the source\n{run}"
+    );
 }
 
 /// As root, a chown on a verified file reaches the dest on the next sweep.
@@ -57,13 +71,22 @@ fn chown_of_a_verified_file_reaches_the_dest() {
     let run = w.sweep(&[]);
     run.assert_code(0);
     let d = fs::metadata(w.dest.join("a/doc.pdf")).unwrap();
-    assert_eq!((d.uid(), d.gid()), (4321, 8765), "the dest kept its owner after chown of the source\n{run}");
+    assert_eq!(
+        (d.uid(), d.gid()),
+        (4321, 8765),
+        "the dest kept its owner after chown of the source\n{run}"
+    );
 }
 
 #[test]
 fn setuid_setgid_and_sticky_bits_are_preserved() {
     let w = Work::new();
-    for (rel, mode) in [("bin/suid", 0o4755), ("bin/sgid", 0o2750), ("bin/sticky", 0o1777), ("bin/none", 0o000)] {
+    for (rel, mode) in [
+        ("bin/suid", 0o4755),
+        ("bin/sgid", 0o2750),
+        ("bin/sticky", 0o1777),
+        ("bin/none", 0o000),
+    ] {
         let p = w.write(rel, rel.as_bytes());
         std::os::unix::fs::chown(&p, Some(1234), Some(1234)).unwrap();
         set_mode(&p, mode);
@@ -89,7 +112,11 @@ fn a_foreign_identical_dest_file_is_never_replaced_later() {
     run.assert_code(1);
     assert_eq!(run.count("Conflicts"), 1, "{run}");
     assert_eq!(fs::read(&theirs).unwrap(), b"same");
-    assert_eq!(fs::metadata(&theirs).unwrap().ino(), ino, "the foreign file was replaced");
+    assert_eq!(
+        fs::metadata(&theirs).unwrap().ino(),
+        ino,
+        "the foreign file was replaced"
+    );
 }
 
 #[test]
@@ -140,8 +167,24 @@ fn later_commands_may_leave_out_source_and_dest_or_spell_them_differently() {
 fn spawn_sweep(w: &Work) -> std::process::Child {
     let mut args = vec!["sweep".into()];
     args.extend(w.target());
-    args.extend(["--no-progress", "--batch-size", "25", "--concurrency", "4", "--lease-timeout", "5s"].map(Into::into));
-    command().args::<Vec<std::ffi::OsString>, _>(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    args.extend(
+        [
+            "--no-progress",
+            "--batch-size",
+            "25",
+            "--concurrency",
+            "4",
+            "--lease-timeout",
+            "5s",
+        ]
+        .map(Into::into),
+    );
+    command()
+        .args::<Vec<std::ffi::OsString>, _>(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Two sweeps on one manifest and dest at the same time (DESIGN §2 "node"): leases keep them
@@ -168,9 +211,18 @@ fn two_concurrent_sweeps_share_the_work_and_both_complete() {
     assert!(leftover_temp_files(&w.dest).is_empty());
 
     let copied = ra.count("Successfully copied") + rb.count("Successfully copied");
-    assert_eq!(copied, new, "each file is copied by exactly one sweep\n{ra}\n{rb}");
-    let rows: serde_json::Value = serde_json::from_str(&w.cmd_manifest_only("batches", &["--json"]).stdout).unwrap();
-    let sum: u64 = rows.as_array().unwrap().iter().map(|r| r["copied"].as_u64().unwrap()).sum();
+    assert_eq!(
+        copied, new,
+        "each file is copied by exactly one sweep\n{ra}\n{rb}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&w.cmd_manifest_only("batches", &["--json"]).stdout).unwrap();
+    let sum: u64 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["copied"].as_u64().unwrap())
+        .sum();
     assert_eq!(sum, new + 1);
 }
 
@@ -193,5 +245,10 @@ fn two_sweeps_starting_together_on_a_new_manifest_both_succeed() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of 10 sweeps failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 10 sweeps failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -13,7 +13,10 @@ fn blocked_workspace() -> Work {
     let w = Work::new();
     w.write("a/b.txt", b"blocked file");
     w.write("c/d.txt", b"fine file");
-    write_file(&w.dest.join("a"), b"i am a file where a directory is needed");
+    write_file(
+        &w.dest.join("a"),
+        b"i am a file where a directory is needed",
+    );
     w
 }
 
@@ -26,11 +29,15 @@ fn failing_copy_is_retried_then_left_failed_and_succeeds_once_fixed() {
     assert_eq!(run.count("Failed"), 1, "{run}");
     assert_eq!(run.count("Errors"), 1, "{run}");
     assert_eq!(run.count("Successfully copied"), 1, "{run}");
-    assert_eq!(fs::read(w.dest.join("a")).unwrap(), b"i am a file where a directory is needed");
+    assert_eq!(
+        fs::read(w.dest.join("a")).unwrap(),
+        b"i am a file where a directory is needed"
+    );
 
     let status = w.status();
     assert_file_states(&status, &[("verified", 1), ("failed", 1)]);
-    let p = problem(&status, "a/b.txt").unwrap_or_else(|| panic!("a/b.txt not in problems: {status:#}"));
+    let p = problem(&status, "a/b.txt")
+        .unwrap_or_else(|| panic!("a/b.txt not in problems: {status:#}"));
     assert_eq!(p["state"], "failed");
     assert_eq!(p["attempts"], 3, "1 attempt + 2 retries: {p}");
     let reason = p["reason"].as_str().unwrap_or_default();
@@ -40,12 +47,18 @@ fn failing_copy_is_retried_then_left_failed_and_succeeds_once_fixed() {
         "the reason names the directory {}: {reason}",
         blocker.display()
     );
-    assert!(reason.contains("mkdir"), "the reason says what failed: {reason}");
+    assert!(
+        reason.contains("mkdir"),
+        "the reason says what failed: {reason}"
+    );
 
     // The human status lists it too.
     let human = w.cmd_manifest_only("status", &[]);
     human.assert_code(0);
-    assert!(human.stdout.contains("a/b.txt") && human.stdout.contains("failed"), "{human}");
+    assert!(
+        human.stdout.contains("a/b.txt") && human.stdout.contains("failed"),
+        "{human}"
+    );
 
     fs::remove_file(w.dest.join("a")).unwrap();
     let fixed = w.sweep(&["--max-retries", "2"]);
@@ -64,9 +77,19 @@ fn retries_back_off_exponentially() {
     let elapsed = started.elapsed();
     run.assert_code(1);
     let status = w.status();
-    assert_eq!(problem(&status, "a/b.txt").unwrap()["attempts"], 4, "{status:#}");
-    assert!(elapsed >= Duration::from_millis(1050), "4 attempts with backoff took only {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(20), "backoff far too long: {elapsed:?}");
+    assert_eq!(
+        problem(&status, "a/b.txt").unwrap()["attempts"],
+        4,
+        "{status:#}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1050),
+        "4 attempts with backoff took only {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "backoff far too long: {elapsed:?}"
+    );
 }
 
 #[test]
@@ -75,7 +98,11 @@ fn zero_retries_means_one_attempt() {
     let run = w.sweep(&["--max-retries", "0"]);
     run.assert_code(1);
     let status = w.status();
-    assert_eq!(problem(&status, "a/b.txt").unwrap()["attempts"], 1, "{status:#}");
+    assert_eq!(
+        problem(&status, "a/b.txt").unwrap()["attempts"],
+        1,
+        "{status:#}"
+    );
 }
 
 /// Invariant 4: a copy whose source changed while it ran is never marked verified with stale
@@ -107,7 +134,10 @@ fn a_source_that_changes_during_the_copy_ends_up_identical() {
     let status = w.status();
     if let Some(p) = problem(&status, "g/growing.bin") {
         assert_eq!(p["state"], "failed", "{p}");
-        assert!(p["reason"].as_str().unwrap_or_default().contains("changed"), "{p}");
+        assert!(
+            p["reason"].as_str().unwrap_or_default().contains("changed"),
+            "{p}"
+        );
     }
 
     let last = w.sweep(&[]);

@@ -30,7 +30,8 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> Result<u8> {
     let base = match &args.dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             dir.clone()
         }
         None => std::env::temp_dir().join(format!("cutoverfs-demo-{}", std::process::id())),
@@ -38,7 +39,10 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let media = base.join("media");
     let private = base.join("private-media");
     if media.exists() || private.exists() {
-        bail!("{} already holds a demo; remove it or pick another --dir", base.display());
+        bail!(
+            "{} already holds a demo; remove it or pick another --dir",
+            base.display()
+        );
     }
     let target = Target {
         source: Some(media.clone()),
@@ -50,7 +54,12 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     println!("   {files} files, {}", crate::util::human_bytes(bytes));
 
     step("2. cutoverfs plan");
-    report::plan(PlanArgs { target: target.clone(), scope: Scope::default(), json: false }).await?;
+    report::plan(PlanArgs {
+        target: target.clone(),
+        scope: Scope::default(),
+        json: false,
+    })
+    .await?;
 
     step("3. cutoverfs sweep");
     let sweep_args = SweepArgs {
@@ -69,7 +78,12 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let first = sweep::run(sweep_args.clone()).await?;
 
     step("4. cutoverfs status");
-    report::status(StatusArgs { target: target.clone(), json: false, limit: 20 }).await?;
+    report::status(StatusArgs {
+        target: target.clone(),
+        json: false,
+        limit: 20,
+    })
+    .await?;
 
     step("5. cutoverfs sweep again: nothing left to copy");
     let second = sweep::run(sweep_args).await?;
@@ -79,12 +93,23 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     println!("   {compared} files identical in {}", private.display());
 
     if args.keep {
-        println!("\nKept {} (media, private-media, manifest.db)", base.display());
+        println!(
+            "\nKept {} (media, private-media, manifest.db)",
+            base.display()
+        );
     } else {
-        std::fs::remove_dir_all(&base).with_context(|| format!("cannot clean up {}", base.display()))?;
+        std::fs::remove_dir_all(&base)
+            .with_context(|| format!("cannot clean up {}", base.display()))?;
     }
     let ok = first == exit::OK && second == exit::OK;
-    println!("\nDemo {}", if ok { "finished: the cutover is complete and verified." } else { "FAILED" });
+    println!(
+        "\nDemo {}",
+        if ok {
+            "finished: the cutover is complete and verified."
+        } else {
+            "FAILED"
+        }
+    );
     Ok(if ok { exit::OK } else { exit::INCOMPLETE })
 }
 
@@ -100,24 +125,41 @@ fn build_sample_tree(root: &Path, small_files: u32) -> Result<(u64, u64)> {
     let mut write = |rel: String, len: usize, seed: u64| -> Result<()> {
         let path = root.join(&rel);
         std::fs::create_dir_all(path.parent().unwrap_or(root))?;
-        std::fs::write(&path, pseudo_random(len, seed)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, pseudo_random(len, seed))
+            .with_context(|| format!("cannot write {}", path.display()))?;
         files += 1;
         bytes += len as u64;
         Ok(())
     };
     write("missions/expenses/R1/M2/receipt.jpg".into(), 48 * 1024, 1)?;
-    write("contracts/documents/R5/C10/contract.pdf".into(), 180 * 1024, 2)?;
+    write(
+        "contracts/documents/R5/C10/contract.pdf".into(),
+        180 * 1024,
+        2,
+    )?;
     write("documents/2025/01/19/invoice.pdf".into(), 64 * 1024, 3)?;
     for i in 0..small_files as u64 {
         let rel = match i % 3 {
             0 => format!("missions/expenses/R{}/M{}/receipt-{i}.jpg", i % 7, i % 11),
-            1 => format!("contracts/documents/R{}/C{}/contract-{i}.pdf", i % 5, i % 13),
-            _ => format!("documents/2025/{:02}/{:02}/invoice-{i}.pdf", 1 + i % 12, 1 + i % 28),
+            1 => format!(
+                "contracts/documents/R{}/C{}/contract-{i}.pdf",
+                i % 5,
+                i % 13
+            ),
+            _ => format!(
+                "documents/2025/{:02}/{:02}/invoice-{i}.pdf",
+                1 + i % 12,
+                1 + i % 28
+            ),
         };
         write(rel, 1024 + (i as usize * 7919) % (96 * 1024), 100 + i)?;
     }
     for (i, mib) in [(0u64, 24usize), (1, 40), (2, 64)] {
-        write(format!("documents/archive/scan-{i}.tiff"), mib << 20, 10_000 + i)?;
+        write(
+            format!("documents/archive/scan-{i}.tiff"),
+            mib << 20,
+            10_000 + i,
+        )?;
     }
     Ok((files, bytes))
 }

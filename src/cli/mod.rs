@@ -89,7 +89,10 @@ pub struct Scope {
 
 impl Scope {
     pub fn filter(&self) -> Result<crate::engine::PathFilter> {
-        Ok(crate::engine::PathFilter::new(&self.include, &self.exclude)?)
+        Ok(crate::engine::PathFilter::new(
+            &self.include,
+            &self.exclude,
+        )?)
     }
 }
 
@@ -102,7 +105,10 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging(&cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cutoverfs: error: cannot start the async runtime: {e}");
@@ -136,7 +142,11 @@ fn init_logging(level: &str) {
         EnvFilter::try_new(format!("warn,cutoverfs={level}"))
     }
     .unwrap_or_else(|_| EnvFilter::new("warn,cutoverfs=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// A checked source, dest and manifest location, ready to use.
@@ -163,27 +173,41 @@ impl Target {
         let dest_text = match (&self.dest, &recorded) {
             (Some(dest), _) => dest.clone(),
             (None, Some(pair)) => pair.dest.clone(),
-            (None, None) => bail!("no dest given and none recorded in manifest {manifest_url}: give --dest URL"),
+            (None, None) => {
+                bail!("no dest given and none recorded in manifest {manifest_url}: give --dest URL")
+            }
         };
         let source_path = match (&self.source, &recorded) {
             (Some(source), _) => source.clone(),
             (None, Some(pair)) => PathBuf::from(&pair.source),
-            (None, None) => bail!("no source given and none recorded in manifest {manifest_url}: give --source DIR"),
+            (None, None) => bail!(
+                "no source given and none recorded in manifest {manifest_url}: give --source DIR"
+            ),
         };
         let dest = DestUrl::parse(&dest_text)?;
         let source_dir = check_source(&source_path)?;
         let DestUrl::Local(dest_path) = &dest;
-        let dest_dir = canonical_path(dest_path).with_context(|| format!("dest {}", dest_path.display()))?;
+        let dest_dir =
+            canonical_path(dest_path).with_context(|| format!("dest {}", dest_path.display()))?;
         refuse_nesting(&source_dir, &dest_dir, &manifest_url)?;
         let store = open_store(&dest)?;
-        let pair = Pair { source: source_dir.display().to_string(), dest: store.canonical_url() };
+        let pair = Pair {
+            source: source_dir.display().to_string(),
+            dest: store.canonical_url(),
+        };
         if let Some(manifest) = existing {
             manifest.check_pair(&pair, false).await?;
         }
         let source = Arc::new(
-            SourceTree::open(&source_dir).with_context(|| format!("cannot open source {}", source_dir.display()))?,
+            SourceTree::open(&source_dir)
+                .with_context(|| format!("cannot open source {}", source_dir.display()))?,
         );
-        Ok(Resolved { source, store, pair, manifest_url })
+        Ok(Resolved {
+            source,
+            store,
+            pair,
+            manifest_url,
+        })
     }
 }
 
@@ -191,7 +215,9 @@ fn check_source(path: &Path) -> Result<PathBuf> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => bail!("source {} is not a directory", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("source {} does not exist", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("source {} does not exist", path.display())
+        }
         Err(e) => bail!("source {}: {e}", path.display()),
     }
     std::fs::canonicalize(path).with_context(|| format!("source {}", path.display()))
@@ -204,22 +230,37 @@ fn refuse_nesting(source: &Path, dest: &Path, manifest: &ManifestUrl) -> Result<
         bail!("dest {} is the source itself", dest.display());
     }
     if dest.starts_with(source) {
-        bail!("dest {} is inside the source {}", dest.display(), source.display());
+        bail!(
+            "dest {} is inside the source {}",
+            dest.display(),
+            source.display()
+        );
     }
     if source.starts_with(dest) {
-        bail!("source {} is inside the dest {}", source.display(), dest.display());
+        bail!(
+            "source {} is inside the dest {}",
+            source.display(),
+            dest.display()
+        );
     }
     let ManifestUrl::Sqlite(db) = manifest;
     let db = canonical_path(db).unwrap_or_else(|_| db.clone());
     if db.starts_with(source) {
-        bail!("manifest {} is inside the source {}; keep it outside the migrated tree", db.display(), source.display());
+        bail!(
+            "manifest {} is inside the source {}; keep it outside the migrated tree",
+            db.display(),
+            source.display()
+        );
     }
     Ok(())
 }
 
 /// Runs a read-only command on an existing manifest (or says how to create one), closing it
 /// afterwards so SQLite leaves no WAL files behind.
-pub async fn with_existing_manifest<T>(target: &Target, work: impl AsyncFnOnce(&Manifest) -> Result<T>) -> Result<T> {
+pub async fn with_existing_manifest<T>(
+    target: &Target,
+    work: impl AsyncFnOnce(&Manifest) -> Result<T>,
+) -> Result<T> {
     let url = target.manifest_url()?;
     let Some(manifest) = Manifest::open_existing(&url).await? else {
         bail!("no manifest at {url}; run `cutoverfs sweep --source DIR --dest URL` first, or give --manifest");
@@ -247,7 +288,10 @@ pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         for round in 0.. {

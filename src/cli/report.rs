@@ -57,28 +57,60 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
     let (plan, resolved) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
         resolved.store.preflight().await?;
-        let plan = make_plan(existing, resolved.source.clone(), resolved.store.clone(), &filter).await?;
+        let plan = make_plan(
+            existing,
+            resolved.source.clone(),
+            resolved.store.clone(),
+            &filter,
+        )
+        .await?;
         Ok((plan, resolved))
     })
     .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&plan_json(&plan, &resolved.pair.source, &resolved.pair.dest))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan_json(
+                &plan,
+                &resolved.pair.source,
+                &resolved.pair.dest
+            ))?
+        );
         return Ok(exit::OK);
     }
     println!("Plan: {} -> {}", resolved.pair.source, resolved.pair.dest);
-    println!("Scope: {}   ({} files, {}, {} directories)", filter.describe(), plan.files.files, human_bytes(plan.files.bytes), plan.dirs);
+    println!(
+        "Scope: {}   ({} files, {}, {} directories)",
+        filter.describe(),
+        plan.files.files,
+        human_bytes(plan.files.bytes),
+        plan.dirs
+    );
     println!();
     println!("{:<14} {:>10} {:>12}", "state", "files", "bytes");
     for (state, totals) in &plan.by_state {
-        println!("{:<14} {:>10} {:>12}", state.as_str(), totals.files, human_bytes(totals.bytes));
+        println!(
+            "{:<14} {:>10} {:>12}",
+            state.as_str(),
+            totals.files,
+            human_bytes(totals.bytes)
+        );
     }
     println!();
     println!("{:<14} {:>10} {:>12}", "a sweep would", "files", "bytes");
     for (fate, totals) in &plan.by_fate {
-        println!("{:<14} {:>10} {:>12}", fate_label(*fate), totals.files, human_bytes(totals.bytes));
+        println!(
+            "{:<14} {:>10} {:>12}",
+            fate_label(*fate),
+            totals.files,
+            human_bytes(totals.bytes)
+        );
     }
     println!();
-    println!("{:<30} {:>10} {:>12} {:>10} {:>12}", "top-level folder", "files", "bytes", "to copy", "copy bytes");
+    println!(
+        "{:<30} {:>10} {:>12} {:>10} {:>12}",
+        "top-level folder", "files", "bytes", "to copy", "copy bytes"
+    );
     for (folder, (all, to_copy)) in &plan.by_folder {
         println!(
             "{:<30} {:>10} {:>12} {:>10} {:>12}",
@@ -90,7 +122,11 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
         );
     }
     println!();
-    println!("Estimated duration: {} ({})", human_duration(plan.estimate()), plan.estimate_basis);
+    println!(
+        "Estimated duration: {} ({})",
+        human_duration(plan.estimate()),
+        plan.estimate_basis
+    );
     Ok(exit::OK)
 }
 
@@ -120,7 +156,10 @@ fn plan_json(plan: &Plan, source: &str, dest: &str) -> serde_json::Value {
 }
 
 pub async fn status(args: StatusArgs) -> Result<u8> {
-    with_existing_manifest(&args.target, async |manifest| status_of(manifest, &args).await).await
+    with_existing_manifest(&args.target, async |manifest| {
+        status_of(manifest, &args).await
+    })
+    .await
 }
 
 async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
@@ -141,11 +180,16 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         .iter()
         .map(|s| files[s])
         .fold((0, 0), |acc, (f, b)| (acc.0 + f, acc.1 + b));
-    let eta = throughput.map(|(f, b, secs)| left.0 as f64 / (f as f64 / secs) + left.1 as f64 / (b as f64 / secs).max(1.0));
+    let eta = throughput.map(|(f, b, secs)| {
+        left.0 as f64 / (f as f64 / secs) + left.1 as f64 / (b as f64 / secs).max(1.0)
+    });
 
     if args.json {
         let map = |pick: fn(&(u64, u64)) -> u64| -> serde_json::Map<String, serde_json::Value> {
-            files.iter().map(|(s, v)| (s.as_str().to_string(), json!(pick(v)))).collect()
+            files
+                .iter()
+                .map(|(s, v)| (s.as_str().to_string(), json!(pick(v))))
+                .collect()
         };
         let value = json!({
             "manifest": manifest.location(),
@@ -169,7 +213,12 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
     println!();
     println!("{:<12} {:>10} {:>12}", "state", "files", "bytes");
     for (state, (count, bytes)) in &files {
-        println!("{:<12} {:>10} {:>12}", state.as_str(), count, human_bytes(*bytes));
+        println!(
+            "{:<12} {:>10} {:>12}",
+            state.as_str(),
+            count,
+            human_bytes(*bytes)
+        );
     }
     println!("{:<12} {:>10}", "directories", dirs);
     println!();
@@ -182,27 +231,50 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         None => println!("Throughput:   no finished batch yet"),
     }
     if let Some(eta) = eta.filter(|_| left.0 > 0) {
-        println!("ETA:          {} for {} files left", human_duration(std::time::Duration::from_secs_f64(eta)), left.0);
+        println!(
+            "ETA:          {} for {} files left",
+            human_duration(std::time::Duration::from_secs_f64(eta)),
+            left.0
+        );
     }
     if !problems.is_empty() {
         println!();
         println!("Files that need attention (first {}):", args.limit);
         for p in &problems {
-            println!("  {:<11} {}  ({} attempts) {}", p.state.as_str(), p.path, p.attempts, p.reason.as_deref().unwrap_or(""));
+            println!(
+                "  {:<11} {}  ({} attempts) {}",
+                p.state.as_str(),
+                p.path,
+                p.attempts,
+                p.reason.as_deref().unwrap_or("")
+            );
         }
     }
     Ok(exit::OK)
 }
 
 pub async fn batches(args: BatchesArgs) -> Result<u8> {
-    let rows = with_existing_manifest(&args.target, async |manifest| Ok(manifest.batches().await?)).await?;
+    let rows = with_existing_manifest(&args.target, async |manifest| {
+        Ok(manifest.batches().await?)
+    })
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(exit::OK);
     }
     println!(
         "{:>6} {:<12} {:<20} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>11}",
-        "batch", "status", "started (UTC)", "duration", "files", "copied", "already", "missing", "conflict", "failed", "bytes"
+        "batch",
+        "status",
+        "started (UTC)",
+        "duration",
+        "files",
+        "copied",
+        "already",
+        "missing",
+        "conflict",
+        "failed",
+        "bytes"
     );
     for row in &rows {
         print_batch_line(row);
@@ -217,7 +289,11 @@ fn print_batch_line(row: &BatchRow) {
     let t = &row.tally;
     let duration = row
         .finished_at
-        .map(|end| human_duration(std::time::Duration::from_millis((end - row.started_at).max(0) as u64)))
+        .map(|end| {
+            human_duration(std::time::Duration::from_millis(
+                (end - row.started_at).max(0) as u64,
+            ))
+        })
         .unwrap_or_else(|| "-".into());
     println!(
         "{:>6} {:<12} {:<20} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>11}",
@@ -237,22 +313,36 @@ fn print_batch_line(row: &BatchRow) {
 
 fn utc(ms: i64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string().replace('T', " ").trim_end_matches('Z').to_string()
+    humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
 }
 
 pub async fn batch(args: BatchArgs) -> Result<u8> {
     let (row, files) = with_existing_manifest(&args.target, async |manifest| {
         let Some(row) = manifest.batch(args.id).await? else {
-            bail!("no batch {} in manifest {}; `cutoverfs batches` lists them", args.id, manifest.location());
+            bail!(
+                "no batch {} in manifest {}; `cutoverfs batches` lists them",
+                args.id,
+                manifest.location()
+            );
         };
         Ok((row, manifest.batch_files(args.id).await?))
     })
     .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"batch": row, "files": files}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"batch": row, "files": files}))?
+        );
         return Ok(exit::OK);
     }
-    println!("Batch {} ({}), node {}, {}", row.id, row.status, row.node, row.command);
+    println!(
+        "Batch {} ({}), node {}, {}",
+        row.id, row.status, row.node, row.command
+    );
     println!("Started:  {} UTC", utc(row.started_at));
     if let Some(end) = row.finished_at {
         println!("Finished: {} UTC", utc(end));
@@ -271,7 +361,12 @@ pub async fn batch(args: BatchArgs) -> Result<u8> {
     println!();
     println!("Files last handled in this batch, with their state now:");
     for f in &files {
-        println!("  {:<11} {}  {}", f.state.as_str(), f.path, f.reason.as_deref().unwrap_or(""));
+        println!(
+            "  {:<11} {}  {}",
+            f.state.as_str(),
+            f.path,
+            f.reason.as_deref().unwrap_or("")
+        );
     }
     Ok(exit::OK)
 }

@@ -65,11 +65,24 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     manifest.check_pair(&resolved.pair, true).await?;
     resolved.store.prepare().await?;
 
-    print_header(&args, &resolved.pair.source, &resolved.pair.dest, manifest.location(), &filter);
+    print_header(
+        &args,
+        &resolved.pair.source,
+        &resolved.pair.dest,
+        manifest.location(),
+        &filter,
+    );
     let stop = stop_on_signals();
     let node = node_id();
     manifest.close_abandoned_batches(&node).await?;
-    let scan = match scan_into_manifest(&manifest, resolved.source.clone(), resolved.store.clone(), &stop).await {
+    let scan = match scan_into_manifest(
+        &manifest,
+        resolved.source.clone(),
+        resolved.store.clone(),
+        &stop,
+    )
+    .await
+    {
         Ok(stats) => stats,
         Err(ScanError::Interrupted) => {
             println!("Interrupted during the scan; nothing was copied. Run the same command again to resume.");
@@ -80,7 +93,10 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     print_scan(&scan);
     let requeued = manifest.requeue_for_new_sweep().await?;
     if requeued > 0 {
-        tracing::info!(files = requeued, "failed and conflicting files get a fresh set of attempts");
+        tracing::info!(
+            files = requeued,
+            "failed and conflicting files get a fresh set of attempts"
+        );
     }
 
     let progress = Progress::start("Migrating", args.no_progress, args.progress_interval);
@@ -96,7 +112,15 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         node,
         command: "sweep".into(),
     };
-    let report = run_sweep(&manifest, resolved.source.clone(), resolved.store.clone(), &opts, progress.clone(), &stop).await?;
+    let report = run_sweep(
+        &manifest,
+        resolved.source.clone(),
+        resolved.store.clone(),
+        &opts,
+        progress.clone(),
+        &stop,
+    )
+    .await?;
     progress.finish();
     let code = print_summary(&manifest, &filter, &report, &scan, args.skip_missing).await?;
     manifest.close().await;
@@ -107,7 +131,9 @@ async fn to_do(manifest: &Manifest, filter: &PathFilter) -> Result<(u64, u64)> {
     let mut files = 0;
     let mut bytes = 0;
     for file in manifest.files().await? {
-        if matches!(file.state, State::Pending | State::Failed | State::Copying) && filter.matches(&file.path) {
+        if matches!(file.state, State::Pending | State::Failed | State::Copying)
+            && filter.matches(&file.path)
+        {
             files += 1;
             bytes += file.size;
         }
@@ -121,8 +147,14 @@ fn print_header(args: &SweepArgs, source: &str, dest: &str, manifest: &str, filt
     println!("Source:                   {source}");
     println!("Destination:              {dest}");
     println!("Manifest:                 {manifest}");
-    println!("Dry run:                  {}", if args.dry_run { "True" } else { "False" });
-    println!("Skip missing:             {}", if args.skip_missing { "True" } else { "False" });
+    println!(
+        "Dry run:                  {}",
+        if args.dry_run { "True" } else { "False" }
+    );
+    println!(
+        "Skip missing:             {}",
+        if args.skip_missing { "True" } else { "False" }
+    );
     println!("Filter:                   {}", filter.describe());
     println!();
 }
@@ -141,7 +173,10 @@ fn print_scan(scan: &ScanStats) {
         scan.unsupported
     );
     if scan.unreadable_dirs > 0 {
-        println!("  [WARN] {} directories could not be read; see the log", scan.unreadable_dirs);
+        println!(
+            "  [WARN] {} directories could not be read; see the log",
+            scan.unreadable_dirs
+        );
     }
     println!();
 }
@@ -160,7 +195,12 @@ struct InScope {
 
 async fn in_scope(manifest: &Manifest, filter: &PathFilter) -> Result<InScope> {
     let mut counts = InScope::default();
-    for file in manifest.files().await?.into_iter().filter(|f| filter.matches(&f.path)) {
+    for file in manifest
+        .files()
+        .await?
+        .into_iter()
+        .filter(|f| filter.matches(&f.path))
+    {
         counts.files += 1;
         match file.state {
             State::Verified => counts.verified += 1,
@@ -188,7 +228,10 @@ async fn print_summary(
         println!("  [{tag}] Source file does not exist: {path}");
     }
     if counts.missing.len() > 20 {
-        println!("  ... and {} more (cutoverfs status lists them)", counts.missing.len() - 20);
+        println!(
+            "  ... and {} more (cutoverfs status lists them)",
+            counts.missing.len() - 20
+        );
     }
     let missing = counts.missing.len() as u64;
     let errors = counts.failed + counts.conflicts + if skip_missing { 0 } else { missing };
@@ -197,8 +240,14 @@ async fn print_summary(
     println!("=== Migration Summary ===");
     println!("Total files processed:    {}", counts.files);
     println!("Successfully copied:      {}", report.copied);
-    println!("Already exist:            {}", counts.verified.saturating_sub(report.copied));
-    println!("Skipped (missing):        {}", if skip_missing { missing } else { 0 });
+    println!(
+        "Already exist:            {}",
+        counts.verified.saturating_sub(report.copied)
+    );
+    println!(
+        "Skipped (missing):        {}",
+        if skip_missing { missing } else { 0 }
+    );
     println!("Skipped (unsupported):    {}", counts.unsupported);
     if !skip_missing {
         println!("Missing:                  {missing}");
@@ -209,8 +258,16 @@ async fn print_summary(
         println!("Not finished:             {}", counts.unfinished);
     }
     println!("Errors:                   {errors}");
-    println!("Bytes copied:             {}", human_bytes(report.copied_bytes));
-    println!("Duration:                 {} ({}/s, {} batches)", human_duration(report.elapsed), human_bytes(rate as u64), report.batches);
+    println!(
+        "Bytes copied:             {}",
+        human_bytes(report.copied_bytes)
+    );
+    println!(
+        "Duration:                 {} ({}/s, {} batches)",
+        human_duration(report.elapsed),
+        human_bytes(rate as u64),
+        report.batches
+    );
     println!();
     if report.interrupted {
         println!("MIGRATION INTERRUPTED - run the same command again to resume");
@@ -229,12 +286,27 @@ async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
     let (plan, resolved, location) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
         resolved.store.preflight().await?;
-        let location = existing.map_or_else(|| format!("{url} (not created by a dry run)"), |m| m.location().to_string());
-        let plan = make_plan(existing, resolved.source.clone(), resolved.store.clone(), filter).await?;
+        let location = existing.map_or_else(
+            || format!("{url} (not created by a dry run)"),
+            |m| m.location().to_string(),
+        );
+        let plan = make_plan(
+            existing,
+            resolved.source.clone(),
+            resolved.store.clone(),
+            filter,
+        )
+        .await?;
         Ok((plan, resolved, location))
     })
     .await?;
-    print_header(args, &resolved.pair.source, &resolved.pair.dest, &location, filter);
+    print_header(
+        args,
+        &resolved.pair.source,
+        &resolved.pair.dest,
+        &location,
+        filter,
+    );
     println!("DRY RUN MODE - No files will be modified");
     println!();
     let missing = plan.count(Fate::Missing).files;
@@ -242,16 +314,35 @@ async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
     println!("=== Migration Summary ===");
     println!("Total files processed:    {}", plan.files.files);
     println!("Successfully copied:      {}", plan.count(Fate::Copy).files);
-    println!("Already exist:            {}", plan.count(Fate::Verified).files + plan.count(Fate::AlreadyThere).files);
-    println!("Skipped (missing):        {}", if args.skip_missing { missing } else { 0 });
-    println!("Skipped (unsupported):    {}", plan.count(Fate::Unsupported).files);
+    println!(
+        "Already exist:            {}",
+        plan.count(Fate::Verified).files + plan.count(Fate::AlreadyThere).files
+    );
+    println!(
+        "Skipped (missing):        {}",
+        if args.skip_missing { missing } else { 0 }
+    );
+    println!(
+        "Skipped (unsupported):    {}",
+        plan.count(Fate::Unsupported).files
+    );
     if !args.skip_missing {
         println!("Missing:                  {missing}");
     }
-    println!("Conflicts:                {}", plan.count(Fate::Conflict).files);
+    println!(
+        "Conflicts:                {}",
+        plan.count(Fate::Conflict).files
+    );
     println!("Errors:                   {errors}");
-    println!("Bytes to copy:            {}", human_bytes(plan.count(Fate::Copy).bytes));
-    println!("Estimated duration:       {} ({})", human_duration(plan.estimate()), plan.estimate_basis);
+    println!(
+        "Bytes to copy:            {}",
+        human_bytes(plan.count(Fate::Copy).bytes)
+    );
+    println!(
+        "Estimated duration:       {} ({})",
+        human_duration(plan.estimate()),
+        plan.estimate_basis
+    );
     println!();
     println!("DRY RUN COMPLETE - No files were actually modified");
     Ok(exit::OK)

@@ -26,11 +26,16 @@ impl PathFilter {
             .map(|g| format!("+{g}"))
             .chain(exclude.iter().map(|g| format!("-{g}")))
             .collect();
-        Ok(PathFilter { include: build(include)?, exclude: build(exclude)?, text })
+        Ok(PathFilter {
+            include: build(include)?,
+            exclude: build(exclude)?,
+            text,
+        })
     }
 
     pub fn matches(&self, path: &str) -> bool {
-        self.include.as_ref().is_none_or(|set| set.is_match(path)) && !self.exclude.as_ref().is_some_and(|set| set.is_match(path))
+        self.include.as_ref().is_none_or(|set| set.is_match(path))
+            && !self.exclude.as_ref().is_some_and(|set| set.is_match(path))
     }
 
     pub fn is_everything(&self) -> bool {
@@ -53,10 +58,16 @@ fn build(globs: &[String]) -> Result<Option<GlobSet>, BadGlob> {
     }
     let mut builder = GlobSetBuilder::new();
     for glob in globs {
-        let parsed = Glob::new(glob.trim_start_matches('/')).map_err(|e| BadGlob { glob: glob.clone(), why: e.kind().to_string() })?;
+        let parsed = Glob::new(glob.trim_start_matches('/')).map_err(|e| BadGlob {
+            glob: glob.clone(),
+            why: e.kind().to_string(),
+        })?;
         builder.add(parsed);
     }
-    builder.build().map(Some).map_err(|e| BadGlob { glob: globs.join(" "), why: e.to_string() })
+    builder.build().map(Some).map_err(|e| BadGlob {
+        glob: globs.join(" "),
+        why: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -65,7 +76,11 @@ mod tests {
 
     #[test]
     fn include_and_exclude_combine() {
-        let f = PathFilter::new(&["documents/**".into(), "*.pdf".into()], &["**/tmp/**".into()]).unwrap();
+        let f = PathFilter::new(
+            &["documents/**".into(), "*.pdf".into()],
+            &["**/tmp/**".into()],
+        )
+        .unwrap();
         assert!(f.matches("documents/2025/01/19/invoice.pdf"));
         assert!(f.matches("contracts/documents/R5/C10/contract.pdf"));
         assert!(!f.matches("missions/expenses/R1/M2/receipt.jpg"));

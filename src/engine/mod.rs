@@ -26,5 +26,9 @@ pub fn node_id() -> String {
             "unknown-host".to_string()
         }
     };
-    format!("{host}:{}:{}", std::process::id(), crate::manifest::now_ms())
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        crate::manifest::now_ms()
+    )
 }

@@ -107,7 +107,13 @@ pub async fn make_plan(
         for file in manifest.files().await? {
             let gone = !seen.contains(&file.path) && filter.matches(&file.path);
             if gone && !matches!(file.state, State::Missing | State::Deleted) {
-                record(&mut plan, &file.path, State::Missing, Fate::Missing, file.size);
+                record(
+                    &mut plan,
+                    &file.path,
+                    State::Missing,
+                    Fate::Missing,
+                    file.size,
+                );
             }
         }
     }
@@ -122,7 +128,9 @@ pub async fn make_plan(
 /// What a sweep would find at the dest. By size only (a dry run reads no content); an object
 /// cutoverfs wrote earlier is replaced, never a conflict.
 async fn fate_at_dest(store: &dyn Store, path: &str, size: u64, owned: bool) -> Fate {
-    let Ok(key) = store.key_for(path) else { return Fate::Unsupported };
+    let Ok(key) = store.key_for(path) else {
+        return Fate::Unsupported;
+    };
     match store.existing_size(&key).await {
         Ok(None) | Err(_) => Fate::Copy,
         Ok(Some(existing)) if existing == size => Fate::AlreadyThere,
@@ -153,7 +161,11 @@ fn estimate(plan: &mut Plan, observed: Option<(u64, u64, f64)>) {
         Some((files, bytes, secs)) if secs > 0.5 => (
             files as f64 / secs,
             (bytes as f64 / secs).max(1.0),
-            format!("measured on earlier batches: {:.0} files/s, {}/s", files as f64 / secs, crate::util::human_bytes((bytes as f64 / secs) as u64)),
+            format!(
+                "measured on earlier batches: {:.0} files/s, {}/s",
+                files as f64 / secs,
+                crate::util::human_bytes((bytes as f64 / secs) as u64)
+            ),
         ),
         _ => (
             ASSUMED_FILES_PER_SEC,
@@ -165,7 +177,8 @@ fn estimate(plan: &mut Plan, observed: Option<(u64, u64, f64)>) {
             ),
         ),
     };
-    plan.estimate_seconds = (to_copy.files + checks) as f64 / files_per_sec + to_copy.bytes as f64 / bytes_per_sec;
+    plan.estimate_seconds =
+        (to_copy.files + checks) as f64 / files_per_sec + to_copy.bytes as f64 / bytes_per_sec;
     plan.estimate_basis = basis;
 }
 

@@ -50,7 +50,9 @@ impl Progress {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    let Some(progress) = weak.upgrade() else { break };
+                    let Some(progress) = weak.upgrade() else {
+                        break;
+                    };
                     tracing::info!("{label}: {}", progress.line());
                 }
             });
@@ -71,19 +73,31 @@ impl Progress {
         let done_bytes = self.done_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if let Some(bar) = &self.bar {
             bar.inc(1);
-            bar.set_prefix(format!("{} / {}", human_bytes(done_bytes), human_bytes(self.total_bytes.load(Ordering::Relaxed))));
+            bar.set_prefix(format!(
+                "{} / {}",
+                human_bytes(done_bytes),
+                human_bytes(self.total_bytes.load(Ordering::Relaxed))
+            ));
         }
     }
 
     /// One line: files, bytes, rate and ETA.
     pub fn line(&self) -> String {
-        let (files, total_files) = (self.done_files.load(Ordering::Relaxed), self.total_files.load(Ordering::Relaxed));
-        let (bytes, total_bytes) = (self.done_bytes.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed));
+        let (files, total_files) = (
+            self.done_files.load(Ordering::Relaxed),
+            self.total_files.load(Ordering::Relaxed),
+        );
+        let (bytes, total_bytes) = (
+            self.done_bytes.load(Ordering::Relaxed),
+            self.total_bytes.load(Ordering::Relaxed),
+        );
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = bytes as f64 / secs;
         let eta = if files > 0 && total_files > files {
             let per_file = secs / files as f64;
-            human_duration(Duration::from_secs_f64(per_file * (total_files - files) as f64))
+            human_duration(Duration::from_secs_f64(
+                per_file * (total_files - files) as f64,
+            ))
         } else {
             "-".to_string()
         };

@@ -62,14 +62,25 @@ pub fn start_walk(source: Arc<SourceTree>, store: Arc<dyn Store>) -> Walk {
     let unreadable = Arc::new(AtomicU64::new(0));
     let counter = unreadable.clone();
     std::thread::spawn(move || {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(8).thread_name(|i| format!("scan-{i}")).build();
-        let walker = Walker { source: &source, store: &*store, tx, unreadable: &counter };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(8)
+            .thread_name(|i| format!("scan-{i}"))
+            .build();
+        let walker = Walker {
+            source: &source,
+            store: &*store,
+            tx,
+            unreadable: &counter,
+        };
         match pool {
             Ok(pool) => pool.scope(|scope| walker.walk_dir(scope, String::new())),
             Err(_) => rayon::scope(|scope| walker.walk_dir(scope, String::new())),
         }
     });
-    Walk { batches: rx, unreadable_dirs: unreadable }
+    Walk {
+        batches: rx,
+        unreadable_dirs: unreadable,
+    }
 }
 
 struct Walker<'a> {
@@ -102,7 +113,9 @@ impl<'a> Walker<'a> {
                     continue;
                 }
             };
-            let Some(scanned) = self.classify(&dir, &entry) else { continue };
+            let Some(scanned) = self.classify(&dir, &entry) else {
+                continue;
+            };
             if scanned.kind == Kind::Dir && scanned.unsupported.is_none() {
                 let child = scanned.path.clone();
                 scope.spawn(move |scope| self.walk_dir(scope, child));
@@ -128,7 +141,11 @@ impl<'a> Walker<'a> {
             Some(text) => (text.to_string(), None),
             None => (name.to_string_lossy().into_owned(), Some(escaped(&name))),
         };
-        let path = if dir.is_empty() { name_text } else { format!("{dir}/{name_text}") };
+        let path = if dir.is_empty() {
+            name_text
+        } else {
+            format!("{dir}/{name_text}")
+        };
         let meta = match entry.metadata() {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -143,7 +160,13 @@ impl<'a> Walker<'a> {
         } else if file_type.is_file() {
             (Kind::File, None)
         } else if file_type.is_symlink() {
-            (Kind::Symlink, Some("symbolic link: recorded, not followed; cutoverfs migrates regular files".to_string()))
+            (
+                Kind::Symlink,
+                Some(
+                    "symbolic link: recorded, not followed; cutoverfs migrates regular files"
+                        .to_string(),
+                ),
+            )
         } else {
             let what = if file_type.is_fifo() {
                 "fifo"
@@ -154,17 +177,24 @@ impl<'a> Walker<'a> {
             } else {
                 "block device"
             };
-            (Kind::Special, Some(format!("{what}: only regular files can be migrated")))
+            (
+                Kind::Special,
+                Some(format!("{what}: only regular files can be migrated")),
+            )
         };
         if let Some(bad) = bad_name {
-            unsupported = Some(format!("name is not valid UTF-8 ({bad}); the manifest and dest keys need UTF-8"));
+            unsupported = Some(format!(
+                "name is not valid UTF-8 ({bad}); the manifest and dest keys need UTF-8"
+            ));
         } else if kind == Kind::File {
             if let Err(reason) = self.store.key_for(&path) {
                 unsupported = Some(reason);
             }
         }
         let link_target = if kind == Kind::Symlink {
-            std::fs::read_link(entry.path()).ok().map(|t| t.to_string_lossy().into_owned())
+            std::fs::read_link(entry.path())
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned())
         } else {
             None
         };
@@ -192,13 +222,15 @@ fn display_dir(dir: &str) -> &str {
 
 /// A printable form of a name that is not UTF-8: invalid bytes as \xNN.
 fn escaped(name: &OsStr) -> String {
-    name.as_bytes().utf8_chunks().fold(String::new(), |mut out, chunk| {
-        out.push_str(chunk.valid());
-        for byte in chunk.invalid() {
-            out.push_str(&format!("\\x{byte:02x}"));
-        }
-        out
-    })
+    name.as_bytes()
+        .utf8_chunks()
+        .fold(String::new(), |mut out, chunk| {
+            out.push_str(chunk.valid());
+            for byte in chunk.invalid() {
+                out.push_str(&format!("\\x{byte:02x}"));
+            }
+            out
+        })
 }
 
 /// Scans the source into the manifest: new files pending, changed files back to pending,
@@ -242,7 +274,12 @@ pub async fn scan_into_manifest(
     Ok(stats)
 }
 
-async fn record_batch(manifest: &Manifest, scan_id: i64, batch: &[Scanned], stats: &mut ScanStats) -> Result<(), ScanError> {
+async fn record_batch(
+    manifest: &Manifest,
+    scan_id: i64,
+    batch: &[Scanned],
+    stats: &mut ScanStats,
+) -> Result<(), ScanError> {
     let paths: Vec<&str> = batch.iter().map(|s| s.path.as_str()).collect();
     let t0 = Instant::now();
     let recorded = manifest.recorded(&paths).await?;
@@ -252,7 +289,10 @@ async fn record_batch(manifest: &Manifest, scan_id: i64, batch: &[Scanned], stat
         count(stats, scanned);
         let old = recorded.get(&scanned.path);
         let change = after_scan(old, scanned);
-        if let ScanChange::Write { fresh_copy: true, .. } = change {
+        if let ScanChange::Write {
+            fresh_copy: true, ..
+        } = change
+        {
             if old.is_some() {
                 stats.changed += 1;
             } else {
@@ -263,9 +303,17 @@ async fn record_batch(manifest: &Manifest, scan_id: i64, batch: &[Scanned], stat
             changes.push((scanned, change, old.map_or(0, |o| o.version)));
         }
     }
-    let seen: Vec<&str> = paths.into_iter().filter(|p| recorded.contains_key(*p)).collect();
+    let seen: Vec<&str> = paths
+        .into_iter()
+        .filter(|p| recorded.contains_key(*p))
+        .collect();
     manifest.record_scan(scan_id, &seen, &changes).await?;
-    tracing::debug!(select_us = t1.as_micros() as u64, write_us = (t0.elapsed() - t1).as_micros() as u64, n = batch.len(), "scan batch");
+    tracing::debug!(
+        select_us = t1.as_micros() as u64,
+        write_us = (t0.elapsed() - t1).as_micros() as u64,
+        n = batch.len(),
+        "scan batch"
+    );
     Ok(())
 }
 
@@ -282,7 +330,11 @@ fn count(stats: &mut ScanStats, scanned: &Scanned) {
 
 /// Rows the scan did not see are missing only if the path is really gone now: a file created
 /// after the walk passed its directory is not.
-async fn mark_vanished(manifest: &Manifest, source: &SourceTree, scan_id: i64) -> Result<u64, ScanError> {
+async fn mark_vanished(
+    manifest: &Manifest,
+    source: &SourceTree,
+    scan_id: i64,
+) -> Result<u64, ScanError> {
     let mut after = String::new();
     let mut marked = 0;
     loop {

@@ -105,7 +105,9 @@ pub async fn run_sweep(
             let (batch_id, claimed) = claim_batch(manifest, opts, &mut cursor).await?;
             if claimed.is_empty() {
                 if let Some(id) = batch_id {
-                    manifest.close_batch(id, &BatchTally::default(), "completed").await?;
+                    manifest
+                        .close_batch(id, &BatchTally::default(), "completed")
+                        .await?;
                 }
                 // Files in flight may fail and come due for a retry: finish them first.
                 while let Some(done) = batches.join_next().await {
@@ -185,10 +187,16 @@ impl SweepReport {
 
 /// Starts a task per file, each once a slot among `--concurrency` is free. Files not started
 /// because the run is stopping stay leased and are released when the sweep ends.
-async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>, in_flight: &Arc<Semaphore>) -> JoinSet<Outcome> {
+async fn dispatch_batch(
+    claimed: Vec<Claimed>,
+    shared: &Arc<Shared>,
+    in_flight: &Arc<Semaphore>,
+) -> JoinSet<Outcome> {
     let mut files = JoinSet::new();
     for file in claimed {
-        let Ok(slot) = in_flight.clone().acquire_owned().await else { break };
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
         if *shared.stop.borrow() {
             break;
         }
@@ -200,7 +208,13 @@ async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>, in_flight: 
                 let outcome = copy_one(file, &shared).await;
                 drop(slot);
                 if outcome != Outcome::Abandoned {
-                    shared.progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { size });
+                    shared
+                        .progress
+                        .file_done(if let Outcome::Copied(bytes) = outcome {
+                            bytes
+                        } else {
+                            size
+                        });
                 }
                 outcome
             }
@@ -256,10 +270,18 @@ async fn wait_for_more_work(
     stop: &watch::Receiver<bool>,
 ) -> Result<bool, ManifestError> {
     let waiting = manifest.waiting(&opts.node).await?;
-    let next = waiting.iter().filter(|(path, _)| opts.filter.matches(path)).map(|(_, at)| *at).min();
+    let next = waiting
+        .iter()
+        .filter(|(path, _)| opts.filter.matches(path))
+        .map(|(_, at)| *at)
+        .min();
     let Some(next) = next else { return Ok(false) };
     let pause = Duration::from_millis((next - now_ms()).clamp(20, 1000) as u64);
-    tracing::debug!(files = waiting.len(), pause_ms = pause.as_millis() as u64, "waiting for retries or leases of other nodes");
+    tracing::debug!(
+        files = waiting.len(),
+        pause_ms = pause.as_millis() as u64,
+        "waiting for retries or leases of other nodes"
+    );
     let mut stop = stop.clone();
     tokio::select! {
         _ = tokio::time::sleep(pause) => {}
@@ -272,24 +294,37 @@ async fn copy_one(file: Claimed, shared: &Shared) -> Outcome {
     let (recorder, opts) = (&shared.recorder, &shared.opts);
     let path = file.path.clone();
     let owner = opts.node.clone();
-    let (update, outcome) = match attempt_copy(&file, &shared.source, &shared.store, recorder, &owner).await {
-        Ok(done) => done,
-        Err(error) => {
-            let retry_at = (file.attempts <= opts.max_retries).then(|| {
-                let backoff = opts.retry_delay.saturating_mul(1 << (file.attempts.saturating_sub(1)).min(16));
-                now_ms() + backoff.as_millis() as i64
-            });
-            match retry_at {
-                Some(_) => tracing::warn!(error = %error, "copy failed; will retry"),
-                None => tracing::error!(error = %error, "copy failed; no retries left"),
+    let (update, outcome) =
+        match attempt_copy(&file, &shared.source, &shared.store, recorder, &owner).await {
+            Ok(done) => done,
+            Err(error) => {
+                let retry_at = (file.attempts <= opts.max_retries).then(|| {
+                    let backoff = opts
+                        .retry_delay
+                        .saturating_mul(1 << (file.attempts.saturating_sub(1)).min(16));
+                    now_ms() + backoff.as_millis() as i64
+                });
+                match retry_at {
+                    Some(_) => tracing::warn!(error = %error, "copy failed; will retry"),
+                    None => tracing::error!(error = %error, "copy failed; no retries left"),
+                }
+                (
+                    FileUpdate::Failed {
+                        path,
+                        owner,
+                        error: error.to_string(),
+                        retry_at,
+                    },
+                    Outcome::Failed,
+                )
             }
-            (FileUpdate::Failed { path, owner, error: error.to_string(), retry_at }, Outcome::Failed)
-        }
-    };
+        };
     match recorder.apply(update).await {
         Ok(true) => outcome,
         Ok(false) => {
-            tracing::warn!("lease lost before the outcome was recorded; another node owns this file now");
+            tracing::warn!(
+                "lease lost before the outcome was recorded; another node owns this file now"
+            );
             Outcome::Abandoned
         }
         Err(e) => {
@@ -310,28 +345,56 @@ async fn attempt_copy(
     let (path, owner_s) = (file.path.clone(), owner.to_string());
     let key = match store.key_for(&file.path) {
         Ok(key) => key,
-        Err(reason) => return Ok((FileUpdate::Unsupported { path, owner: owner_s, reason }, Outcome::Unsupported)),
+        Err(reason) => {
+            return Ok((
+                FileUpdate::Unsupported {
+                    path,
+                    owner: owner_s,
+                    reason,
+                },
+                Outcome::Unsupported,
+            ))
+        }
     };
-    let guard = Guard { recorder, path: &file.path, owner, owned: &file.owned_sha256 };
-    let source_ref = SourceRef { tree: source.clone(), rel: file.path.clone() };
+    let guard = Guard {
+        recorder,
+        path: &file.path,
+        owner,
+        owned: &file.owned_sha256,
+    };
+    let source_ref = SourceRef {
+        tree: source.clone(),
+        rel: file.path.clone(),
+    };
     let stored = match store.put(&key, source_ref, &guard).await {
         Ok(stored) => stored,
-        Err(StoreError::SourceMissing) => return Ok((FileUpdate::Missing { path, owner: owner_s }, Outcome::Missing)),
+        Err(StoreError::SourceMissing) => {
+            return Ok((
+                FileUpdate::Missing {
+                    path,
+                    owner: owner_s,
+                },
+                Outcome::Missing,
+            ))
+        }
         Err(e) => return Err(e),
     };
     let seen = stored.source;
-    let mime = mime_guess::from_path(&file.path).first_raw().map(str::to_string);
-    let verified = |sha256: String, written_by_us: bool, etag: Option<String>| FileUpdate::Verified {
-        path: path.clone(),
-        owner: owner_s.clone(),
-        sha256,
-        size: seen.size,
-        mtime_ns: seen.mtime_ns,
-        mime: mime.clone(),
-        dest_key: key.clone(),
-        dest_etag: etag,
-        written_by_us,
-    };
+    let mime = mime_guess::from_path(&file.path)
+        .first_raw()
+        .map(str::to_string);
+    let verified =
+        |sha256: String, written_by_us: bool, etag: Option<String>| FileUpdate::Verified {
+            path: path.clone(),
+            owner: owner_s.clone(),
+            sha256,
+            size: seen.size,
+            mtime_ns: seen.mtime_ns,
+            mime: mime.clone(),
+            dest_key: key.clone(),
+            dest_etag: etag,
+            written_by_us,
+        };
     Ok(match stored.outcome {
         PutOutcome::Written { sha256, size, etag } => {
             tracing::debug!(bytes = size, "copied and verified");
@@ -343,7 +406,14 @@ async fn attempt_copy(
         }
         PutOutcome::Conflict { reason } => {
             tracing::warn!(reason = %reason, "conflict: dest holds another object; left untouched");
-            (FileUpdate::Conflict { path: path.clone(), owner: owner_s.clone(), reason }, Outcome::Conflict)
+            (
+                FileUpdate::Conflict {
+                    path: path.clone(),
+                    owner: owner_s.clone(),
+                    reason,
+                },
+                Outcome::Conflict,
+            )
         }
     })
 }
@@ -362,11 +432,19 @@ impl PublishGuard for Guard<'_> {
     }
 
     async fn before_publish(&self, sha256: &str) -> Result<(), StoreError> {
-        let intent = FileUpdate::Intent { path: self.path.to_string(), owner: self.owner.to_string(), sha256: sha256.to_string() };
+        let intent = FileUpdate::Intent {
+            path: self.path.to_string(),
+            owner: self.owner.to_string(),
+            sha256: sha256.to_string(),
+        };
         match self.recorder.apply(intent).await {
             Ok(true) => Ok(()),
-            Ok(false) => Err(StoreError::Guard("lease lost before publishing; not published".into())),
-            Err(e) => Err(StoreError::Guard(format!("cannot record intent in the manifest: {e}"))),
+            Ok(false) => Err(StoreError::Guard(
+                "lease lost before publishing; not published".into(),
+            )),
+            Err(e) => Err(StoreError::Guard(format!(
+                "cannot record intent in the manifest: {e}"
+            ))),
         }
     }
 
@@ -429,7 +507,9 @@ const RECORDER_GROUP: usize = 512;
 impl Recorder {
     pub fn start(manifest: Manifest) -> Recorder {
         let manifest_id = manifest.id().to_string();
-        let (tx, mut rx) = mpsc::channel::<(FileUpdate, oneshot::Sender<Result<bool, String>>)>(RECORDER_GROUP * 2);
+        let (tx, mut rx) = mpsc::channel::<(FileUpdate, oneshot::Sender<Result<bool, String>>)>(
+            RECORDER_GROUP * 2,
+        );
         tokio::spawn(async move {
             let mut group = Vec::with_capacity(RECORDER_GROUP);
             while rx.recv_many(&mut group, RECORDER_GROUP).await > 0 {
@@ -453,12 +533,21 @@ impl Recorder {
 
     pub async fn apply(&self, update: FileUpdate) -> Result<bool, String> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((update, reply)).await.map_err(|_| "manifest recorder stopped".to_string())?;
-        answer.await.map_err(|_| "manifest recorder stopped".to_string())?
+        self.tx
+            .send((update, reply))
+            .await
+            .map_err(|_| "manifest recorder stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "manifest recorder stopped".to_string())?
     }
 }
 
-fn spawn_lease_renewer(manifest: Manifest, node: String, lease: Duration) -> tokio::task::JoinHandle<()> {
+fn spawn_lease_renewer(
+    manifest: Manifest,
+    node: String,
+    lease: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
         loop {
@@ -480,7 +569,10 @@ async fn create_directories(manifest: &Manifest, store: &Arc<dyn Store>, filter:
             return;
         }
     };
-    for (path, mode) in dirs.into_iter().filter(|(path, _)| filter.is_everything() || filter.matches(path)) {
+    for (path, mode) in dirs
+        .into_iter()
+        .filter(|(path, _)| filter.is_everything() || filter.matches(path))
+    {
         if let Err(e) = store.ensure_dir(&path, mode).await {
             tracing::warn!(dir = %path, error = %e, "cannot create directory at dest");
         }

@@ -32,18 +32,25 @@ pub const DEFAULT_MANIFEST: &str = "sqlite:///var/lib/cutoverfs/manifest.db";
 impl FromStr for ManifestUrl {
     type Err = ManifestError;
     fn from_str(s: &str) -> Result<Self, ManifestError> {
-        let bad = |why: &str| ManifestError::BadUrl { url: s.to_string(), why: why.to_string() };
+        let bad = |why: &str| ManifestError::BadUrl {
+            url: s.to_string(),
+            why: why.to_string(),
+        };
         if let Some(rest) = s.strip_prefix("sqlite://") {
             if !rest.starts_with('/') {
                 return Err(bad("the path after sqlite:// must be absolute, as in sqlite:///var/lib/cutoverfs/manifest.db"));
             }
             if rest.contains('?') {
-                return Err(bad("query options are not accepted on a sqlite manifest URL"));
+                return Err(bad(
+                    "query options are not accepted on a sqlite manifest URL",
+                ));
             }
             return Ok(ManifestUrl::Sqlite(PathBuf::from(rest)));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Err(bad("PostgreSQL manifests are not available in this version; use sqlite:///PATH"));
+            return Err(bad(
+                "PostgreSQL manifests are not available in this version; use sqlite:///PATH",
+            ));
         }
         if s.starts_with('/') {
             return Ok(ManifestUrl::Sqlite(PathBuf::from(s)));
@@ -65,11 +72,20 @@ pub enum ManifestError {
     #[error("bad manifest URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
     #[error("cannot open manifest {location}: {source}")]
-    Open { location: String, source: std::io::Error },
+    Open {
+        location: String,
+        source: std::io::Error,
+    },
     #[error("cannot open manifest {location}: {source}")]
-    Connect { location: String, source: sqlx::Error },
+    Connect {
+        location: String,
+        source: sqlx::Error,
+    },
     #[error("cannot bring manifest {location} to the current schema: {source}")]
-    Migrate { location: String, source: sqlx::migrate::MigrateError },
+    Migrate {
+        location: String,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error(
         "manifest {location} belongs to source {recorded_source} and dest {recorded_dest}, not to \
          source {source_dir} and dest {dest}; use another --manifest for this pair"
@@ -114,7 +130,11 @@ pub struct Claimed {
 pub enum FileUpdate {
     /// About to publish content with this hash: recorded first so a crash right after the
     /// publish still knows the object is ours.
-    Intent { path: String, owner: String, sha256: String },
+    Intent {
+        path: String,
+        owner: String,
+        sha256: String,
+    },
     Verified {
         path: String,
         owner: String,
@@ -127,10 +147,26 @@ pub enum FileUpdate {
         /// false when an identical object was already there and cutoverfs did not write it.
         written_by_us: bool,
     },
-    Failed { path: String, owner: String, error: String, retry_at: Option<i64> },
-    Missing { path: String, owner: String },
-    Conflict { path: String, owner: String, reason: String },
-    Unsupported { path: String, owner: String, reason: String },
+    Failed {
+        path: String,
+        owner: String,
+        error: String,
+        retry_at: Option<i64>,
+    },
+    Missing {
+        path: String,
+        owner: String,
+    },
+    Conflict {
+        path: String,
+        owner: String,
+        reason: String,
+    },
+    Unsupported {
+        path: String,
+        owner: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -173,7 +209,10 @@ pub struct FileSummary {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
 }
 
 const CLAIMABLE: &str = "entries.kind = 'file' AND (entries.state = 'pending' \
@@ -202,20 +241,33 @@ impl Manifest {
     pub async fn open(url: &ManifestUrl) -> Result<Manifest> {
         let ManifestUrl::Sqlite(path) = url;
         let location = url.to_string();
-        create_private_file(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
+        create_private_file(path).map_err(|source| ManifestError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let manifest = Self::connect(url, false).await?;
         // Two processes creating the same manifest at once would both migrate; SQLite has no
         // migration lock of its own, so an flock on the file serialises them.
-        let lock = std::fs::File::open(path).map_err(|source| ManifestError::Open { location: location.clone(), source })?;
+        let lock = std::fs::File::open(path).map_err(|source| ManifestError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let lock = tokio::task::spawn_blocking(move || {
             // SAFETY: flock on a descriptor we own; SQLite's own locks are fcntl locks and do not interact.
             let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-            (rc == 0).then_some(lock).ok_or_else(std::io::Error::last_os_error)
+            (rc == 0)
+                .then_some(lock)
+                .ok_or_else(std::io::Error::last_os_error)
         })
         .await
         .map_err(|e| ManifestError::Corrupt(e.to_string()))?
-        .map_err(|source| ManifestError::Open { location: location.clone(), source })?;
-        let migrated = sqlx::migrate!("src/manifest/migrations/sqlite").run(&manifest.pool).await;
+        .map_err(|source| ManifestError::Open {
+            location: location.clone(),
+            source,
+        })?;
+        let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
+            .run(&manifest.pool)
+            .await;
         drop(lock);
         migrated.map_err(|source| ManifestError::Migrate { location, source })?;
         sqlx::query("INSERT INTO meta (key, value) VALUES ('id', $1) ON CONFLICT (key) DO NOTHING")
@@ -241,11 +293,12 @@ impl Manifest {
         }
         let manifest = Self::connect(url, false).await?;
         let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
-        let applied: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
-            .fetch_one(&manifest.pool)
-            .await
-            .map(|row| row.get(0))
-            .unwrap_or(0);
+        let applied: i64 =
+            sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&manifest.pool)
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
         if applied == 0 {
             manifest.close().await;
             return Ok(None);
@@ -267,8 +320,11 @@ impl Manifest {
         let ManifestUrl::Sqlite(path) = url;
         let location = url.to_string();
         let conn_url = format!("sqlite://{}?mode=rw", path.display());
-        let options = AnyConnectOptions::from_str(&conn_url)
-            .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
+        let options =
+            AnyConnectOptions::from_str(&conn_url).map_err(|source| ManifestError::Connect {
+                location: location.clone(),
+                source,
+            })?;
         let pool = AnyPoolOptions::new()
             .max_connections(4)
             .after_connect(move |conn, _meta| {
@@ -283,8 +339,15 @@ impl Manifest {
             })
             .connect_with(options)
             .await
-            .map_err(|source| ManifestError::Connect { location: location.clone(), source })?;
-        Ok(Manifest { pool, location, id: String::new() })
+            .map_err(|source| ManifestError::Connect {
+                location: location.clone(),
+                source,
+            })?;
+        Ok(Manifest {
+            pool,
+            location,
+            id: String::new(),
+        })
     }
 
     pub fn location(&self) -> &str {
@@ -301,7 +364,10 @@ impl Manifest {
     }
 
     async fn meta(&self, key: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT value FROM meta WHERE key = $1").bind(key).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -344,7 +410,11 @@ impl Manifest {
 
     /// A new scan number; rows a scan does not see keep an older one.
     pub async fn next_scan_id(&self) -> Result<i64> {
-        let last: i64 = self.meta("last_scan").await?.and_then(|v| v.parse().ok()).unwrap_or(0);
+        let last: i64 = self
+            .meta("last_scan")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         self.set_meta("last_scan", &(last + 1).to_string()).await?;
         Ok(last + 1)
     }
@@ -371,21 +441,32 @@ impl Manifest {
 
     /// Records one batch of scan results in one transaction. `changes` pairs each scanned entry
     /// with its decision and the row version the decision was based on (0 for a new row).
-    pub async fn record_scan(&self, scan_id: i64, seen: &[&str], changes: &[(&Scanned, ScanChange, i64)]) -> Result<()> {
+    pub async fn record_scan(
+        &self,
+        scan_id: i64,
+        seen: &[&str],
+        changes: &[(&Scanned, ScanChange, i64)],
+    ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         if !seen.is_empty() {
-            sqlx::query("UPDATE entries SET seen_scan = $1 WHERE path IN (SELECT value FROM json_each($2))")
-                .bind(scan_id)
-                .bind(json_list(seen))
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE entries SET seen_scan = $1 WHERE path IN (SELECT value FROM json_each($2))",
+            )
+            .bind(scan_id)
+            .bind(json_list(seen))
+            .execute(&mut *tx)
+            .await?;
         }
         for fresh in [true, false] {
             let rows: Vec<serde_json::Value> = changes
                 .iter()
                 .filter_map(|(scanned, change, version)| match change {
-                    ScanChange::Write { state, reason, fresh_copy } if *fresh_copy == fresh => Some(serde_json::json!([
+                    ScanChange::Write {
+                        state,
+                        reason,
+                        fresh_copy,
+                    } if *fresh_copy == fresh => Some(serde_json::json!([
                         scanned.path,
                         scanned.kind.as_str(),
                         state.as_str(),
@@ -462,7 +543,12 @@ impl Manifest {
         let now = now_ms();
         let mut paths = Vec::new();
         for sql in CANDIDATES {
-            let rows = sqlx::query(sql).bind(now).bind(after).bind(limit as i64).fetch_all(&self.pool).await?;
+            let rows = sqlx::query(sql)
+                .bind(now)
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
             paths.extend(rows.iter().map(|r| r.get::<String, _>(0)));
         }
         paths.sort_unstable();
@@ -471,7 +557,13 @@ impl Manifest {
     }
 
     /// Takes leases on those of `paths` that are still claimable; returns what was taken.
-    pub async fn claim(&self, paths: &[String], owner: &str, lease: Duration, batch_id: i64) -> Result<Vec<Claimed>> {
+    pub async fn claim(
+        &self,
+        paths: &[String],
+        owner: &str,
+        lease: Duration,
+        batch_id: i64,
+    ) -> Result<Vec<Claimed>> {
         let now = now_ms();
         // The listed paths drive the statement (primary-key lookups), whatever the table's size.
         let sql = format!(
@@ -500,7 +592,11 @@ impl Manifest {
                     size: row.get::<i64, _>(1) as u64,
                     mtime_ns: row.get(2),
                     attempts: row.get::<i64, _>(3) as u32,
-                    owned_sha256: confirmed.filter(|_| owned == 1).into_iter().chain(intent).collect(),
+                    owned_sha256: confirmed
+                        .filter(|_| owned == 1)
+                        .into_iter()
+                        .chain(intent)
+                        .collect(),
                 }
             })
             .collect();
@@ -511,11 +607,13 @@ impl Manifest {
     /// Extends every lease this owner holds; a live worker is never overtaken.
     pub async fn renew_leases(&self, owner: &str, lease: Duration) -> Result<u64> {
         let until = now_ms() + lease.as_millis() as i64;
-        let done = sqlx::query("UPDATE entries SET lease_expires_at = $1 WHERE lease_owner = $2 AND state = 'copying'")
-            .bind(until)
-            .bind(owner)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE entries SET lease_expires_at = $1 WHERE lease_owner = $2 AND state = 'copying'",
+        )
+        .bind(until)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -545,7 +643,8 @@ impl Manifest {
             .filter_map(|(i, update)| verified_json(update).map(|json| (i, json)))
             .collect();
         if !verified.is_empty() {
-            let rows = serde_json::Value::Array(verified.iter().map(|(_, json)| json.clone()).collect());
+            let rows =
+                serde_json::Value::Array(verified.iter().map(|(_, json)| json.clone()).collect());
             let done: std::collections::HashSet<String> = sqlx::query(VERIFY_MANY)
                 .bind(rows.to_string())
                 .bind(now)
@@ -581,7 +680,10 @@ impl Manifest {
         .bind(owner)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get::<Option<i64>, _>(1).unwrap_or(0))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<Option<i64>, _>(1).unwrap_or(0)))
+            .collect())
     }
 
     pub async fn open_batch(&self, node: &str, command: &str) -> Result<i64> {
@@ -627,12 +729,17 @@ impl Manifest {
     }
 
     pub async fn batches(&self) -> Result<Vec<BatchRow>> {
-        let rows = sqlx::query(&format!("{BATCH_COLUMNS} ORDER BY id")).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&format!("{BATCH_COLUMNS} ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(batch_from_row).collect())
     }
 
     pub async fn batch(&self, id: i64) -> Result<Option<BatchRow>> {
-        let row = sqlx::query(&format!("{BATCH_COLUMNS} WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&format!("{BATCH_COLUMNS} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.as_ref().map(batch_from_row))
     }
 
@@ -669,11 +776,17 @@ impl Manifest {
         let rows = sqlx::query("SELECT path, mode FROM entries WHERE kind = 'dir' AND state = 'verified' ORDER BY path")
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get::<i64, _>(1) as u32)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<i64, _>(1) as u32))
+            .collect())
     }
 
     pub async fn count_dirs(&self) -> Result<u64> {
-        let n: i64 = sqlx::query("SELECT COUNT(*) FROM entries WHERE kind = 'dir'").fetch_one(&self.pool).await?.get(0);
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM entries WHERE kind = 'dir'")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
         Ok(n as u64)
     }
 
@@ -704,7 +817,10 @@ impl Manifest {
 
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
         bytes[..8].copy_from_slice(&now_ms().to_le_bytes());
         bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
@@ -715,10 +831,17 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(parent) = path.parent() {
         if !parent.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)?;
         }
     }
-    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
     Ok(())
 }
 
@@ -726,7 +849,13 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
 /// thousand rows cost one bind instead of thousands. (PostgreSQL spells it
 /// `jsonb_array_elements_text`; the bulk statements are the only engine-specific SQL.)
 fn json_list<S: AsRef<str>>(items: &[S]) -> String {
-    serde_json::Value::Array(items.iter().map(|s| serde_json::Value::from(s.as_ref())).collect()).to_string()
+    serde_json::Value::Array(
+        items
+            .iter()
+            .map(|s| serde_json::Value::from(s.as_ref()))
+            .collect(),
+    )
+    .to_string()
 }
 
 const SCAN_INSERT: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
@@ -748,7 +877,8 @@ const UPSERT_FRESH: &str = const_format::concatcp!(
 );
 
 /// A scanned change of attributes only (mode, owner): the state and copy record stay.
-const UPSERT_ATTRS: &str = const_format::concatcp!(SCAN_INSERT, " WHERE entries.version = excluded.version");
+const UPSERT_ATTRS: &str =
+    const_format::concatcp!(SCAN_INSERT, " WHERE entries.version = excluded.version");
 
 /// Marks many copies verified at once, each guarded by its lease.
 const VERIFY_MANY: &str = "WITH v AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS sha256, \
@@ -766,9 +896,27 @@ const VERIFY_MANY: &str = "WITH v AS MATERIALIZED (SELECT value ->> 0 AS path, v
 
 fn verified_json(update: &FileUpdate) -> Option<serde_json::Value> {
     match update {
-        FileUpdate::Verified { path, owner, sha256, size, mtime_ns, mime, dest_key, dest_etag, written_by_us } => {
-            Some(serde_json::json!([path, sha256, size, mtime_ns, mime, dest_key, dest_etag, *written_by_us as i64, owner]))
-        }
+        FileUpdate::Verified {
+            path,
+            owner,
+            sha256,
+            size,
+            mtime_ns,
+            mime,
+            dest_key,
+            dest_etag,
+            written_by_us,
+        } => Some(serde_json::json!([
+            path,
+            sha256,
+            size,
+            mtime_ns,
+            mime,
+            dest_key,
+            dest_etag,
+            *written_by_us as i64,
+            owner
+        ])),
         _ => None,
     }
 }
@@ -780,7 +928,10 @@ macro_rules! leased {
     };
 }
 
-fn update_query(update: &FileUpdate, now: i64) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
+fn update_query(
+    update: &FileUpdate,
+    now: i64,
+) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
     match update {
         FileUpdate::Intent { path, owner, sha256 } => {
             sqlx::query(concat!("UPDATE entries SET intent_sha256 = $3 ", leased!()))
@@ -824,7 +975,8 @@ fn side_state<'q>(
     .bind(now)
 }
 
-const BATCH_COLUMNS: &str = "SELECT id, node, command, status, started_at, finished_at, files, copied, already, \
+const BATCH_COLUMNS: &str =
+    "SELECT id, node, command, status, started_at, finished_at, files, copied, already, \
      missing, conflicts, failed, bytes FROM batches";
 
 fn batch_from_row(row: &AnyRow) -> BatchRow {
@@ -853,12 +1005,20 @@ fn parse_state(s: String) -> Result<State> {
 }
 
 fn problem_from_row(row: &AnyRow) -> Result<Problem> {
-    Ok(Problem { path: row.get(0), state: parse_state(row.get(1))?, attempts: row.get(2), reason: row.get(3) })
+    Ok(Problem {
+        path: row.get(0),
+        state: parse_state(row.get(1))?,
+        attempts: row.get(2),
+        reason: row.get(3),
+    })
 }
 
 fn recorded_from_row(row: &AnyRow) -> Result<Recorded> {
     Ok(Recorded {
-        kind: row.get::<String, _>(1).parse().map_err(ManifestError::Corrupt)?,
+        kind: row
+            .get::<String, _>(1)
+            .parse()
+            .map_err(ManifestError::Corrupt)?,
         state: parse_state(row.get(2))?,
         reason: row.get(3),
         size: row.get::<i64, _>(4) as u64,

@@ -157,14 +157,26 @@ pub fn after_scan(old: Option<&Recorded>, seen: &Scanned) -> ScanChange {
     let attrs_changed = old.mode != seen.mode || old.uid != seen.uid || old.gid != seen.gid;
 
     if let Some(reason) = &seen.unsupported {
-        if old.state == State::Unsupported && old.reason.as_ref() == Some(reason) && !content_changed && !attrs_changed {
+        if old.state == State::Unsupported
+            && old.reason.as_ref() == Some(reason)
+            && !content_changed
+            && !attrs_changed
+        {
             return ScanChange::Unchanged;
         }
-        return ScanChange::Write { state: State::Unsupported, reason: Some(reason.clone()), fresh_copy: true };
+        return ScanChange::Write {
+            state: State::Unsupported,
+            reason: Some(reason.clone()),
+            fresh_copy: true,
+        };
     }
     if seen.kind == Kind::Dir {
         return if content_changed || attrs_changed || old.state != State::Verified {
-            ScanChange::Write { state: State::Verified, reason: None, fresh_copy: false }
+            ScanChange::Write {
+                state: State::Verified,
+                reason: None,
+                fresh_copy: false,
+            }
         } else {
             ScanChange::Unchanged
         };
@@ -175,17 +187,29 @@ pub fn after_scan(old: Option<&Recorded>, seen: &Scanned) -> ScanChange {
         State::Copying => ScanChange::Unchanged,
         // Back on disk, or now of a kind we can copy: start over. The copy recognises an object it
         // wrote before by its hash, so nothing is copied twice for nothing.
-        State::Missing | State::Unsupported | State::Deleted => {
-            ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true }
-        }
-        _ if content_changed => ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true },
+        State::Missing | State::Unsupported | State::Deleted => ScanChange::Write {
+            state: State::Pending,
+            reason: None,
+            fresh_copy: true,
+        },
+        _ if content_changed => ScanChange::Write {
+            state: State::Pending,
+            reason: None,
+            fresh_copy: true,
+        },
         // Same content, new mode or owner: a copied file goes back to pending so the sweep
         // brings the attributes to the dest (it finds the content there and only re-applies
         // them, DESIGN §4.6).
-        State::Verified | State::Copied if attrs_changed => {
-            ScanChange::Write { state: State::Pending, reason: None, fresh_copy: false }
-        }
-        state if attrs_changed => ScanChange::Write { state, reason: old.reason.clone(), fresh_copy: false },
+        State::Verified | State::Copied if attrs_changed => ScanChange::Write {
+            state: State::Pending,
+            reason: None,
+            fresh_copy: false,
+        },
+        state if attrs_changed => ScanChange::Write {
+            state,
+            reason: old.reason.clone(),
+            fresh_copy: false,
+        },
         _ => ScanChange::Unchanged,
     }
 }
@@ -225,34 +249,66 @@ mod tests {
 
     #[test]
     fn new_file_is_pending_and_new_dir_is_recorded_verified() {
-        assert!(matches!(after_scan(None, &seen(Kind::File, 1, 1)), ScanChange::Write { state: State::Pending, .. }));
-        assert!(matches!(after_scan(None, &seen(Kind::Dir, 0, 1)), ScanChange::Write { state: State::Verified, .. }));
+        assert!(matches!(
+            after_scan(None, &seen(Kind::File, 1, 1)),
+            ScanChange::Write {
+                state: State::Pending,
+                ..
+            }
+        ));
+        assert!(matches!(
+            after_scan(None, &seen(Kind::Dir, 0, 1)),
+            ScanChange::Write {
+                state: State::Verified,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn verified_file_changed_after_copy_goes_back_to_pending() {
         let old = recorded(State::Verified, 10, 5);
-        assert_eq!(after_scan(Some(&old), &seen(Kind::File, 10, 5)), ScanChange::Unchanged);
+        assert_eq!(
+            after_scan(Some(&old), &seen(Kind::File, 10, 5)),
+            ScanChange::Unchanged
+        );
         assert_eq!(
             after_scan(Some(&old), &seen(Kind::File, 11, 5)),
-            ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true }
+            ScanChange::Write {
+                state: State::Pending,
+                reason: None,
+                fresh_copy: true
+            }
         );
         assert_eq!(
             after_scan(Some(&old), &seen(Kind::File, 10, 6)),
-            ScanChange::Write { state: State::Pending, reason: None, fresh_copy: true }
+            ScanChange::Write {
+                state: State::Pending,
+                reason: None,
+                fresh_copy: true
+            }
         );
     }
 
     #[test]
     fn a_leased_file_is_left_to_its_worker() {
         let old = recorded(State::Copying, 10, 5);
-        assert_eq!(after_scan(Some(&old), &seen(Kind::File, 99, 99)), ScanChange::Unchanged);
+        assert_eq!(
+            after_scan(Some(&old), &seen(Kind::File, 99, 99)),
+            ScanChange::Unchanged
+        );
     }
 
     #[test]
     fn a_missing_file_that_reappears_is_pending_again() {
         let old = recorded(State::Missing, 10, 5);
-        assert!(matches!(after_scan(Some(&old), &seen(Kind::File, 10, 5)), ScanChange::Write { state: State::Pending, .. }));
+        assert!(matches!(
+            after_scan(Some(&old), &seen(Kind::File, 10, 5)),
+            ScanChange::Write {
+                state: State::Pending,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -260,9 +316,23 @@ mod tests {
         let old = recorded(State::Verified, 10, 5);
         let mut s = seen(Kind::File, 10, 5);
         s.mode = 0o100600;
-        assert_eq!(after_scan(Some(&old), &s), ScanChange::Write { state: State::Pending, reason: None, fresh_copy: false });
+        assert_eq!(
+            after_scan(Some(&old), &s),
+            ScanChange::Write {
+                state: State::Pending,
+                reason: None,
+                fresh_copy: false
+            }
+        );
         let failed = recorded(State::Failed, 10, 5);
-        assert_eq!(after_scan(Some(&failed), &s), ScanChange::Write { state: State::Failed, reason: None, fresh_copy: false });
+        assert_eq!(
+            after_scan(Some(&failed), &s),
+            ScanChange::Write {
+                state: State::Failed,
+                reason: None,
+                fresh_copy: false
+            }
+        );
     }
 
     #[test]
@@ -270,7 +340,14 @@ mod tests {
         let mut s = seen(Kind::Special, 0, 1);
         s.unsupported = Some("fifo".into());
         let first = after_scan(None, &s);
-        assert_eq!(first, ScanChange::Write { state: State::Unsupported, reason: Some("fifo".into()), fresh_copy: true });
+        assert_eq!(
+            first,
+            ScanChange::Write {
+                state: State::Unsupported,
+                reason: Some("fifo".into()),
+                fresh_copy: true
+            }
+        );
         let mut old = recorded(State::Unsupported, 0, 1);
         old.kind = Kind::Special;
         old.reason = Some("fifo".into());

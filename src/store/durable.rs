@@ -40,7 +40,11 @@ impl SyncGroup {
     /// Starts the syncer for the file system that holds `dir`.
     pub fn start(dir: File) -> SyncGroup {
         let (completed, _) = watch::channel(Completed::default());
-        let shared = Arc::new(Shared { requests: Mutex::new(Requests::default()), wake: Condvar::new(), completed });
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Requests::default()),
+            wake: Condvar::new(),
+            completed,
+        });
         let worker = shared.clone();
         std::thread::Builder::new()
             .name("dest-sync".into())
@@ -52,7 +56,11 @@ impl SyncGroup {
     /// Returns once everything written before the call is durable on the dest's file system.
     pub async fn wait(&self) -> io::Result<()> {
         let target = {
-            let mut requests = self.shared.requests.lock().unwrap_or_else(|e| e.into_inner());
+            let mut requests = self
+                .shared
+                .requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let target = requests.started + 1;
             if requests.wanted < target {
                 requests.wanted = target;
@@ -66,7 +74,9 @@ impl SyncGroup {
             .await
             .map_err(|_| io::Error::other("dest sync thread stopped"))?;
         if done.last_failed >= target {
-            return Err(io::Error::other("syncfs reported a write error on the dest file system"));
+            return Err(io::Error::other(
+                "syncfs reported a write error on the dest file system",
+            ));
         }
         Ok(())
     }
@@ -74,7 +84,11 @@ impl SyncGroup {
 
 impl Drop for SyncGroup {
     fn drop(&mut self) {
-        self.shared.requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
         self.shared.wake.notify_one();
     }
 }
@@ -84,7 +98,10 @@ fn run_syncer(shared: &Shared, dir: &File) {
         let generation = {
             let mut requests = shared.requests.lock().unwrap_or_else(|e| e.into_inner());
             while requests.wanted <= requests.started && !requests.closed {
-                requests = shared.wake.wait(requests).unwrap_or_else(|e| e.into_inner());
+                requests = shared
+                    .wake
+                    .wait(requests)
+                    .unwrap_or_else(|e| e.into_inner());
             }
             if requests.closed && requests.wanted <= requests.started {
                 return;

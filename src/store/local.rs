@@ -50,7 +50,11 @@ impl LocalStore {
             target: root.display().to_string(),
             source,
         })?;
-        Ok(LocalStore { root, sync: std::sync::OnceLock::new(), io_slots: tokio::sync::Semaphore::new(IO_THREADS) })
+        Ok(LocalStore {
+            root,
+            sync: std::sync::OnceLock::new(),
+            io_slots: tokio::sync::Semaphore::new(IO_THREADS),
+        })
     }
 
     /// The group syncer of the dest's file system and that file system's device number.
@@ -68,13 +72,22 @@ impl LocalStore {
         &self,
         work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let _slot = self.io_slots.acquire().await.map_err(|_| StoreError::Unusable("store closed".into()))?;
+        let _slot = self
+            .io_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unusable("store closed".into()))?;
         blocking(work).await
     }
 
     /// Makes what was written durable: with the group sync when `dev` is the dest's file
     /// system, else by fsyncing `file` and, if given, the directory of `linked_at`.
-    async fn make_durable(&self, dev: u64, file: &File, linked_at: Option<&Path>) -> Result<(), StoreError> {
+    async fn make_durable(
+        &self,
+        dev: u64,
+        file: &File,
+        linked_at: Option<&Path>,
+    ) -> Result<(), StoreError> {
         let (group, root_dev) = self.sync_group()?;
         if dev == *root_dev {
             return group.wait().await.map_err(dest_err("sync", &self.root));
@@ -98,7 +111,9 @@ impl LocalStore {
 #[async_trait]
 impl Store for LocalStore {
     fn canonical_url(&self) -> String {
-        url::Url::from_file_path(&self.root).map(|u| u.to_string()).unwrap_or_else(|_| self.root.display().to_string())
+        url::Url::from_file_path(&self.root)
+            .map(|u| u.to_string())
+            .unwrap_or_else(|_| self.root.display().to_string())
     }
 
     fn key_for(&self, rel: &str) -> Result<String, String> {
@@ -115,47 +130,70 @@ impl Store for LocalStore {
     async fn prepare(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
         blocking(move || {
-            create_dirs(Path::new("/"), &root).and_then(|()| fsync_parent(&root)).map_err(|source| StoreError::Dest {
-                op: "create",
-                target: root.display().to_string(),
-                source,
-            })
+            create_dirs(Path::new("/"), &root)
+                .and_then(|()| fsync_parent(&root))
+                .map_err(|source| StoreError::Dest {
+                    op: "create",
+                    target: root.display().to_string(),
+                    source,
+                })
         })
         .await
     }
 
-    async fn put(&self, key: &str, source: SourceRef, guard: &dyn PublishGuard) -> Result<Stored, StoreError> {
+    async fn put(
+        &self,
+        key: &str,
+        source: SourceRef,
+        guard: &dyn PublishGuard,
+    ) -> Result<Stored, StoreError> {
         let root = self.root.clone();
         let target = self.target(key);
         let writer = guard.writer_id();
-        let staged = self.io(move || {
-            let opened = source.tree.open_file(&source.rel).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => StoreError::SourceMissing,
-                _ => StoreError::SourceRead(e),
-            })?;
-            stage(&root, &target, opened, &writer)
-        })
-        .await?;
+        let staged = self
+            .io(move || {
+                let opened = source
+                    .tree
+                    .open_file(&source.rel)
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => StoreError::SourceMissing,
+                        _ => StoreError::SourceRead(e),
+                    })?;
+                stage(&root, &target, opened, &writer)
+            })
+            .await?;
         if !staged.marked {
             guard.before_publish(&staged.sha256).await?;
         }
-        let dev = staged.file.metadata().map_err(dest_err("stat", &staged.target))?.dev();
+        let dev = staged
+            .file
+            .metadata()
+            .map_err(dest_err("stat", &staged.target))?
+            .dev();
         self.make_durable(dev, &staged.file, None).await?;
         let owned = guard.owned_sha256();
         let writer = guard.writer_id();
         let source_attrs = staged.source;
         let (outcome, staged) = self.io(move || publish(staged, &owned, &writer)).await?;
         if matches!(outcome, PutOutcome::Written { .. }) {
-            self.make_durable(dev, &staged.file, Some(&staged.target)).await?;
+            self.make_durable(dev, &staged.file, Some(&staged.target))
+                .await?;
         }
-        Ok(Stored { outcome, source: source_attrs })
+        Ok(Stored {
+            outcome,
+            source: source_attrs,
+        })
     }
 
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         match std::fs::symlink_metadata(self.target(key)) {
             Ok(meta) => Ok(Some(meta.size())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Dest { op: "stat", target: key.to_string(), source }),
+            Err(source) => Err(StoreError::Dest {
+                op: "stat",
+                target: key.to_string(),
+                source,
+            }),
         }
     }
 
@@ -163,9 +201,17 @@ impl Store for LocalStore {
         let root = self.root.clone();
         let dir = self.target(rel);
         blocking(move || {
-            let err = |source| StoreError::Dest { op: "mkdir", target: dir.display().to_string(), source };
+            let err = |source| StoreError::Dest {
+                op: "mkdir",
+                target: dir.display().to_string(),
+                source,
+            };
             create_dirs(&root, &dir).map_err(err)?;
-            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777)).map_err(err)
+            std::fs::set_permissions(
+                &dir,
+                std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777),
+            )
+            .map_err(err)
         })
         .await
     }
@@ -201,10 +247,19 @@ impl Drop for Staged {
 }
 
 fn dest_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> StoreError + 'p {
-    move |source| StoreError::Dest { op, target: path.display().to_string(), source }
+    move |source| StoreError::Dest {
+        op,
+        target: path.display().to_string(),
+        source,
+    }
 }
 
-fn stage(root: &Path, target: &Path, source: OpenedSource, writer: &str) -> Result<Staged, StoreError> {
+fn stage(
+    root: &Path,
+    target: &Path,
+    source: OpenedSource,
+    writer: &str,
+) -> Result<Staged, StoreError> {
     let dir = target.parent().unwrap_or(root);
     create_dirs(root, dir).map_err(dest_err("mkdir", dir))?;
     let (mut file, temp_name) = open_temp(dir, target).map_err(dest_err("create temp in", dir))?;
@@ -232,7 +287,13 @@ fn set_owner_mark(file: &File, writer: &str, sha256: &str) -> io::Result<bool> {
     let value = format!("{writer}:{sha256}");
     // SAFETY: valid name and value buffers for the call's duration.
     let rc = unsafe {
-        libc::fsetxattr(file.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
     if rc == 0 {
         return Ok(true);
@@ -250,31 +311,58 @@ fn owner_mark(path: &Path) -> Option<String> {
     let path = cstring(path).ok()?;
     let mut buf = [0u8; 256];
     // SAFETY: valid buffers for the call's duration.
-    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
-    let tmpfile = OpenOptions::new().write(true).custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC).mode(0o600).open(dir);
+    let tmpfile = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(dir);
     match tmpfile {
         Ok(file) => Ok((file, None)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) =>
+        {
             static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let temp = dir.join(format!(
                 ".cutoverfs-tmp.{}.{}.{}",
                 std::process::id(),
                 COUNTER.fetch_add(1, Ordering::Relaxed),
                 name.chars().take(64).collect::<String>()
             ));
-            let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp)?;
             Ok((file, Some(temp)))
         }
         Err(e) => Err(e),
     }
 }
 
-fn copy_hashing(source: &OpenedSource, out: &mut File, target: &Path) -> Result<(String, u64), StoreError> {
+fn copy_hashing(
+    source: &OpenedSource,
+    out: &mut File,
+    target: &Path,
+) -> Result<(String, u64), StoreError> {
     let mut hasher = Sha256::new();
     let buf_len = source.before.size.clamp(4096, 1 << 20) as usize;
     let mut buf = vec![0u8; buf_len];
@@ -289,7 +377,8 @@ fn copy_hashing(source: &OpenedSource, out: &mut File, target: &Path) -> Result<
             Err(e) => return Err(StoreError::SourceRead(e)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(dest_err("write", target))?;
+        out.write_all(&buf[..n])
+            .map_err(dest_err("write", target))?;
         written += n as u64;
         if written - flushed_to >= WRITEBACK_STEP {
             start_writeback(out, flushed_to, written - flushed_to);
@@ -303,7 +392,12 @@ fn copy_hashing(source: &OpenedSource, out: &mut File, target: &Path) -> Result<
 fn start_writeback(file: &File, offset: u64, len: u64) {
     // SAFETY: a plain syscall on an fd we own; failure only loses the hint.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -327,24 +421,38 @@ fn apply_attrs(file: &File, attrs: &crate::source::Attrs) -> io::Result<()> {
 }
 
 fn timespec(ns: i64) -> libc::timespec {
-    libc::timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) }
+    libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000),
+    }
 }
 
-fn publish(staged: Staged, owned: &[String], writer: &str) -> Result<(PutOutcome, Staged), StoreError> {
+fn publish(
+    staged: Staged,
+    owned: &[String],
+    writer: &str,
+) -> Result<(PutOutcome, Staged), StoreError> {
     let target = staged.target.clone();
     match link_no_replace(&staged.file, staged.temp_name.as_deref(), &target) {
         Ok(()) => {
-            let written = PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None };
+            let written = PutOutcome::Written {
+                sha256: staged.sha256.clone(),
+                size: staged.size,
+                etag: None,
+            };
             return Ok((written, staged));
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(dest_err("link", &target)(e)),
     }
-    let Some((size, existing)) = hash_existing(&target).map_err(dest_err("read existing", &target))? else {
+    let Some((size, existing)) =
+        hash_existing(&target).map_err(dest_err("read existing", &target))?
+    else {
         let reason = "dest holds something that is not a regular file".to_string();
         return Ok((PutOutcome::Conflict { reason }, staged));
     };
-    let ours = owned.contains(&existing) || owner_mark(&target) == Some(format!("{writer}:{existing}"));
+    let ours =
+        owned.contains(&existing) || owner_mark(&target) == Some(format!("{writer}:{existing}"));
     if existing == staged.sha256 {
         if ours {
             // Our object with the right content: bring mode, owner and times up to date (a chmod
@@ -352,7 +460,14 @@ fn publish(staged: Staged, owned: &[String], writer: &str) -> Result<(PutOutcome
             let file = File::open(&target).map_err(dest_err("open", &target))?;
             apply_attrs(&file, &staged.source).map_err(dest_err("set attributes on", &target))?;
         }
-        return Ok((PutOutcome::AlreadyThere { sha256: existing, size, ours }, staged));
+        return Ok((
+            PutOutcome::AlreadyThere {
+                sha256: existing,
+                size,
+                ours,
+            },
+            staged,
+        ));
     }
     if !ours {
         let reason =
@@ -360,7 +475,14 @@ fn publish(staged: Staged, owned: &[String], writer: &str) -> Result<(PutOutcome
         return Ok((PutOutcome::Conflict { reason }, staged));
     }
     replace_own_object(&staged, &target)?;
-    Ok((PutOutcome::Written { sha256: staged.sha256.clone(), size: staged.size, etag: None }, staged))
+    Ok((
+        PutOutcome::Written {
+            sha256: staged.sha256.clone(),
+            size: staged.size,
+            etag: None,
+        },
+        staged,
+    ))
 }
 
 /// Makes the staged file visible at `target` unless something is already there.
@@ -371,7 +493,13 @@ fn link_no_replace(file: &File, temp_name: Option<&Path>, target: &Path) -> io::
             let dest = cstring(target)?;
             // SAFETY: two NUL-terminated paths; linkat does not keep them.
             let rc = unsafe {
-                libc::linkat(libc::AT_FDCWD, proc_path.as_ptr(), libc::AT_FDCWD, dest.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    dest.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
             };
             if rc == 0 {
                 Ok(())
@@ -387,7 +515,13 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     let (from_c, to_c) = (cstring(from)?, cstring(to)?);
     // SAFETY: two NUL-terminated paths.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     if rc == 0 {
         return Ok(());
@@ -410,7 +544,10 @@ fn replace_own_object(staged: &Staged, target: &Path) -> Result<(), StoreError> 
             let temp = target.with_file_name(format!(
                 ".cutoverfs-replace.{}.{}",
                 std::process::id(),
-                target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ));
             let _ = std::fs::remove_file(&temp);
             link_no_replace(&staged.file, None, &temp).map_err(dest_err("link", &temp))?;
@@ -473,7 +610,14 @@ fn check_writable(root: &Path) -> Result<(), StoreError> {
     }
     let path = cstring(&existing).map_err(|e| StoreError::Unusable(e.to_string()))?;
     // SAFETY: a NUL-terminated path.
-    let rc = unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS) };
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
     if rc != 0 {
         let err = io::Error::last_os_error();
         return unusable(format!("{} is not writable: {err}", existing.display()));
@@ -482,5 +626,6 @@ fn check_writable(root: &Path) -> Result<(), StoreError> {
 }
 
 fn cstring(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }

@@ -33,25 +33,38 @@ pub struct BadDestUrl {
 
 impl DestUrl {
     pub fn parse(text: &str) -> Result<DestUrl, BadDestUrl> {
-        let bad = |why: &str| BadDestUrl { url: text.to_string(), why: why.to_string() };
+        let bad = |why: &str| BadDestUrl {
+            url: text.to_string(),
+            why: why.to_string(),
+        };
         // Checked on the raw text: the URL parser would silently resolve '..' away.
         if text.split('/').any(|segment| segment == "..") {
             return Err(bad("the path may not contain '..'"));
         }
-        let url = url::Url::parse(text).map_err(|e| bad(&format!("{e}; expected file:///ABSOLUTE/PATH")))?;
+        let url = url::Url::parse(text)
+            .map_err(|e| bad(&format!("{e}; expected file:///ABSOLUTE/PATH")))?;
         match url.scheme() {
             "file" => {
-                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                if url
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
                     return Err(bad("a file:// URL names a local path and takes no host: use file:///ABSOLUTE/PATH"));
                 }
                 if url.query().is_some() || url.fragment().is_some() {
                     return Err(bad("a file:// URL takes no ?query or #fragment"));
                 }
-                let path = url.to_file_path().map_err(|_| bad("not a usable local path"))?;
+                let path = url
+                    .to_file_path()
+                    .map_err(|_| bad("not a usable local path"))?;
                 Ok(DestUrl::Local(path))
             }
-            "s3" => Err(bad("S3 destinations are not available in this version; use file:///ABSOLUTE/PATH")),
-            other => Err(bad(&format!("unknown scheme {other:?}; expected file:///ABSOLUTE/PATH"))),
+            "s3" => Err(bad(
+                "S3 destinations are not available in this version; use file:///ABSOLUTE/PATH",
+            )),
+            other => Err(bad(&format!(
+                "unknown scheme {other:?}; expected file:///ABSOLUTE/PATH"
+            ))),
         }
     }
 }
@@ -60,9 +73,17 @@ impl DestUrl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutOutcome {
     /// cutoverfs wrote the object; `sha256` and `size` are of the bytes written.
-    Written { sha256: String, size: u64, etag: Option<String> },
+    Written {
+        sha256: String,
+        size: u64,
+        etag: Option<String>,
+    },
     /// The key already held identical content. `ours` says whether cutoverfs wrote it earlier.
-    AlreadyThere { sha256: String, size: u64, ours: bool },
+    AlreadyThere {
+        sha256: String,
+        size: u64,
+        ours: bool,
+    },
     /// The key holds something else that cutoverfs did not write; nothing was changed.
     Conflict { reason: String },
 }
@@ -90,7 +111,11 @@ pub enum StoreError {
     #[error("cannot read source: {0}")]
     SourceRead(std::io::Error),
     #[error("dest {op} {target}: {source}")]
-    Dest { op: &'static str, target: String, source: std::io::Error },
+    Dest {
+        op: &'static str,
+        target: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Guard(String),
     #[error("dest unusable: {0}")]
@@ -131,7 +156,12 @@ pub trait Store: Send + Sync {
     /// Copies `source` to `key`, hashing in the same pass. The store must check
     /// `OpenedSource::confirm_unchanged` after the last byte was read and before publishing
     /// (DESIGN §4.4), and make ownership provable as `PublishGuard` says.
-    async fn put(&self, key: &str, source: SourceRef, guard: &dyn PublishGuard) -> Result<Stored, StoreError>;
+    async fn put(
+        &self,
+        key: &str,
+        source: SourceRef,
+        guard: &dyn PublishGuard,
+    ) -> Result<Stored, StoreError>;
 
     /// The size of whatever is at `key`, if anything (for dry runs: reads nothing else).
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError>;
@@ -174,8 +204,14 @@ mod tests {
 
     #[test]
     fn file_urls_parse_and_bad_ones_say_why() {
-        assert_eq!(DestUrl::parse("file:///srv/private").unwrap(), DestUrl::Local("/srv/private".into()));
-        assert_eq!(DestUrl::parse("file:///srv/with%20space").unwrap(), DestUrl::Local("/srv/with space".into()));
+        assert_eq!(
+            DestUrl::parse("file:///srv/private").unwrap(),
+            DestUrl::Local("/srv/private".into())
+        );
+        assert_eq!(
+            DestUrl::parse("file:///srv/with%20space").unwrap(),
+            DestUrl::Local("/srv/with space".into())
+        );
         for (bad, says) in [
             ("/srv/private", "expected file:///"),
             ("file://host/srv", "takes no host"),

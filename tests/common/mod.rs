@@ -16,8 +16,17 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// The nine states of DESIGN §3, in the order of the design.
-pub const STATES: [&str; 9] =
-    ["pending", "copying", "copied", "verified", "failed", "missing", "conflict", "unsupported", "deleted"];
+pub const STATES: [&str; 9] = [
+    "pending",
+    "copying",
+    "copied",
+    "verified",
+    "failed",
+    "missing",
+    "conflict",
+    "unsupported",
+    "deleted",
+];
 
 /// How long any single command may run before the test gives up on it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
@@ -29,7 +38,10 @@ pub fn bin() -> &'static str {
 /// A `Command` for the binary with no inherited cutoverfs settings.
 pub fn command() -> Command {
     let mut cmd = Command::new(bin());
-    cmd.env_remove("CUTOVERFS_LOG").env_remove("CUTOVERFS_MANIFEST").env("NO_COLOR", "1").stdin(Stdio::null());
+    cmd.env_remove("CUTOVERFS_LOG")
+        .env_remove("CUTOVERFS_MANIFEST")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -47,12 +59,17 @@ impl Run {
     /// The value of a summary line such as `Successfully copied:      3`.
     pub fn field(&self, label: &str) -> Option<String> {
         let prefix = format!("{label}:");
-        self.stdout.lines().find_map(|line| line.strip_prefix(&prefix).map(|rest| rest.trim().to_string()))
+        self.stdout.lines().find_map(|line| {
+            line.strip_prefix(&prefix)
+                .map(|rest| rest.trim().to_string())
+        })
     }
 
     /// A numeric summary field; panics with the whole output when absent.
     pub fn count(&self, label: &str) -> u64 {
-        let value = self.field(label).unwrap_or_else(|| panic!("no {label:?} line in output\n{self}"));
+        let value = self
+            .field(label)
+            .unwrap_or_else(|| panic!("no {label:?} line in output\n{self}"));
         value
             .split_whitespace()
             .next()
@@ -67,7 +84,10 @@ impl Run {
 
     /// The non-empty lines of stderr.
     pub fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
     }
 }
 
@@ -92,7 +112,11 @@ where
 
 pub fn run_command(cmd: &mut Command) -> Run {
     let started = Instant::now();
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("cannot start cutoverfs");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start cutoverfs");
     wait_capturing(child, started, COMMAND_TIMEOUT)
 }
 
@@ -119,13 +143,20 @@ pub fn wait_capturing(mut child: Child, started: Instant, timeout: Duration) -> 
             let _ = child.wait();
             let stdout = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
             let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
-            panic!("cutoverfs did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+            panic!(
+                "cutoverfs did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     let stdout = String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned();
     let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
-    Run { code: status.code(), stdout, stderr, elapsed: started.elapsed() }
+    Run {
+        code: status.code(),
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// One test's private workspace: `src/` (created), a dest path and a manifest path (not created).
@@ -139,12 +170,21 @@ pub struct Work {
 
 impl Work {
     pub fn new() -> Work {
-        let tmp = tempfile::Builder::new().prefix("cutoverfs-it-").tempdir().expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("cutoverfs-it-")
+            .tempdir()
+            .expect("temp dir");
         // Canonical, so paths compare equal to what cutoverfs records.
         let root = fs::canonicalize(tmp.path()).unwrap();
         let src = root.join("src");
         fs::create_dir(&src).unwrap();
-        Work { dest: root.join("dest"), manifest: root.join("state").join("manifest.db"), src, root, tmp }
+        Work {
+            dest: root.join("dest"),
+            manifest: root.join("state").join("manifest.db"),
+            src,
+            root,
+            tmp,
+        }
     }
 
     pub fn dest_url(&self) -> String {
@@ -193,7 +233,8 @@ impl Work {
 
     /// `cutoverfs <cmd> --manifest M <extra>`: relies on the pair recorded in the manifest.
     pub fn cmd_manifest_only(&self, cmd: &str, extra: &[&str]) -> Run {
-        let mut args: Vec<OsString> = vec![cmd.into(), "--manifest".into(), self.manifest_url().into()];
+        let mut args: Vec<OsString> =
+            vec![cmd.into(), "--manifest".into(), self.manifest_url().into()];
         args.extend(extra.iter().map(OsString::from));
         run(args)
     }
@@ -202,7 +243,8 @@ impl Work {
     pub fn status(&self) -> Value {
         let run = self.cmd_manifest_only("status", &["--json"]);
         run.assert_code(0);
-        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{run}"))
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{run}"))
     }
 }
 
@@ -227,7 +269,8 @@ pub fn write_file(path: &Path, content: &[u8]) -> PathBuf {
 /// Sets a file's access and modification times.
 pub fn set_times(path: &Path, atime: SystemTime, mtime: SystemTime) {
     let file = fs::OpenOptions::new().write(true).open(path).unwrap();
-    file.set_times(fs::FileTimes::new().set_accessed(atime).set_modified(mtime)).unwrap();
+    file.set_times(fs::FileTimes::new().set_accessed(atime).set_modified(mtime))
+        .unwrap();
 }
 
 pub fn set_mode(path: &Path, mode: u32) {
@@ -238,7 +281,13 @@ pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: a NUL-terminated path.
     let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-    assert_eq!(rc, 0, "mkfifo {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -282,9 +331,20 @@ impl XorShift {
 /// What the tests compare about one entry of a tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Dir { mode: u32 },
-    File { sha256: String, size: u64, mode: u32, mtime_ns: i64, uid: u32, gid: u32 },
-    Other { kind: String },
+    Dir {
+        mode: u32,
+    },
+    File {
+        sha256: String,
+        size: u64,
+        mode: u32,
+        mtime_ns: i64,
+        uid: u32,
+        gid: u32,
+    },
+    Other {
+        kind: String,
+    },
 }
 
 /// Every entry below `root` (relative paths), symlinks not followed.
@@ -293,14 +353,18 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+        for entry in
+            fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        {
             let entry = entry.unwrap();
             let rel_child = rel.join(entry.file_name());
             let meta = fs::symlink_metadata(entry.path()).unwrap();
             let ft = meta.file_type();
             let value = if ft.is_dir() {
                 stack.push(rel_child.clone());
-                Entry::Dir { mode: meta.mode() & 0o7777 }
+                Entry::Dir {
+                    mode: meta.mode() & 0o7777,
+                }
             } else if ft.is_file() {
                 let bytes = fs::read(entry.path()).unwrap();
                 Entry::File {
@@ -312,7 +376,9 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
                     gid: meta.gid(),
                 }
             } else {
-                Entry::Other { kind: format!("{ft:?}") }
+                Entry::Other {
+                    kind: format!("{ft:?}"),
+                }
             };
             out.insert(rel_child, value);
         }
@@ -322,7 +388,11 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
 
 /// Only the regular files of a snapshot.
 pub fn files_of(snapshot: &BTreeMap<PathBuf, Entry>) -> BTreeMap<PathBuf, Entry> {
-    snapshot.iter().filter(|(_, e)| matches!(e, Entry::File { .. })).map(|(p, e)| (p.clone(), e.clone())).collect()
+    snapshot
+        .iter()
+        .filter(|(_, e)| matches!(e, Entry::File { .. }))
+        .map(|(p, e)| (p.clone(), e.clone()))
+        .collect()
 }
 
 /// Asserts that every regular file of `src` is at `dest` with the same content, size, mode,
@@ -336,18 +406,27 @@ pub fn assert_trees_equal(src: &Path, dest: &Path) {
         match (entry, b.get(path)) {
             (Entry::Other { .. }, _) => {}
             (_, None) => problems.push(format!("{} is missing at dest", path.display())),
-            (want, Some(got)) if want != got => {
-                problems.push(format!("{}: source {want:?} but dest {got:?}", path.display()))
-            }
+            (want, Some(got)) if want != got => problems.push(format!(
+                "{}: source {want:?} but dest {got:?}",
+                path.display()
+            )),
             _ => {}
         }
     }
     for path in b.keys() {
         if !a.contains_key(path) {
-            problems.push(format!("{} is at dest but not in the source", path.display()));
+            problems.push(format!(
+                "{} is at dest but not in the source",
+                path.display()
+            ));
         }
     }
-    assert!(problems.is_empty(), "trees differ ({} problems):\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "trees differ ({} problems):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
 
 /// Names in `dest` that look like cutoverfs temporary files (".cutoverfs-*").
@@ -373,20 +452,32 @@ pub fn leftover_temp_files(dest: &Path) -> Vec<PathBuf> {
 
 /// The number at `files.<state>` (or `bytes.<state>`) of a `status --json` value.
 pub fn state_count(status: &Value, section: &str, state: &str) -> u64 {
-    status[section][state].as_u64().unwrap_or_else(|| panic!("no number at {section}.{state} in {status:#}"))
+    status[section][state]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {section}.{state} in {status:#}"))
 }
 
 /// Asserts that `status.files` has exactly these non-zero states (all others zero).
 pub fn assert_file_states(status: &Value, expected: &[(&str, u64)]) {
     for state in STATES {
-        let want = expected.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
-        assert_eq!(state_count(status, "files", state), want, "files.{state} in status:\n{status:#}");
+        let want = expected
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(
+            state_count(status, "files", state),
+            want,
+            "files.{state} in status:\n{status:#}"
+        );
     }
 }
 
 /// The problems of a `status --json` value with this path.
 pub fn problem<'a>(status: &'a Value, path: &str) -> Option<&'a Value> {
-    status["problems"].as_array()?.iter().find(|p| p["path"].as_str() == Some(path))
+    status["problems"]
+        .as_array()?
+        .iter()
+        .find(|p| p["path"].as_str() == Some(path))
 }
 
 /// Every file (name and bytes) below `dir`, for "nothing changed" checks.
@@ -417,7 +508,10 @@ pub fn small_tree(work: &Work, count: usize, folders: usize, lo: u64, hi: u64, s
     for i in 0..count {
         let len = rng.range(lo, hi) as usize;
         let rel = format!("f{:02}/s{}/file-{i:05}.bin", i % folders, (i / folders) % 5);
-        work.write(&rel, &pseudo_random(len, seed.wrapping_mul(1_000_003) + i as u64));
+        work.write(
+            &rel,
+            &pseudo_random(len, seed.wrapping_mul(1_000_003) + i as u64),
+        );
         total += len as u64;
     }
     total
