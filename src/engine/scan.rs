@@ -20,6 +20,8 @@ use crate::store::Store;
 
 /// Entries per batch sent from the walk to the recorder.
 const WALK_BATCH: usize = 1000;
+/// Walker threads: directory reads and stats wait on the kernel, so a few more than cores.
+const WALK_THREADS: usize = 4;
 /// Walk batches merged into one manifest transaction at most.
 const RECORD_GROUP: usize = 16;
 
@@ -63,7 +65,7 @@ pub fn start_walk(source: Arc<SourceTree>, store: Arc<dyn Store>) -> Walk {
     let counter = unreadable.clone();
     std::thread::spawn(move || {
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(8)
+            .num_threads(WALK_THREADS)
             .thread_name(|i| format!("scan-{i}"))
             .build();
         let walker = Walker {
@@ -243,6 +245,7 @@ pub async fn scan_into_manifest(
 ) -> Result<ScanStats, ScanError> {
     let started = Instant::now();
     let scan_id = manifest.next_scan_id().await?;
+    let first_scan = manifest.is_empty().await?;
     let mut walk = start_walk(source.clone(), store);
     let mut stats = ScanStats::default();
     let mut stop = stop.clone();
@@ -257,7 +260,7 @@ pub async fn scan_into_manifest(
             break;
         }
         let batch: Vec<Scanned> = received.drain(..).flatten().collect();
-        record_batch(manifest, scan_id, &batch, &mut stats).await?;
+        record_batch(manifest, scan_id, &batch, first_scan, &mut stats).await?;
     }
     stats.unreadable_dirs = walk.unreadable_dirs.load(Ordering::Relaxed);
     stats.missing = mark_vanished(manifest, &source, scan_id).await?;
@@ -278,12 +281,15 @@ async fn record_batch(
     manifest: &Manifest,
     scan_id: i64,
     batch: &[Scanned],
+    first_scan: bool,
     stats: &mut ScanStats,
 ) -> Result<(), ScanError> {
     let paths: Vec<&str> = batch.iter().map(|s| s.path.as_str()).collect();
-    let t0 = Instant::now();
-    let recorded = manifest.recorded(&paths).await?;
-    let t1 = t0.elapsed();
+    let recorded = if first_scan {
+        Default::default()
+    } else {
+        manifest.recorded(&paths).await?
+    };
     let mut changes = Vec::new();
     for scanned in batch {
         count(stats, scanned);
@@ -308,12 +314,6 @@ async fn record_batch(
         .filter(|p| recorded.contains_key(*p))
         .collect();
     manifest.record_scan(scan_id, &seen, &changes).await?;
-    tracing::debug!(
-        select_us = t1.as_micros() as u64,
-        write_us = (t0.elapsed() - t1).as_micros() as u64,
-        n = batch.len(),
-        "scan batch"
-    );
     Ok(())
 }
 

@@ -408,6 +408,14 @@ impl Manifest {
         }
     }
 
+    /// Whether the manifest has no entries yet (a first scan need not look anything up).
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM entries LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .is_none())
+    }
+
     /// A new scan number; rows a scan does not see keep an older one.
     pub async fn next_scan_id(&self) -> Result<i64> {
         let last: i64 = self
@@ -622,7 +630,7 @@ impl Manifest {
         let done = sqlx::query(
             "UPDATE entries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, \
              attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, version = version + 1, updated_at = $1 \
-             WHERE lease_owner = $2 AND state = 'copying'",
+             WHERE lease_owner = $2 AND lease_owner IS NOT NULL AND state = 'copying'",
         )
         .bind(now_ms())
         .bind(owner)
@@ -746,7 +754,8 @@ impl Manifest {
     /// The files last handled in a batch, with their current state.
     pub async fn batch_files(&self, id: i64) -> Result<Vec<Problem>> {
         let rows = sqlx::query(
-            "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries WHERE batch_id = $1 ORDER BY path",
+            "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries \
+             WHERE batch_id = $1 AND batch_id IS NOT NULL ORDER BY path",
         )
         .bind(id)
         .fetch_all(&self.pool)

@@ -40,8 +40,10 @@ CREATE TABLE entries (
 );
 
 CREATE INDEX entries_by_state ON entries (state, path);
-CREATE INDEX entries_by_batch ON entries (batch_id);
-CREATE INDEX entries_by_lease ON entries (lease_owner);
+-- Partial: most rows have no batch or lease, and a scan of a million files should not pay
+-- for indexing NULLs.
+CREATE INDEX entries_by_batch ON entries (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX entries_by_lease ON entries (lease_owner) WHERE lease_owner IS NOT NULL;
 
 CREATE TABLE batches (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
