@@ -124,7 +124,7 @@ pub struct OpenedSource {
     path: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("source changed while it was copied ({0})")]
 pub struct SourceChanged(pub &'static str);
 

@@ -65,7 +65,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let sweep_args = SweepArgs {
         target: target.clone(),
         scope: Scope::default(),
-        concurrency: 16,
+        concurrency: 256,
         batch_size: 100,
         max_retries: 3,
         retry_delay: Duration::from_secs(1),

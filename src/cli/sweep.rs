@@ -20,7 +20,7 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub scope: Scope,
     /// Files in flight at once (reads, writes and syncs overlap across them).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub concurrency: u32,
     /// Files per recorded batch.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -18,7 +18,7 @@ use super::filter::PathFilter;
 use super::progress::Progress;
 use crate::manifest::{now_ms, BatchTally, Claimed, FileUpdate, Manifest, ManifestError};
 use crate::source::SourceTree;
-use crate::store::{PublishGuard, PutOutcome, SourceRef, Store, StoreError};
+use crate::store::{PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored};
 
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
@@ -126,8 +126,10 @@ pub async fn run_sweep(
                 async move {
                     let tally = Arc::new(TallyCounters::default());
                     let mut files = files;
-                    while let Some(outcome) = files.join_next().await {
-                        tally.add(outcome.unwrap_or(Outcome::Abandoned));
+                    while let Some(outcomes) = files.join_next().await {
+                        for outcome in outcomes.unwrap_or_default() {
+                            tally.add(outcome);
+                        }
                     }
                     let tally = tally.snapshot();
                     let status = if *stop.borrow() {
@@ -185,43 +187,60 @@ impl SweepReport {
     }
 }
 
-/// Starts a task per file, each once a slot among `--concurrency` is free. Files not started
-/// because the run is stopping stay leased and are released when the sweep ends.
+/// Files per group handed to the store at once, and bytes at most (a large file goes alone).
+/// Groups are a slice of `--concurrency`, so several are in flight and the store's I/O threads,
+/// syncs and manifest writes overlap.
+const GROUP_FILES: usize = 64;
+const GROUP_BYTES: u64 = 32 << 20;
+const GROUPS_IN_FLIGHT: usize = 8;
+
+/// Splits a batch into groups and starts a task per group once enough of the `--concurrency`
+/// slots are free. Files not started because the run is stopping stay leased and are released
+/// when the sweep ends.
 async fn dispatch_batch(
     claimed: Vec<Claimed>,
     shared: &Arc<Shared>,
     in_flight: &Arc<Semaphore>,
-) -> JoinSet<Outcome> {
-    let mut files = JoinSet::new();
-    for file in claimed {
-        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+) -> JoinSet<Vec<Outcome>> {
+    let mut groups = JoinSet::new();
+    let group_files = (shared.opts.concurrency / GROUPS_IN_FLIGHT).clamp(1, GROUP_FILES);
+    let mut group: Vec<Claimed> = Vec::new();
+    let mut group_bytes = 0;
+    let mut claimed = claimed.into_iter().peekable();
+    while let Some(file) = claimed.next() {
+        group_bytes += file.size;
+        group.push(file);
+        let full = group.len() >= group_files
+            || group_bytes >= GROUP_BYTES
+            || claimed
+                .peek()
+                .is_none_or(|next| group_bytes + next.size > GROUP_BYTES);
+        if !full {
+            continue;
+        }
+        let files = std::mem::take(&mut group);
+        group_bytes = 0;
+        let Ok(slots) = in_flight
+            .clone()
+            .acquire_many_owned(files.len() as u32)
+            .await
+        else {
             break;
         };
         if *shared.stop.borrow() {
             break;
         }
         let shared = shared.clone();
-        let span = tracing::info_span!("copy", path = %file.path, attempt = file.attempts);
-        files.spawn(
+        groups.spawn(
             async move {
-                let size = file.size;
-                let outcome = copy_one(file, &shared).await;
-                drop(slot);
-                if outcome != Outcome::Abandoned {
-                    shared
-                        .progress
-                        .file_done(if let Outcome::Copied(bytes) = outcome {
-                            bytes
-                        } else {
-                            size
-                        });
-                }
-                outcome
+                let outcomes = copy_group(files, &shared).await;
+                drop(slots);
+                outcomes
             }
-            .instrument(span),
+            .instrument(tracing::info_span!("group")),
         );
     }
-    files
+    groups
 }
 
 /// Claims up to one batch of in-scope files, opening a batch record for them.
@@ -290,112 +309,126 @@ async fn wait_for_more_work(
     Ok(true)
 }
 
-async fn copy_one(file: Claimed, shared: &Shared) -> Outcome {
-    let (recorder, opts) = (&shared.recorder, &shared.opts);
-    let path = file.path.clone();
-    let owner = opts.node.clone();
-    let (update, outcome) =
-        match attempt_copy(&file, &shared.source, &shared.store, recorder, &owner).await {
-            Ok(done) => done,
-            Err(error) => {
-                let retry_at = (file.attempts <= opts.max_retries).then(|| {
-                    let backoff = opts
-                        .retry_delay
-                        .saturating_mul(1 << (file.attempts.saturating_sub(1)).min(16));
-                    now_ms() + backoff.as_millis() as i64
+/// Copies a group of files through the store and records every outcome in one go.
+async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
+    let owner = shared.opts.node.as_str();
+    let mut results: Vec<Option<(FileUpdate, Outcome)>> = vec![None; files.len()];
+    let mut requests = Vec::with_capacity(files.len());
+    let mut requested = Vec::with_capacity(files.len());
+    for (i, file) in files.iter().enumerate() {
+        match shared.store.key_for(&file.path) {
+            Ok(key) => {
+                let source = SourceRef {
+                    tree: shared.source.clone(),
+                    rel: file.path.clone(),
+                };
+                requests.push(PutRequest {
+                    key,
+                    source,
+                    owned_sha256: file.owned_sha256.clone(),
                 });
-                match retry_at {
-                    Some(_) => tracing::warn!(error = %error, "copy failed; will retry"),
-                    None => tracing::error!(error = %error, "copy failed; no retries left"),
-                }
-                (
-                    FileUpdate::Failed {
-                        path,
-                        owner,
-                        error: error.to_string(),
-                        retry_at,
-                    },
-                    Outcome::Failed,
-                )
+                requested.push(i);
             }
-        };
-    match recorder.apply(update).await {
-        Ok(true) => outcome,
-        Ok(false) => {
-            tracing::warn!(
-                "lease lost before the outcome was recorded; another node owns this file now"
-            );
-            Outcome::Abandoned
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record copy outcome; the lease will expire and the file be retried");
-            Outcome::Abandoned
+            Err(reason) => {
+                let update = FileUpdate::Unsupported {
+                    path: file.path.clone(),
+                    owner: owner.to_string(),
+                    reason,
+                };
+                results[i] = Some((update, Outcome::Unsupported));
+            }
         }
     }
+    let keys: Vec<String> = requests.iter().map(|r| r.key.clone()).collect();
+    let guard = GroupGuard {
+        recorder: &shared.recorder,
+        owner,
+        paths: requested.iter().map(|i| files[*i].path.clone()).collect(),
+    };
+    let stored = shared.store.put_many(requests, &guard).await;
+    for ((i, key), result) in requested.into_iter().zip(keys).zip(stored) {
+        results[i] = Some(outcome_of(&files[i], key, result, &shared.opts));
+    }
+    let (updates, outcomes): (Vec<FileUpdate>, Vec<Outcome>) =
+        results.into_iter().flatten().unzip();
+    let applied = match shared.recorder.apply_many(updates).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record copy outcomes; the leases will expire and the files be retried");
+            vec![false; outcomes.len()]
+        }
+    };
+    files
+        .iter()
+        .zip(outcomes)
+        .zip(applied)
+        .map(|((file, outcome), applied)| {
+            let outcome = if applied {
+                outcome
+            } else {
+                tracing::warn!(path = %file.path, "lease lost before the outcome was recorded; another node owns this file now");
+                Outcome::Abandoned
+            };
+            if outcome != Outcome::Abandoned {
+                shared.progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { file.size });
+            }
+            outcome
+        })
+        .collect()
 }
 
-/// One copy attempt; Err is a failure worth retrying.
-async fn attempt_copy(
+/// The manifest update and tally outcome for one file's put.
+fn outcome_of(
     file: &Claimed,
-    source: &Arc<SourceTree>,
-    store: &Arc<dyn Store>,
-    recorder: &Recorder,
-    owner: &str,
-) -> Result<(FileUpdate, Outcome), StoreError> {
-    let (path, owner_s) = (file.path.clone(), owner.to_string());
-    let key = match store.key_for(&file.path) {
-        Ok(key) => key,
-        Err(reason) => {
-            return Ok((
-                FileUpdate::Unsupported {
-                    path,
-                    owner: owner_s,
-                    reason,
-                },
-                Outcome::Unsupported,
-            ))
-        }
-    };
-    let guard = Guard {
-        recorder,
-        path: &file.path,
-        owner,
-        owned: &file.owned_sha256,
-    };
-    let source_ref = SourceRef {
-        tree: source.clone(),
-        rel: file.path.clone(),
-    };
-    let stored = match store.put(&key, source_ref, &guard).await {
+    key: String,
+    result: Result<Stored, StoreError>,
+    opts: &SweepOptions,
+) -> (FileUpdate, Outcome) {
+    let (path, owner) = (file.path.clone(), opts.node.clone());
+    let _span = tracing::info_span!("copy", path = %file.path, attempt = file.attempts).entered();
+    let stored = match result {
         Ok(stored) => stored,
         Err(StoreError::SourceMissing) => {
-            return Ok((
-                FileUpdate::Missing {
-                    path,
-                    owner: owner_s,
-                },
-                Outcome::Missing,
-            ))
+            return (FileUpdate::Missing { path, owner }, Outcome::Missing)
         }
-        Err(e) => return Err(e),
+        Err(error) => {
+            let retry_at = (file.attempts <= opts.max_retries).then(|| {
+                let backoff = opts
+                    .retry_delay
+                    .saturating_mul(1 << file.attempts.saturating_sub(1).min(16));
+                now_ms() + backoff.as_millis() as i64
+            });
+            match retry_at {
+                Some(_) => tracing::warn!(error = %error, "copy failed; will retry"),
+                None => tracing::error!(error = %error, "copy failed; no retries left"),
+            }
+            return (
+                FileUpdate::Failed {
+                    path,
+                    owner,
+                    error: error.to_string(),
+                    retry_at,
+                },
+                Outcome::Failed,
+            );
+        }
     };
     let seen = stored.source;
-    let mime = mime_guess::from_path(&file.path)
-        .first_raw()
-        .map(str::to_string);
     let verified =
         |sha256: String, written_by_us: bool, etag: Option<String>| FileUpdate::Verified {
             path: path.clone(),
-            owner: owner_s.clone(),
+            owner: owner.clone(),
             sha256,
             size: seen.size,
             mtime_ns: seen.mtime_ns,
-            mime: mime.clone(),
+            mime: mime_guess::from_path(&file.path)
+                .first_raw()
+                .map(str::to_string),
             dest_key: key.clone(),
             dest_etag: etag,
             written_by_us,
         };
-    Ok(match stored.outcome {
+    match stored.outcome {
         PutOutcome::Written { sha256, size, etag } => {
             tracing::debug!(bytes = size, "copied and verified");
             (verified(sha256, true, etag), Outcome::Copied(size))
@@ -408,48 +441,43 @@ async fn attempt_copy(
             tracing::warn!(reason = %reason, "conflict: dest holds another object; left untouched");
             (
                 FileUpdate::Conflict {
-                    path: path.clone(),
-                    owner: owner_s.clone(),
+                    path,
+                    owner,
                     reason,
                 },
                 Outcome::Conflict,
             )
         }
-    })
+    }
 }
 
-struct Guard<'a> {
+/// Ownership answers for one group: our manifest's id, and intents recorded through the
+/// recorder against each file's lease.
+struct GroupGuard<'a> {
     recorder: &'a Recorder,
-    path: &'a str,
     owner: &'a str,
-    owned: &'a [String],
+    paths: Vec<String>,
 }
 
 #[async_trait]
-impl PublishGuard for Guard<'_> {
+impl PublishGuard for GroupGuard<'_> {
     fn writer_id(&self) -> String {
         self.recorder.manifest_id.clone()
     }
 
-    async fn before_publish(&self, sha256: &str) -> Result<(), StoreError> {
-        let intent = FileUpdate::Intent {
-            path: self.path.to_string(),
-            owner: self.owner.to_string(),
-            sha256: sha256.to_string(),
-        };
-        match self.recorder.apply(intent).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(StoreError::Guard(
-                "lease lost before publishing; not published".into(),
-            )),
-            Err(e) => Err(StoreError::Guard(format!(
-                "cannot record intent in the manifest: {e}"
-            ))),
-        }
-    }
-
-    fn owned_sha256(&self) -> Vec<String> {
-        self.owned.to_vec()
+    async fn before_publish(&self, intents: &[(usize, String)]) -> Result<Vec<bool>, StoreError> {
+        let updates = intents
+            .iter()
+            .map(|(i, sha256)| FileUpdate::Intent {
+                path: self.paths[*i].clone(),
+                owner: self.owner.to_string(),
+                sha256: sha256.clone(),
+            })
+            .collect();
+        self.recorder
+            .apply_many(updates)
+            .await
+            .map_err(|e| StoreError::Guard(format!("cannot record intent in the manifest: {e}")))
     }
 }
 
@@ -498,26 +526,30 @@ impl TallyCounters {
 /// Commits copy outcomes in groups: whatever has queued up while the previous group committed.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<(FileUpdate, oneshot::Sender<Result<bool, String>>)>,
+    tx: mpsc::Sender<RecorderJob>,
     manifest_id: String,
 }
 
-const RECORDER_GROUP: usize = 512;
+type RecorderJob = (Vec<FileUpdate>, oneshot::Sender<Result<Vec<bool>, String>>);
+
+/// Jobs merged into one transaction at most.
+const RECORDER_GROUP: usize = 64;
 
 impl Recorder {
     pub fn start(manifest: Manifest) -> Recorder {
         let manifest_id = manifest.id().to_string();
-        let (tx, mut rx) = mpsc::channel::<(FileUpdate, oneshot::Sender<Result<bool, String>>)>(
-            RECORDER_GROUP * 2,
-        );
+        let (tx, mut rx) = mpsc::channel::<RecorderJob>(RECORDER_GROUP * 2);
         tokio::spawn(async move {
-            let mut group = Vec::with_capacity(RECORDER_GROUP);
-            while rx.recv_many(&mut group, RECORDER_GROUP).await > 0 {
-                let (updates, replies): (Vec<_>, Vec<_>) = group.drain(..).unzip();
+            let mut jobs = Vec::with_capacity(RECORDER_GROUP);
+            while rx.recv_many(&mut jobs, RECORDER_GROUP).await > 0 {
+                let sizes: Vec<usize> = jobs.iter().map(|(updates, _)| updates.len()).collect();
+                let (updates, replies): (Vec<Vec<FileUpdate>>, Vec<_>) = jobs.drain(..).unzip();
+                let updates: Vec<FileUpdate> = updates.into_iter().flatten().collect();
                 match manifest.apply(&updates).await {
                     Ok(applied) => {
-                        for (reply, ok) in replies.into_iter().zip(applied) {
-                            let _ = reply.send(Ok(ok));
+                        let mut applied = applied.into_iter();
+                        for (reply, size) in replies.into_iter().zip(sizes) {
+                            let _ = reply.send(Ok(applied.by_ref().take(size).collect()));
                         }
                     }
                     Err(e) => {
@@ -531,10 +563,14 @@ impl Recorder {
         Recorder { tx, manifest_id }
     }
 
-    pub async fn apply(&self, update: FileUpdate) -> Result<bool, String> {
+    /// Records the updates; answers per update whether its lease still held.
+    pub async fn apply_many(&self, updates: Vec<FileUpdate>) -> Result<Vec<bool>, String> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((update, reply))
+            .send((updates, reply))
             .await
             .map_err(|_| "manifest recorder stopped".to_string())?;
         answer

@@ -245,26 +245,15 @@ impl Manifest {
             location: location.clone(),
             source,
         })?;
+        // Two processes creating the same manifest at once would both migrate.
+        let lock =
+            schema_lock(path, libc::LOCK_EX)
+                .await
+                .map_err(|source| ManifestError::Open {
+                    location: location.clone(),
+                    source,
+                })?;
         let manifest = Self::connect(url, false).await?;
-        // Two processes creating the same manifest at once would both migrate; SQLite has no
-        // migration lock of its own, so an flock on the file serialises them.
-        let lock = std::fs::File::open(path).map_err(|source| ManifestError::Open {
-            location: location.clone(),
-            source,
-        })?;
-        let lock = tokio::task::spawn_blocking(move || {
-            // SAFETY: flock on a descriptor we own; SQLite's own locks are fcntl locks and do not interact.
-            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-            (rc == 0)
-                .then_some(lock)
-                .ok_or_else(std::io::Error::last_os_error)
-        })
-        .await
-        .map_err(|e| ManifestError::Corrupt(e.to_string()))?
-        .map_err(|source| ManifestError::Open {
-            location: location.clone(),
-            source,
-        })?;
         let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
             .run(&manifest.pool)
             .await;
@@ -291,6 +280,14 @@ impl Manifest {
             Ok(meta) if meta.len() > 0 => {}
             _ => return Ok(None),
         }
+        // Wait for a process that is creating this manifest right now to finish its schema.
+        let _schema_checked =
+            schema_lock(path, libc::LOCK_SH)
+                .await
+                .map_err(|source| ManifestError::Open {
+                    location: url.to_string(),
+                    source,
+                })?;
         let manifest = Self::connect(url, false).await?;
         let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
         let applied: i64 =
@@ -334,6 +331,10 @@ impl Manifest {
                     }
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA busy_timeout = 30000").await?;
+                    // A million rows with their indexes are a few hundred MiB: keep the hot part
+                    // in memory instead of re-reading pages through syscalls.
+                    conn.execute("PRAGMA cache_size = -131072").await?;
+                    conn.execute("PRAGMA temp_store = MEMORY").await?;
                     Ok(())
                 })
             })
@@ -822,6 +823,29 @@ impl Manifest {
         let (files, bytes, ms): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         Ok((ms > 0 && files > 0).then(|| (files as u64, bytes as u64, ms as f64 / 1000.0)))
     }
+}
+
+/// An flock around schema work (`LOCK_EX`) and schema checks (`LOCK_SH`): SQLite has no
+/// migration lock of its own. It is taken on the manifest's directory, never on the database
+/// file: closing any descriptor of that file would drop the fcntl locks SQLite holds on it.
+/// The lock lasts as long as the returned directory handle is open.
+async fn schema_lock(path: &Path, kind: libc::c_int) -> std::io::Result<std::fs::File> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file = std::fs::File::open(dir)?;
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), kind) };
+        if rc == 0 {
+            Ok(file)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 fn random_id() -> String {

@@ -9,6 +9,11 @@
 //! point leaves either nothing or the whole file at the key, and no temporary name behind. Where
 //! `O_TMPFILE` is unsupported, a dot-named temporary file and `renameat2(RENAME_NOREPLACE)` give
 //! the same guarantees (a crash may leave the temporary).
+//!
+//! Files come in groups (`put_many`): one I/O thread stages a whole group, one sync covers it,
+//! one thread links it, one more sync covers the names. Large files are copied inside the kernel
+//! (`copy_file_range`) and hashed from the written file itself, so the SHA-256 recorded is that
+//! of the bytes that landed at the dest; small files are read once, hashed and written.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -18,19 +23,25 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::durable::SyncGroup;
-use super::{canonical_path, PublishGuard, PutOutcome, SourceRef, Store, StoreError, Stored};
+use super::{
+    canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
+};
 use crate::source::OpenedSource;
 
 /// The extended attribute that marks a file as written by cutoverfs for one manifest.
 const OWNER_XATTR: &str = "user.cutoverfs";
 
-/// Bytes between two requests to start write-back, so the final fsync has little left to do.
+/// Bytes between two requests to start write-back, so the final sync has little left to do.
 const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// From this size on, data is copied inside the kernel and hashed from the written file.
+const IN_KERNEL_COPY_MIN: u64 = 1 << 20;
 
 pub struct LocalStore {
     root: PathBuf,
@@ -44,12 +55,86 @@ pub struct LocalStore {
 const IO_THREADS: usize = 8;
 
 impl LocalStore {
+    /// Stages, syncs, links and syncs a group of files; an Err is a failure of the whole group.
+    async fn put_group(
+        &self,
+        requests: Vec<PutRequest>,
+        guard: &dyn PublishGuard,
+    ) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
+        let (root, writer, root_dev) = (self.root.clone(), guard.writer_id(), self.sync_group()?.1);
+        let owned: Vec<Vec<String>> = requests.iter().map(|r| r.owned_sha256.clone()).collect();
+        let targets: Vec<PathBuf> = requests.iter().map(|r| self.target(&r.key)).collect();
+        let mut staged: Vec<Result<Staged, StoreError>> = self
+            .io(move || {
+                let stage_each = requests.iter().zip(&targets);
+                Ok(stage_each
+                    .map(|(req, target)| stage(&root, target, &req.source, &writer, root_dev))
+                    .collect())
+            })
+            .await?;
+        self.record_intents(&mut staged, guard).await?;
+        if staged.iter().any(Result::is_ok) {
+            self.sync().await?;
+        }
+        let writer = guard.writer_id();
+        let published: Vec<Result<(PutOutcome, Staged), StoreError>> = self
+            .io(move || {
+                let publish_each = staged.into_iter().zip(owned);
+                Ok(publish_each
+                    .map(|(staged, owned)| staged.and_then(|s| publish(s, &owned, &writer)))
+                    .collect())
+            })
+            .await?;
+        if published
+            .iter()
+            .any(|p| matches!(p, Ok((PutOutcome::Written { .. }, _))))
+        {
+            self.sync().await?;
+        }
+        Ok(published
+            .into_iter()
+            .map(|p| {
+                p.map(|(outcome, staged)| Stored {
+                    outcome,
+                    source: staged.source,
+                })
+            })
+            .collect())
+    }
+
+    /// Files the file system could not mark get their hash recorded in the manifest before they
+    /// are published; a file whose lease is gone is not published at all.
+    async fn record_intents(
+        &self,
+        staged: &mut [Result<Staged, StoreError>],
+        guard: &dyn PublishGuard,
+    ) -> Result<(), StoreError> {
+        let intents: Vec<(usize, String)> = staged
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.as_ref()
+                    .ok()
+                    .filter(|s| !s.marked)
+                    .map(|s| (i, s.sha256.clone()))
+            })
+            .collect();
+        if intents.is_empty() {
+            return Ok(());
+        }
+        let allowed = guard.before_publish(&intents).await?;
+        for ((i, _), ok) in intents.iter().zip(allowed) {
+            if !ok {
+                staged[*i] = Err(StoreError::Guard(
+                    "lease lost before publishing; not published".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn new(root: &Path) -> Result<LocalStore, StoreError> {
-        let root = canonical_path(root).map_err(|source| StoreError::Dest {
-            op: "resolve",
-            target: root.display().to_string(),
-            source,
-        })?;
+        let root = canonical_path(root).map_err(dest_err("resolve", root))?;
         Ok(LocalStore {
             root,
             sync: std::sync::OnceLock::new(),
@@ -80,23 +165,10 @@ impl LocalStore {
         blocking(work).await
     }
 
-    /// Makes what was written durable: with the group sync when `dev` is the dest's file
-    /// system, else by fsyncing `file` and, if given, the directory of `linked_at`.
-    async fn make_durable(
-        &self,
-        dev: u64,
-        file: &File,
-        linked_at: Option<&Path>,
-    ) -> Result<(), StoreError> {
-        let (group, root_dev) = self.sync_group()?;
-        if dev == *root_dev {
-            return group.wait().await.map_err(dest_err("sync", &self.root));
-        }
-        file.sync_all().map_err(dest_err("fsync", &self.root))?;
-        match linked_at {
-            Some(path) => fsync_parent(path).map_err(dest_err("fsync directory of", path)),
-            None => Ok(()),
-        }
+    /// Waits for a group sync of the dest's file system.
+    async fn sync(&self) -> Result<(), StoreError> {
+        let (group, _) = self.sync_group()?;
+        group.wait().await.map_err(dest_err("sync", &self.root))
     }
 
     pub fn root(&self) -> &Path {
@@ -135,54 +207,22 @@ impl Store for LocalStore {
                 .map_err(|source| StoreError::Dest {
                     op: "create",
                     target: root.display().to_string(),
-                    source,
+                    source: Arc::new(source),
                 })
         })
         .await
     }
 
-    async fn put(
+    async fn put_many(
         &self,
-        key: &str,
-        source: SourceRef,
+        requests: Vec<PutRequest>,
         guard: &dyn PublishGuard,
-    ) -> Result<Stored, StoreError> {
-        let root = self.root.clone();
-        let target = self.target(key);
-        let writer = guard.writer_id();
-        let staged = self
-            .io(move || {
-                let opened = source
-                    .tree
-                    .open_file(&source.rel)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::NotFound => StoreError::SourceMissing,
-                        _ => StoreError::SourceRead(e),
-                    })?;
-                stage(&root, &target, opened, &writer)
-            })
-            .await?;
-        if !staged.marked {
-            guard.before_publish(&staged.sha256).await?;
+    ) -> Vec<Result<Stored, StoreError>> {
+        let count = requests.len();
+        match self.put_group(requests, guard).await {
+            Ok(results) => results,
+            Err(e) => vec![Err(e); count],
         }
-        let dev = staged
-            .file
-            .metadata()
-            .map_err(dest_err("stat", &staged.target))?
-            .dev();
-        self.make_durable(dev, &staged.file, None).await?;
-        let owned = guard.owned_sha256();
-        let writer = guard.writer_id();
-        let source_attrs = staged.source;
-        let (outcome, staged) = self.io(move || publish(staged, &owned, &writer)).await?;
-        if matches!(outcome, PutOutcome::Written { .. }) {
-            self.make_durable(dev, &staged.file, Some(&staged.target))
-                .await?;
-        }
-        Ok(Stored {
-            outcome,
-            source: source_attrs,
-        })
     }
 
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
@@ -192,7 +232,7 @@ impl Store for LocalStore {
             Err(source) => Err(StoreError::Dest {
                 op: "stat",
                 target: key.to_string(),
-                source,
+                source: Arc::new(source),
             }),
         }
     }
@@ -201,10 +241,10 @@ impl Store for LocalStore {
         let root = self.root.clone();
         let dir = self.target(rel);
         blocking(move || {
-            let err = |source| StoreError::Dest {
+            let err = |source: io::Error| StoreError::Dest {
                 op: "mkdir",
                 target: dir.display().to_string(),
-                source,
+                source: Arc::new(source),
             };
             create_dirs(&root, &dir).map_err(err)?;
             std::fs::set_permissions(
@@ -236,6 +276,8 @@ struct Staged {
     /// Whether the file carries the ownership mark.
     marked: bool,
     source: crate::source::Attrs,
+    /// On another file system than the dest root: synced file by file.
+    other_fs: bool,
 }
 
 impl Drop for Staged {
@@ -250,16 +292,27 @@ fn dest_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> S
     move |source| StoreError::Dest {
         op,
         target: path.display().to_string(),
-        source,
+        source: Arc::new(source),
     }
 }
 
+/// Copies one source file into an unnamed file beside its target, with its attributes and our
+/// mark. On a file system other than the dest root's, it is fsynced here (the group sync does
+/// not cover it).
 fn stage(
     root: &Path,
     target: &Path,
-    source: OpenedSource,
+    source: &SourceRef,
     writer: &str,
+    root_dev: u64,
 ) -> Result<Staged, StoreError> {
+    let opened = source
+        .tree
+        .open_file(&source.rel)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::SourceMissing,
+            _ => StoreError::SourceRead(Arc::new(e)),
+        })?;
     let dir = target.parent().unwrap_or(root);
     create_dirs(root, dir).map_err(dest_err("mkdir", dir))?;
     let (mut file, temp_name) = open_temp(dir, target).map_err(dest_err("create temp in", dir))?;
@@ -270,12 +323,21 @@ fn stage(
         sha256: String::new(),
         size: 0,
         marked: false,
-        source: source.before,
+        source: opened.before,
+        other_fs: false,
     };
-    let (sha256, size) = copy_hashing(&source, &mut file, target)?;
-    source.confirm_unchanged()?;
-    apply_attrs(&file, &source.before).map_err(dest_err("set attributes on", target))?;
+    let (sha256, size) = if opened.before.size >= IN_KERNEL_COPY_MIN {
+        copy_in_kernel(&opened, &mut file, target)?
+    } else {
+        copy_hashing(&opened, &mut file, target)?
+    };
+    opened.confirm_unchanged()?;
+    apply_attrs(&file, &opened.before).map_err(dest_err("set attributes on", target))?;
     staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", target))?;
+    staged.other_fs = file.metadata().map_err(dest_err("stat", target))?.dev() != root_dev;
+    if staged.other_fs {
+        file.sync_all().map_err(dest_err("fsync", target))?;
+    }
     staged.sha256 = sha256;
     staged.size = size;
     Ok(staged)
@@ -324,6 +386,7 @@ fn owner_mark(path: &Path) -> Option<String> {
 
 fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
     let tmpfile = OpenOptions::new()
+        .read(true)
         .write(true)
         .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
         .mode(0o600)
@@ -348,6 +411,7 @@ fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
                 name.chars().take(64).collect::<String>()
             ));
             let file = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
@@ -374,7 +438,7 @@ fn copy_hashing(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(StoreError::SourceRead(e)),
+            Err(e) => return Err(StoreError::SourceRead(Arc::new(e))),
         };
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
@@ -384,6 +448,60 @@ fn copy_hashing(
             start_writeback(out, flushed_to, written - flushed_to);
             flushed_to = written;
         }
+    }
+    Ok((hex::encode(hasher.finalize()), written))
+}
+
+/// Copies with `copy_file_range` (no pass through user space), starting write-back as it goes,
+/// then hashes the written file through a read-only mapping: the SHA-256 is that of the bytes
+/// now in the dest file. The mapping is safe because nobody else can reach the unnamed file.
+fn copy_in_kernel(
+    source: &OpenedSource,
+    out: &mut File,
+    target: &Path,
+) -> Result<(String, u64), StoreError> {
+    let mut written: u64 = 0;
+    loop {
+        // SAFETY: two descriptors we own; null offsets use and advance the file positions.
+        let n = unsafe {
+            libc::copy_file_range(
+                source.file.as_raw_fd(),
+                std::ptr::null_mut(),
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                64 << 20,
+                0,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                start_writeback(out, written, n as u64);
+                written += n as u64;
+            }
+            _ => {
+                let err = io::Error::last_os_error();
+                let unsupported = matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                );
+                if unsupported && written == 0 {
+                    return copy_hashing(source, out, target);
+                }
+                return Err(dest_err("copy to", target)(err));
+            }
+        }
+    }
+    if written == 0 {
+        return Ok((hex::encode(Sha256::digest([])), 0));
+    }
+    // SAFETY: a read-only shared mapping of our own unnamed file, which nothing else can truncate.
+    let map = unsafe { memmap2::MmapOptions::new().len(written as usize).map(&*out) }
+        .map_err(dest_err("map", target))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let mut hasher = Sha256::new();
+    for chunk in map.chunks(8 << 20) {
+        hasher.update(chunk);
     }
     Ok((hex::encode(hasher.finalize()), written))
 }
@@ -435,6 +553,9 @@ fn publish(
     let target = staged.target.clone();
     match link_no_replace(&staged.file, staged.temp_name.as_deref(), &target) {
         Ok(()) => {
+            if staged.other_fs {
+                fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+            }
             let written = PutOutcome::Written {
                 sha256: staged.sha256.clone(),
                 size: staged.size,
@@ -475,6 +596,9 @@ fn publish(
         return Ok((PutOutcome::Conflict { reason }, staged));
     }
     replace_own_object(&staged, &target)?;
+    if staged.other_fs {
+        fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+    }
     Ok((
         PutOutcome::Written {
             sha256: staged.sha256.clone(),

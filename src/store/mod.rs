@@ -102,24 +102,33 @@ pub struct Stored {
     pub source: Attrs,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("source file vanished")]
     SourceMissing,
     #[error(transparent)]
     SourceChanged(#[from] SourceChanged),
     #[error("cannot read source: {0}")]
-    SourceRead(std::io::Error),
+    SourceRead(Arc<std::io::Error>),
     #[error("dest {op} {target}: {source}")]
     Dest {
         op: &'static str,
         target: String,
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
     #[error("{0}")]
     Guard(String),
     #[error("dest unusable: {0}")]
     Unusable(String),
+}
+
+/// One file to put, with the hashes of objects cutoverfs wrote at its key before (an existing
+/// object with another hash is not ours and is never replaced).
+#[derive(Debug, Clone)]
+pub struct PutRequest {
+    pub key: String,
+    pub source: SourceRef,
+    pub owned_sha256: Vec<String>,
 }
 
 /// What a store asks of the caller about ownership, so it never needs the manifest.
@@ -131,12 +140,9 @@ pub enum StoreError {
 pub trait PublishGuard: Send + Sync {
     /// A stable id of the manifest on whose behalf objects are written.
     fn writer_id(&self) -> String;
-    /// Called with the content hash before publishing an object that could not be marked; an
-    /// error aborts the put with nothing published.
-    async fn before_publish(&self, sha256: &str) -> Result<(), StoreError>;
-    /// Hashes of the objects cutoverfs wrote at this key; an existing object with another hash
-    /// is not ours and is never replaced.
-    fn owned_sha256(&self) -> Vec<String>;
+    /// Called with (request index, content hash) for objects that could not be marked, before
+    /// publishing them; answers per entry whether it may be published (false: the lease is lost).
+    async fn before_publish(&self, intents: &[(usize, String)]) -> Result<Vec<bool>, StoreError>;
 }
 
 #[async_trait]
@@ -153,15 +159,15 @@ pub trait Store: Send + Sync {
     /// Makes the dest ready to receive files (creates the root of a local dest).
     async fn prepare(&self) -> Result<(), StoreError>;
 
-    /// Copies `source` to `key`, hashing in the same pass. The store must check
-    /// `OpenedSource::confirm_unchanged` after the last byte was read and before publishing
-    /// (DESIGN §4.4), and make ownership provable as `PublishGuard` says.
-    async fn put(
+    /// Copies each request's source to its key and answers per request, in order. The store
+    /// hashes what it copies, must check `OpenedSource::confirm_unchanged` after the last byte was
+    /// read and before publishing (DESIGN §4.4), and make ownership provable as `PublishGuard`
+    /// says. Taking many files at once lets a store share syscalls, syncs and round trips.
+    async fn put_many(
         &self,
-        key: &str,
-        source: SourceRef,
+        requests: Vec<PutRequest>,
         guard: &dyn PublishGuard,
-    ) -> Result<Stored, StoreError>;
+    ) -> Vec<Result<Stored, StoreError>>;
 
     /// The size of whatever is at `key`, if anything (for dry runs: reads nothing else).
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError>;
