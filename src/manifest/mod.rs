@@ -246,13 +246,7 @@ impl Manifest {
             source,
         })?;
         // Two processes creating the same manifest at once would both migrate.
-        let lock =
-            schema_lock(path, libc::LOCK_EX)
-                .await
-                .map_err(|source| ManifestError::Open {
-                    location: location.clone(),
-                    source,
-                })?;
+        let lock = schema_lock(path, libc::LOCK_EX, &location).await?;
         let manifest = Self::connect(url, false).await?;
         let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
             .run(&manifest.pool)
@@ -281,13 +275,7 @@ impl Manifest {
             _ => return Ok(None),
         }
         // Wait for a process that is creating this manifest right now to finish its schema.
-        let _schema_checked =
-            schema_lock(path, libc::LOCK_SH)
-                .await
-                .map_err(|source| ManifestError::Open {
-                    location: url.to_string(),
-                    source,
-                })?;
+        let _schema_checked = schema_lock(path, libc::LOCK_SH, &url.to_string()).await?;
         let manifest = Self::connect(url, false).await?;
         let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
         let applied: i64 =
@@ -669,11 +657,9 @@ impl Manifest {
             }
         }
         for (i, update) in updates.iter().enumerate() {
-            if matches!(update, FileUpdate::Verified { .. }) {
-                continue;
+            if let Some(query) = single_update_query(update, now) {
+                applied[i] = query.execute(&mut *tx).await?.rows_affected() == 1;
             }
-            let done = update_query(update, now).execute(&mut *tx).await?;
-            applied[i] = done.rows_affected() == 1;
         }
         tx.commit().await?;
         Ok(applied)
@@ -829,23 +815,29 @@ impl Manifest {
 /// migration lock of its own. It is taken on the manifest's directory, never on the database
 /// file: closing any descriptor of that file would drop the fcntl locks SQLite holds on it.
 /// The lock lasts as long as the returned directory handle is open.
-async fn schema_lock(path: &Path, kind: libc::c_int) -> std::io::Result<std::fs::File> {
+async fn schema_lock(path: &Path, kind: libc::c_int, location: &str) -> Result<std::fs::File> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let file = std::fs::File::open(dir)?;
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: flock on a descriptor we own.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), kind) };
-        if rc == 0 {
-            Ok(file)
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+    let locked = match std::fs::File::open(dir) {
+        Ok(file) => tokio::task::spawn_blocking(move || {
+            // SAFETY: flock on a descriptor we own.
+            let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), kind) };
+            if rc == 0 {
+                Ok(file)
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        Err(e) => Err(e),
+    };
+    locked.map_err(|source| ManifestError::Open {
+        location: location.to_string(),
+        source,
     })
-    .await
-    .map_err(std::io::Error::other)?
 }
 
 fn random_id() -> String {
@@ -961,18 +953,19 @@ macro_rules! leased {
     };
 }
 
-fn update_query(
+/// The statement for an update applied row by row; None for `Verified`, applied in bulk.
+fn single_update_query(
     update: &FileUpdate,
     now: i64,
-) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
-    match update {
+) -> Option<sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>>> {
+    Some(match update {
         FileUpdate::Intent { path, owner, sha256 } => {
             sqlx::query(concat!("UPDATE entries SET intent_sha256 = $3 ", leased!()))
                 .bind(path.as_str())
                 .bind(owner.as_str())
                 .bind(sha256.as_str())
         }
-        FileUpdate::Verified { .. } => unreachable!("verified outcomes are applied in bulk"),
+        FileUpdate::Verified { .. } => return None,
         FileUpdate::Failed { path, owner, error, retry_at } => sqlx::query(concat!(
             "UPDATE entries SET state = 'failed', last_error = $3, next_retry_at = $4, lease_owner = NULL, \
              lease_expires_at = NULL, version = version + 1, updated_at = $5 ",
@@ -986,7 +979,7 @@ fn update_query(
         FileUpdate::Missing { path, owner } => side_state(path, owner, "missing", "source file vanished", now),
         FileUpdate::Conflict { path, owner, reason } => side_state(path, owner, "conflict", reason, now),
         FileUpdate::Unsupported { path, owner, reason } => side_state(path, owner, "unsupported", reason, now),
-    }
+    })
 }
 
 fn side_state<'q>(
