@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Write docs/BENCHMARKS.md from the raw timings of bench/run.
+
+Usage: bench/report.py BENCH_DIR OUTPUT.md
+
+Reads BENCH_DIR/results.csv (case,contender,round,seconds), BENCH_DIR/meta.tsv (what each case
+measured and its targets, written by bench/run) and BENCH_DIR/load.csv (load average before each
+timed command). Every figure and every met/not met comes from those files; nothing here knows
+the results in advance. Standard library only.
+"""
+
+import csv
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections import OrderedDict, defaultdict
+
+
+def read_meta(path):
+    info, cases, targets = {}, OrderedDict(), defaultdict(list)
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            f = line.rstrip("\n").split("\t")
+            if f[0] == "info":
+                info[f[1]] = f[2] if len(f) > 2 else ""
+            elif f[0] == "case":
+                name, title, files, dirs, nbytes, subject, peers, columns, note = f[1:10]
+                cases[name] = {
+                    "title": title,
+                    "files": int(files),
+                    "dirs": int(dirs),
+                    "bytes": int(nbytes),
+                    "subject": subject,
+                    "peers": [p for p in peers.split(";") if p],
+                    "columns": [c for c in columns.split(";") if c],
+                    "note": note,
+                }
+            elif f[0] == "target":
+                case, kind, subject, peer, minimum, label = f[1:7]
+                targets[case].append(
+                    {"kind": kind, "subject": subject, "peer": peer, "min": float(minimum), "label": label}
+                )
+    return info, cases, targets
+
+
+def read_results(path):
+    """{case: OrderedDict(contender: [(round, seconds), ...])} in first-seen order."""
+    out = OrderedDict()
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.reader(fh):
+            if not row or row[0] == "case":
+                continue
+            case, contender, rnd, seconds = row
+            try:
+                value = float(seconds)
+            except ValueError:
+                value = math.nan
+            out.setdefault(case, OrderedDict()).setdefault(contender, []).append((int(rnd), value))
+    return out
+
+
+def read_load(path):
+    loads = defaultdict(list)
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.reader(fh):
+                if row and row[0] != "case":
+                    try:
+                        loads[row[0]].append(float(row[3]))
+                    except (IndexError, ValueError):
+                        pass
+    return loads
+
+
+def run(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine(bench_dir):
+    nproc = run(["nproc"]) or str(os.cpu_count())
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            kib = int(fh.readline().split()[1])
+            mem = f"{kib / 1024 / 1024:.1f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    fs, options = "", ""
+    df = run(["df", "-T", bench_dir]).splitlines()
+    if len(df) >= 2:
+        parts = df[-1].split()
+        device, fstype, mountpoint = parts[0], parts[1], parts[-1]
+        fs = f"{fstype} on {device} mounted at {mountpoint}"
+        try:
+            with open("/proc/mounts", encoding="utf-8") as fh:
+                for line in fh:
+                    m = line.split()
+                    if len(m) >= 4 and m[0] == device and m[1] == mountpoint:
+                        options = m[3]
+                        break
+        except OSError:
+            pass
+    return {
+        "nproc": nproc,
+        "cpu": cpu,
+        "mem": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "fs": fs,
+        "options": options,
+    }
+
+
+def fmt_s(x):
+    if math.isnan(x):
+        return "n/a"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def fmt_rate(x):
+    if math.isnan(x) or math.isinf(x):
+        return "n/a"
+    if x >= 1000:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def fmt_ratio(x):
+    return "n/a" if math.isnan(x) or math.isinf(x) else f"{x:.2f}×"
+
+
+def fmt_wait(text):
+    """'12.3' or 'busy after 60.1' (from bench/run) as prose."""
+    busy = text.startswith("busy after ")
+    try:
+        seconds = float(text[len("busy after "):] if busy else text)
+    except ValueError:
+        return text
+    return f"{seconds:.0f} s (gave up: the disk was still busy)" if busy else f"{seconds:.0f} s"
+
+
+def median(values):
+    vals = [v for v in values if not math.isnan(v)]
+    return statistics.median(vals) if vals else math.nan
+
+
+# What each contender does, shown for the contenders present in the results. A new contender
+# (an S3 or FUSE case, say) should get a line here.
+CONTENDER_NOTES = {
+    "cutoverfs sweep": "scans the source into a new SQLite manifest (on the same disk), copies every file "
+    "while computing its SHA-256 in the same pass, makes each copy and its directory entry durable before "
+    "recording it verified in the manifest. On a local dest durability comes from a group commit: one "
+    "`syncfs` of the dest file system covers all the files in flight (per-file `fsync` of the file and its "
+    "directory where a subdirectory is another file system); like `sync`, `syncfs` also flushes anything "
+    "else dirty on that file system. The time includes process start and creating the manifest.",
+    "cp -a": "copies data and attributes; no hash, no `fsync`. When it returns much of the data may "
+    "still be only in the page cache, so its time is a floor no durable copy can reach.",
+    "cp -a + sync": "`cp -a` followed by one `sync`: the data is on disk at the end, as with cutoverfs, but "
+    "flushed once at the very end, whereas cutoverfs waits for each file to be durable before recording "
+    "it (`sync` also flushes whatever else is dirty on the machine). The fairer peer for durability.",
+    "rsync -a": "copies data and attributes and checks each transferred file with its own fast whole-file "
+    "checksum (not SHA-256); no `fsync`.",
+    "rsync -a --fsync": "as `rsync -a`, plus an `fsync` of every file it writes, one after the other (not "
+    "of directories): durable per file, like cutoverfs, but without group commit.",
+    "cutoverfs sweep: scan phase": "the scan phase of a real first sweep into a new manifest: walk the tree, "
+    "`lstat` every entry and write a manifest row for it. Its time is computed from the sweep's own "
+    "`Scanned N files (...) and M directories in X (R entries/s)` line as (N + M) / R; process start, "
+    "manifest creation and the copy phase are not in it.",
+    "cutoverfs sweep: whole run": "the wall time of that same first sweep, including copying, hashing and "
+    "making durable every file (information).",
+    "cutoverfs re-sweep: scan phase": "the scan phase of a second sweep of the unchanged tree against the same "
+    "manifest, which then has nothing to copy (information: what every later sweep costs).",
+    "cutoverfs re-sweep: whole run": "the wall time of that second sweep (information).",
+    "find -printf (stat walk)": "`find SRC -printf '%s %T@ %m %U %G\\n' > /dev/null`: a single-threaded "
+    "walk that `lstat`s every entry and formats what the manifest records; the native floor for a scan.",
+}
+
+COLUMN_TITLES = {
+    "files_per_s": "files/s",
+    "entries_per_s": "entries/s",
+    "mb_per_s": "MB/s",
+}
+
+
+def column_value(column, case, seconds):
+    if not seconds or math.isnan(seconds):
+        return math.nan
+    if column == "files_per_s":
+        return case["files"] / seconds
+    if column == "entries_per_s":
+        return (case["files"] + case["dirs"]) / seconds
+    if column == "mb_per_s":
+        return case["bytes"] / seconds / 1e6
+    return math.nan
+
+
+def evaluate(target, case, medians):
+    """(measured text, met?) for one target, from the medians."""
+    subject = medians.get(target["subject"], math.nan)
+    if target["kind"] == "ratio":
+        peer = medians.get(target["peer"], math.nan)
+        ratio = peer / subject if subject and not math.isnan(subject) else math.nan
+        return fmt_ratio(ratio), (not math.isnan(ratio)) and ratio >= target["min"]
+    if target["kind"] == "files_per_s":
+        rate = column_value("files_per_s", case, subject)
+        return f"{fmt_rate(rate)} files/s", (not math.isnan(rate)) and rate >= target["min"]
+    return "unknown target kind", False
+
+
+def ordered(case, rows):
+    """Peers in their listed order, then the subject, then information rows."""
+    if case is None:
+        return rows
+    first = [c for c in case["peers"] + [case["subject"]] if c in rows]
+    return OrderedDict((c, rows[c]) for c in first + [c for c in rows if c not in first])
+
+
+def verdict(met):
+    return "**met**" if met else "**not met**"
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit("usage: report.py BENCH_DIR OUTPUT.md")
+    bench_dir, output = sys.argv[1], sys.argv[2]
+    info, cases, targets = read_meta(os.path.join(bench_dir, "meta.tsv"))
+    results = read_results(os.path.join(bench_dir, "results.csv"))
+    loads = read_load(os.path.join(bench_dir, "load.csv"))
+    box = machine(bench_dir)
+    rounds = info.get("rounds", "?")
+
+    out = []
+    w = out.append
+    w("# Benchmarks")
+    w("")
+    w("Generated by `bench/run` (which calls `bench/report.py`); do not edit by hand. "
+      "Re-run to refresh every figure below.")
+    w("")
+    w(f"- Command: `{info.get('command', 'bench/run')}` ({rounds} round(s) per case)")
+    w(f"- Date: {info.get('started', '?')} to {info.get('finished', '?')}")
+    w(f"- Machine: {box['nproc']} CPUs ({box['cpu'] or 'unknown CPU'}), {box['mem']}, {box['kernel']}")
+    fs = box["fs"] or "unknown"
+    if box["options"]:
+        fs += f" (`{box['options']}`)"
+    w(f"- Filesystem of `{info.get('bench_dir', bench_dir)}` (`df -T`): {fs}")
+    w(f"- Load average (1/5/15 min): {info.get('load_start', '?')} at the start, "
+      f"{info.get('load_end', '?')} at the end; the machine is shared, so other people's work is in these figures")
+    probes = [(k[len("create_us_"):], v) for k, v in info.items() if k.startswith("create_us_")]
+    if probes:
+        w("- Kernel cost of creating one empty file in the work dir (1000 files timed; a machine-state probe, "
+          "since per-file cost dominates the small-files case): "
+          + ", ".join(f"{v} µs {'at the end' if k == 'end' else f'before `{k}`'}" for k, v in probes))
+    w(f"- Project: commit {info.get('commit', '?')}, {info.get('cutoverfs', '')}; "
+      f"{info.get('cp', '')}; {info.get('rsync', '')}; {info.get('find', '')}")
+    w("")
+
+    w("## What is compared")
+    w("")
+    w("`cutoverfs sweep` does more work than the tools it is compared with, on purpose; the plain copy "
+      "tools are the floor, not like-for-like rivals. What each contender does:")
+    w("")
+    present = OrderedDict()
+    for rows in results.values():
+        for contender in rows:
+            present.setdefault(contender, None)
+    for contender, note in CONTENDER_NOTES.items():
+        if contender in present:
+            w(f"- `{contender}`: {note}")
+    w("")
+    w("Method: the sources are created once and read once before the timed rounds, so every contender "
+      "reads from the page cache. In each round every contender runs once, each round starting one "
+      "contender further along the list, so slow periods of the shared machine are spread over all of "
+      "them. Every run writes to a new destination (and cutoverfs to a new manifest); the destinations "
+      "of a case are deleted only after all its rounds (then `sync`). A case starts at least "
+      f"{info.get('settle', '?')} s after the last deletion of {int(info.get('settle_files', '0') or 0):,} or more "
+      "entries, and only once the disk has been busy less than 10% of the time for 2 s in a row (at most "
+      f"{info.get('quiet_max', '?')} s): deleting many files on a `discard` mount keeps the disk busy after "
+      "the command returns, and slows the next file creations (see below). An untimed `sync` precedes each timed command, so no contender pays for the "
+      "previous one's writeback. Times are wall-clock seconds; throughput and ratios use the median. "
+      "A ratio is cutoverfs' throughput divided by the peer's (the peer's median time over cutoverfs' "
+      "median time): 1.00× means as fast, below 1 slower.")
+    w("")
+    if info.get("journal") == "ext4 without a journal":
+        w("This file system is ext4 without a journal. In that mode ext4 does not reuse an inode freed less "
+          "than 60 s ago (more while its inode table block is still dirty) and checks each such inode one by "
+          "one when it allocates, so creating files near a mass deletion is much slower for about a minute. "
+          "That is the reason for the pause after deletions, and for the creation-cost probe reported above "
+          "and with each case. The probe also moves with other people's work on the machine.")
+        w("")
+
+    # Summary of the targets first.
+    summary = []
+    for name, case in cases.items():
+        medians = {c: median([s for _, s in rows]) for c, rows in results.get(name, {}).items()}
+        for t in targets.get(name, []):
+            measured, met = evaluate(t, case, medians)
+            summary.append((t["label"], name, measured, met))
+    if summary:
+        w("## Targets")
+        w("")
+        w("| target | case | measured (medians) | status |")
+        w("|---|---|---|---|")
+        for label, name, measured, met in summary:
+            w(f"| {label} | {name} | {measured} | {verdict(met)} |")
+        w("")
+
+    for name, case in cases.items():
+        rows = ordered(case, results.get(name, OrderedDict()))
+        medians = {c: median([s for _, s in r]) for c, r in rows.items()}
+        subject = case["subject"]
+        w(f"## Case `{name}`: {case['title']}")
+        w("")
+        w(case["note"])
+        w("")
+        columns = case["columns"]
+        header = ["contender", "median s", "min–max s"] + [COLUMN_TITLES.get(c, c) for c in columns]
+        header.append("cutoverfs ÷ this (throughput)")
+        w("| " + " | ".join(header) + " |")
+        w("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        for contender, r in rows.items():
+            vals = [s for _, s in r if not math.isnan(s)]
+            med = medians[contender]
+            spread = f"{fmt_s(min(vals))}–{fmt_s(max(vals))}" if vals else "n/a"
+            cells = [f"**{contender}**" if contender == subject else contender, fmt_s(med), spread]
+            cells += [fmt_rate(column_value(c, case, med)) for c in columns]
+            if contender == subject:
+                cells.append("(subject)")
+            elif contender in case["peers"]:
+                cells.append(fmt_ratio(med / medians[subject]) if subject in medians else "n/a")
+            else:
+                cells.append("(information)")
+            w("| " + " | ".join(cells) + " |")
+        w("")
+        for t in targets.get(name, []):
+            measured, met = evaluate(t, case, medians)
+            w(f"Target {t['label']}: measured {measured}: {verdict(met)}.")
+            if t["kind"] == "ratio" and t["peer"] == "cp -a" and "cp -a + sync" in medians and subject in medians:
+                r = medians["cp -a + sync"] / medians[subject]
+                w(f"Against `cp -a + sync` (data on disk at the end for both) the ratio is {fmt_ratio(r)}.")
+            w("")
+        load = loads.get(name)
+        notes = []
+        if load:
+            notes.append(f"Load average before the timed commands of this case: {min(load):.2f} to "
+                         f"{max(load):.2f} (median {statistics.median(load):.2f}; includes the benchmark itself).")
+        if f"settle_{name}" in info:
+            notes.append(f"Waited {info[f'settle_{name}']} s after the previous mass deletion.")
+        if f"quiet_{name}" in info:
+            notes.append(f"Waited {fmt_wait(info[f'quiet_{name}'])} for a quiet disk before the first round.")
+        if f"create_us_{name}" in info:
+            notes.append(f"Creating an empty file in the work dir cost {info[f'create_us_{name}']} µs just before "
+                         "the first round (machine-state probe).")
+        if f"cleanup_{name}" in info:
+            parts = info[f"cleanup_{name}"].split()
+            if len(parts) == 2:
+                notes.append(f"Deleting its destinations afterwards ({int(parts[0]):,} entries; `rm -rf` + `sync`) "
+                             f"took {fmt_s(float(parts[1]))} s.")
+        if notes:
+            w(" ".join(notes))
+            w("")
+
+    w("## Raw timings")
+    w("")
+    w(f"Seconds per round, in round order; all rows are in `{os.path.join(info.get('bench_dir', bench_dir), 'results.csv')}` "
+      "(`case,contender,round,seconds`) and the output of every timed command in `logs/` next to it.")
+    w("")
+    for name, rows in results.items():
+        w(f"- `{name}`")
+        for contender, r in ordered(cases.get(name), rows).items():
+            w(f"  - {contender}: " + ", ".join(fmt_s(s) for _, s in sorted(r)))
+    w("")
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(out))
+    os.replace(tmp, output)
+
+
+if __name__ == "__main__":
+    main()
