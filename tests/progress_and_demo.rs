@@ -18,7 +18,18 @@ fn busy_tree(w: &Work) {
 fn without_a_terminal_progress_is_logged_at_the_interval() {
     let w = Work::new();
     busy_tree(&w);
-    let run = w.cmd("sweep", &["--progress-interval", "50ms"]);
+    // One file at a time (two syncs each) keeps even a fast machine busy long enough.
+    let run = w.cmd(
+        "sweep",
+        &[
+            "--progress-interval",
+            "20ms",
+            "--concurrency",
+            "1",
+            "--batch-size",
+            "10",
+        ],
+    );
     run.assert_code(0);
     assert!(
         run.elapsed.as_millis() > 200,
@@ -66,7 +77,13 @@ fn shell_quote(s: &str) -> String {
 fn on_a_terminal_a_progress_bar_is_drawn() {
     let w = Work::new();
     busy_tree(&w);
-    let mut cmd = vec![shell_quote(bin()), "sweep".into()];
+    // One file at a time, so the bar has time to draw whatever the machine's speed.
+    let mut cmd = vec![
+        shell_quote(bin()),
+        "sweep".into(),
+        "--concurrency".into(),
+        "1".into(),
+    ];
     for arg in w.target() {
         cmd.push(shell_quote(arg.to_str().unwrap()));
     }
