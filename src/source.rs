@@ -7,9 +7,10 @@
 //! Every path goes through `/proc/self/fd/<root fd>/...`, so the same code keeps working when a
 //! FUSE mount later hides the directory behind itself (the fd still reaches the real tree).
 
+use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +40,20 @@ impl Attrs {
             gid: m.gid(),
             ino: m.ino(),
             dev: m.dev(),
+        }
+    }
+
+    fn from_stat(st: &libc::stat) -> Self {
+        Attrs {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            atime_ns: st.st_atime * 1_000_000_000 + st.st_atime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            ino: st.st_ino,
+            dev: st.st_dev,
         }
     }
 
@@ -98,13 +113,23 @@ impl SourceTree {
     }
 
     /// Opens a regular file for copying, refusing to follow a symlink at the last component.
-    pub fn open_file(&self, rel: &str) -> io::Result<OpenedSource> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.path_of(rel);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)?;
+    /// `openat` on the root descriptor: no path walk through /proc for every file.
+    pub fn open_file(&self, rel: &str) -> io::Result<OpenedSource<'_>> {
+        let rel = CString::new(rel)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+        // SAFETY: a NUL-terminated relative path and a directory descriptor we own.
+        let fd = unsafe {
+            libc::openat(
+                self._root.as_raw_fd(),
+                rel.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat just returned this descriptor to us.
+        let file = unsafe { File::from_raw_fd(fd) };
         let before = Attrs::from_metadata(&file.metadata()?);
         if before.mode & libc::S_IFMT != libc::S_IFREG {
             return Err(io::Error::new(
@@ -112,23 +137,48 @@ impl SourceTree {
                 "not a regular file",
             ));
         }
-        Ok(OpenedSource { file, before, path })
+        Ok(OpenedSource {
+            file,
+            before,
+            root: self._root.as_fd(),
+            rel,
+        })
     }
 }
 
 /// An open source file together with what it looked like when opened.
 #[derive(Debug)]
-pub struct OpenedSource {
+pub struct OpenedSource<'tree> {
     pub file: File,
     pub before: Attrs,
-    path: PathBuf,
+    root: BorrowedFd<'tree>,
+    rel: CString,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("source changed while it was copied ({0})")]
 pub struct SourceChanged(pub &'static str);
 
-impl OpenedSource {
+impl OpenedSource<'_> {
+    /// What the path names now, without following a symlink.
+    fn attrs_at_path(&self) -> io::Result<Attrs> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a NUL-terminated relative path, our directory descriptor and a stat buffer.
+        let rc = unsafe {
+            libc::fstatat(
+                self.root.as_raw_fd(),
+                self.rel.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatat filled the buffer.
+        Ok(Attrs::from_stat(unsafe { &st.assume_init() }))
+    }
+
     /// Called after the last byte was read: the copy is only good if the open file did not
     /// change meanwhile and the path still names that same file.
     pub fn confirm_unchanged(&self) -> Result<(), SourceChanged> {
@@ -140,8 +190,8 @@ impl OpenedSource {
         if !self.before.same_content_as(&after) {
             return Err(SourceChanged("size, mtime or ctime moved"));
         }
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(m) if Attrs::from_metadata(&m).same_content_as(&after) => Ok(()),
+        match self.attrs_at_path() {
+            Ok(now) if now.same_content_as(&after) => Ok(()),
             Ok(_) => Err(SourceChanged("the path now names another file")),
             Err(_) => Err(SourceChanged("the path was removed")),
         }

@@ -611,27 +611,49 @@ fn publish(
 
 /// Makes the staged file visible at `target` unless something is already there.
 fn link_no_replace(file: &File, temp_name: Option<&Path>, target: &Path) -> io::Result<()> {
-    match temp_name {
-        None => {
-            let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
-            let dest = cstring(target)?;
-            // SAFETY: two NUL-terminated paths; linkat does not keep them.
-            let rc = unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    proc_path.as_ptr(),
-                    libc::AT_FDCWD,
-                    dest.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        }
-        Some(temp) => rename_no_replace(temp, target),
+    let Some(temp) = temp_name else {
+        return link_unnamed(file, target);
+    };
+    rename_no_replace(temp, target)
+}
+
+/// Gives an O_TMPFILE file its name. `AT_EMPTY_PATH` links the descriptor itself (it needs
+/// CAP_DAC_READ_SEARCH, which root has); otherwise the same link goes through /proc.
+fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
+    let dest = cstring(target)?;
+    let empty = c"";
+    // SAFETY: a descriptor we own and NUL-terminated paths; linkat does not keep them.
+    let rc = unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dest.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) {
+        return Err(err);
+    }
+    let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc_path.as_ptr(),
+            libc::AT_FDCWD,
+            dest.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
