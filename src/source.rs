@@ -4,7 +4,8 @@
 //! change while it was read (§4.4). It may not write to the source: cutoverfs never changes a
 //! local file outside `purge` and the mount's own write path.
 //!
-//! Every path goes through `/proc/self/fd/<root fd>/...`, so the same code keeps working when a
+//! Everything is reached through the root's descriptor: files with `openat`/`fstatat` on it,
+//! directory walks through `/proc/self/fd/<root fd>/...`. So the same code keeps working when a
 //! FUSE mount later hides the directory behind itself (the fd still reaches the real tree).
 
 use std::ffi::CString;
