@@ -40,7 +40,6 @@ pub struct SweepReport {
     pub already_there: u64,
     pub missing: u64,
     pub conflicts: u64,
-    pub unsupported: u64,
     pub failed_attempts: u64,
     pub batches: u64,
     pub interrupted: bool,

@@ -171,10 +171,6 @@ impl LocalStore {
         group.wait().await.map_err(dest_err("sync", &self.root))
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn target(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
@@ -522,20 +518,15 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// Mode, owner (when running as root) and times of the source, like `cp -a`.
 fn apply_attrs(file: &File, attrs: &crate::source::Attrs) -> io::Result<()> {
     let fd = file.as_raw_fd();
+    let times = [timespec(attrs.atime_ns), timespec(attrs.mtime_ns)];
     // SAFETY: syscalls on an fd we own, with plain values.
     unsafe {
-        if libc::geteuid() == 0 && libc::fchown(fd, attrs.uid, attrs.gid) != 0 {
-            return Err(io::Error::last_os_error());
+        if libc::geteuid() == 0 {
+            check(libc::fchown(fd, attrs.uid, attrs.gid))?;
         }
-        if libc::fchmod(fd, attrs.mode & 0o7777) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let times = [timespec(attrs.atime_ns), timespec(attrs.mtime_ns)];
-        if libc::futimens(fd, times.as_ptr()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        check(libc::fchmod(fd, attrs.mode & 0o7777))?;
+        check(libc::futimens(fd, times.as_ptr()))
     }
-    Ok(())
 }
 
 fn timespec(ns: i64) -> libc::timespec {
@@ -621,46 +612,38 @@ fn link_no_replace(file: &File, temp_name: Option<&Path>, target: &Path) -> io::
 /// CAP_DAC_READ_SEARCH, which root has); otherwise the same link goes through /proc.
 fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
     let dest = cstring(target)?;
-    let empty = c"";
     // SAFETY: a descriptor we own and NUL-terminated paths; linkat does not keep them.
-    let rc = unsafe {
+    let by_fd = check(unsafe {
         libc::linkat(
             file.as_raw_fd(),
-            empty.as_ptr(),
+            c"".as_ptr(),
             libc::AT_FDCWD,
             dest.as_ptr(),
             libc::AT_EMPTY_PATH,
         )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) {
-        return Err(err);
-    }
-    let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            proc_path.as_ptr(),
-            libc::AT_FDCWD,
-            dest.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    });
+    match by_fd {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+            let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+            // SAFETY: as above.
+            check(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    proc_path.as_ptr(),
+                    libc::AT_FDCWD,
+                    dest.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })
+        }
+        other => other,
     }
 }
 
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     let (from_c, to_c) = (cstring(from)?, cstring(to)?);
     // SAFETY: two NUL-terminated paths.
-    let rc = unsafe {
+    let renamed = check(unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
             from_c.as_ptr(),
@@ -668,17 +651,24 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
             to_c.as_ptr(),
             libc::RENAME_NOREPLACE,
         )
-    };
+    });
+    match renamed {
+        // No RENAME_NOREPLACE on this file system: link() also refuses an existing name.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        other => other,
+    }
+}
+
+/// A libc return code as a Result.
+fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINVAL) {
-        return Err(err);
-    }
-    // No RENAME_NOREPLACE on this file system: link() also refuses an existing name.
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
 }
 
 /// Replaces an object cutoverfs wrote earlier: via a temporary name and rename, so readers see
