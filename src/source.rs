@@ -11,9 +11,10 @@
 use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The attributes the application sees and that decide whether a file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,7 +116,7 @@ impl SourceTree {
 
     /// Opens a regular file for copying, refusing to follow a symlink at the last component.
     /// `openat` on the root descriptor: no path walk through /proc for every file.
-    pub fn open_file(&self, rel: &str) -> io::Result<OpenedSource<'_>> {
+    pub fn open_file(self: &Arc<Self>, rel: &str) -> io::Result<OpenedSource> {
         let rel = CString::new(rel)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
         // SAFETY: a NUL-terminated relative path and a directory descriptor we own.
@@ -141,7 +142,7 @@ impl SourceTree {
         Ok(OpenedSource {
             file,
             before,
-            root: self._root.as_fd(),
+            tree: self.clone(),
             rel,
         })
     }
@@ -149,10 +150,10 @@ impl SourceTree {
 
 /// An open source file together with what it looked like when opened.
 #[derive(Debug)]
-pub struct OpenedSource<'tree> {
+pub struct OpenedSource {
     pub file: File,
     pub before: Attrs,
-    root: BorrowedFd<'tree>,
+    tree: Arc<SourceTree>,
     rel: CString,
 }
 
@@ -160,14 +161,14 @@ pub struct OpenedSource<'tree> {
 #[error("source changed while it was copied ({0})")]
 pub struct SourceChanged(pub &'static str);
 
-impl OpenedSource<'_> {
+impl OpenedSource {
     /// What the path names now, without following a symlink.
     fn attrs_at_path(&self) -> io::Result<Attrs> {
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: a NUL-terminated relative path, our directory descriptor and a stat buffer.
         let rc = unsafe {
             libc::fstatat(
-                self.root.as_raw_fd(),
+                self.tree._root.as_raw_fd(),
                 self.rel.as_ptr(),
                 st.as_mut_ptr(),
                 libc::AT_SYMLINK_NOFOLLOW,

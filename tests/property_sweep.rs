@@ -72,7 +72,9 @@ fn apply(root: &Path, op: &Op) {
 
 async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
     let source = Arc::new(SourceTree::open(source_dir).unwrap());
-    let store = open_store(&DestUrl::Local(dest_dir.to_path_buf())).unwrap();
+    let store = open_store(&DestUrl::Local(dest_dir.to_path_buf()), &Default::default())
+        .await
+        .unwrap();
     store.prepare().await.unwrap();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     scan_into_manifest(manifest, source.clone(), store.clone(), &stop)
@@ -87,6 +89,7 @@ async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
         lease: Duration::from_secs(30),
         filter: PathFilter::default(),
         node: "proptest".into(),
+        dest_timeout: Duration::from_secs(60),
         command: "sweep".into(),
     };
     let progress = Progress::start("test", true, Duration::ZERO);

@@ -48,6 +48,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         source: Some(media.clone()),
         dest: Some(format!("file://{}", private.display())),
         manifest: format!("sqlite://{}", base.join("manifest.db").display()),
+        s3: Default::default(),
     };
     step(&format!("1. A sample MEDIA_ROOT at {}", media.display()));
     let (files, bytes) = build_sample_tree(&media, args.files)?;
@@ -70,6 +71,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         max_retries: 3,
         retry_delay: Duration::from_secs(1),
         lease_timeout: Duration::from_secs(60),
+        dest_timeout: Duration::from_secs(600),
         skip_missing: false,
         dry_run: false,
         no_progress: false,

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::manifest::{Manifest, ManifestUrl, Pair, DEFAULT_MANIFEST};
 use crate::source::SourceTree;
-use crate::store::{canonical_path, open_store, DestUrl, Store};
+use crate::store::{canonical_path, open_store, DestUrl, S3Flags, Store};
 
 /// Exit codes, documented in docs/cli.md.
 pub mod exit {
@@ -68,12 +68,80 @@ pub struct Target {
     /// The legacy local tree (default: the one recorded in the manifest).
     #[arg(long, value_name = "DIR")]
     pub source: Option<PathBuf>,
-    /// Where files go: file:///ABSOLUTE/PATH (default: the one recorded in the manifest).
+    /// Where files go: file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX[?endpoint=URL&region=R&path_style=true]
+    /// (default: the one recorded in the manifest).
     #[arg(long, value_name = "URL")]
     pub dest: Option<String>,
     /// The manifest database: sqlite:///PATH.
     #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", default_value = DEFAULT_MANIFEST)]
     pub manifest: String,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// Settings of an s3:// dest. A flag beats the same setting in the URL, and the URL beats the
+/// AWS environment (AWS_ENDPOINT_URL, AWS_REGION). Credentials come from the standard AWS chain.
+#[derive(Debug, Clone, Args, Default)]
+#[command(next_help_heading = "S3 dest")]
+pub struct S3Args {
+    /// S3 endpoint URL, for servers other than AWS (MinIO, R2, Garage, Spaces...).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: from the URL, AWS_REGION or the profile; us-east-1 with an endpoint).
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets by path (http://host/bucket/key); the default with --s3-endpoint.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub s3_path_style: Option<bool>,
+    /// Profile of ~/.aws/config and ~/.aws/credentials to take credentials and settings from.
+    #[arg(long, value_name = "NAME")]
+    pub s3_profile: Option<String>,
+    /// Cache-Control of uploaded objects ("" for none).
+    #[arg(long, value_name = "VALUE", default_value = "max-age=86400")]
+    pub s3_cache_control: String,
+    /// Server-side encryption: AES256, aws:kms or none.
+    #[arg(long, value_name = "MODE")]
+    pub s3_sse: Option<String>,
+    /// KMS key id for --s3-sse aws:kms (default: the bucket's key).
+    #[arg(long, value_name = "ID")]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// Storage class of uploaded objects (STANDARD, STANDARD_IA, ...; default: the bucket's).
+    #[arg(long, value_name = "CLASS")]
+    pub s3_storage_class: Option<String>,
+    /// Files this large or larger are uploaded in parts, in parallel.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub s3_multipart_threshold: u64,
+    /// Size of each part of a multipart upload (grown when a file needs more than 10,000).
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub s3_part_size: u64,
+    /// File data held in memory for uploads at once, across all files in flight.
+    #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
+    pub s3_upload_memory: u64,
+}
+
+impl S3Args {
+    pub fn flags(&self) -> S3Flags {
+        S3Flags {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            profile: self.s3_profile.clone(),
+            cache_control: Some(self.s3_cache_control.clone()),
+            sse: self.s3_sse.clone(),
+            sse_kms_key_id: self.s3_sse_kms_key_id.clone(),
+            storage_class: self.s3_storage_class.clone(),
+            part_size: Some(self.s3_part_size),
+            multipart_threshold: Some(self.s3_multipart_threshold),
+            upload_memory: Some(self.s3_upload_memory),
+        }
+    }
+}
+
+/// Sizes such as 4096, 16MiB, 1.5GB.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("{text:?} is not a size (e.g. 16MiB): {e}"))
 }
 
 /// Which paths a command acts on.
@@ -139,9 +207,11 @@ fn init_logging(level: &str) {
     let filter = if level.contains('=') || level.contains(',') {
         EnvFilter::try_new(level)
     } else {
-        EnvFilter::try_new(format!("warn,cutoverfs={level}"))
+        // The AWS credential chain warns about every provider it tries and skips (IMDS on a
+        // machine that is not EC2); what matters reaches us as an error.
+        EnvFilter::try_new(format!("warn,aws_config=error,cutoverfs={level}"))
     }
-    .unwrap_or_else(|_| EnvFilter::new("warn,cutoverfs=info"));
+    .unwrap_or_else(|_| EnvFilter::new("warn,aws_config=error,cutoverfs=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -186,11 +256,15 @@ impl Target {
         };
         let dest = DestUrl::parse(&dest_text)?;
         let source_dir = check_source(&source_path)?;
-        let DestUrl::Local(dest_path) = &dest;
-        let dest_dir =
-            canonical_path(dest_path).with_context(|| format!("dest {}", dest_path.display()))?;
-        refuse_nesting(&source_dir, &dest_dir, &manifest_url)?;
-        let store = open_store(&dest)?;
+        let dest_dir = match &dest {
+            DestUrl::Local(dest_path) => Some(
+                canonical_path(dest_path)
+                    .with_context(|| format!("dest {}", dest_path.display()))?,
+            ),
+            DestUrl::S3(_) => None,
+        };
+        refuse_nesting(&source_dir, dest_dir.as_deref(), &manifest_url)?;
+        let store = open_store(&dest, &self.s3.flags()).await?;
         let pair = Pair {
             source: source_dir.display().to_string(),
             dest: store.canonical_url(),
@@ -225,23 +299,25 @@ fn check_source(path: &Path) -> Result<PathBuf> {
 
 /// The dest may not be inside the source (the sweep would copy its own output) nor contain it,
 /// and the manifest may not live in the source (it would be migrated while it changes).
-fn refuse_nesting(source: &Path, dest: &Path, manifest: &ManifestUrl) -> Result<()> {
-    if dest == source {
-        bail!("dest {} is the source itself", dest.display());
-    }
-    if dest.starts_with(source) {
-        bail!(
-            "dest {} is inside the source {}",
-            dest.display(),
-            source.display()
-        );
-    }
-    if source.starts_with(dest) {
-        bail!(
-            "source {} is inside the dest {}",
-            source.display(),
-            dest.display()
-        );
+fn refuse_nesting(source: &Path, dest: Option<&Path>, manifest: &ManifestUrl) -> Result<()> {
+    if let Some(dest) = dest {
+        if dest == source {
+            bail!("dest {} is the source itself", dest.display());
+        }
+        if dest.starts_with(source) {
+            bail!(
+                "dest {} is inside the source {}",
+                dest.display(),
+                source.display()
+            );
+        }
+        if source.starts_with(dest) {
+            bail!(
+                "source {} is inside the dest {}",
+                source.display(),
+                dest.display()
+            );
+        }
     }
     let ManifestUrl::Sqlite(db) = manifest;
     let db = canonical_path(db).unwrap_or_else(|_| db.clone());

@@ -56,7 +56,10 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
     let filter = args.scope.filter()?;
     let (plan, resolved) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
-        resolved.store.preflight().await?;
+        resolved
+            .store
+            .preflight(crate::store::Preflight::ReadOnly)
+            .await?;
         let plan = make_plan(
             existing,
             resolved.source.clone(),

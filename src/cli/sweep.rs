@@ -11,6 +11,7 @@ use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
 use crate::engine::{node_id, PathFilter, Progress};
 use crate::manifest::{Manifest, State};
+use crate::store::Preflight;
 use crate::util::{human_bytes, human_duration};
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +36,10 @@ pub struct SweepArgs {
     /// leaves its files to others after this.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub lease_timeout: Duration,
+    /// How long the dest may stay unreachable before the sweep stops (copies pause meanwhile;
+    /// a re-run resumes).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dest_timeout: Duration,
     /// Missing source files are reported but are not errors.
     #[arg(long)]
     pub skip_missing: bool,
@@ -57,7 +62,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     // Everything is checked before anything is created.
     let resolved = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
-        resolved.store.preflight().await?;
+        resolved.store.preflight(Preflight::ReadWrite).await?;
         Ok(resolved)
     })
     .await?;
@@ -111,6 +116,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         filter: filter.clone(),
         node,
         command: "sweep".into(),
+        dest_timeout: args.dest_timeout,
     };
     let report = run_sweep(
         &manifest,
@@ -273,6 +279,13 @@ async fn print_summary(
         println!("MIGRATION INTERRUPTED - run the same command again to resume");
         return Ok(exit::INTERRUPTED);
     }
+    if let Some(why) = &report.dest_unavailable {
+        println!(
+            "MIGRATION STOPPED - {why}; nothing is lost: run the same command again to resume"
+        );
+        eprintln!("cutoverfs: error: {why}");
+        return Ok(exit::INCOMPLETE);
+    }
     if errors > 0 || counts.unfinished > 0 {
         println!("MIGRATION INCOMPLETE - `cutoverfs status` lists the files and reasons");
         return Ok(exit::INCOMPLETE);
@@ -285,7 +298,7 @@ async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
     let url = args.target.manifest_url()?;
     let (plan, resolved, location) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
-        resolved.store.preflight().await?;
+        resolved.store.preflight(Preflight::ReadOnly).await?;
         let location = existing.map_or_else(
             || format!("{url} (not created by a dry run)"),
             |m| m.location().to_string(),

@@ -30,6 +30,8 @@ pub struct SweepOptions {
     pub filter: PathFilter,
     pub node: String,
     pub command: String,
+    /// How long the dest may stay unavailable before the sweep stops (it resumes when re-run).
+    pub dest_timeout: Duration,
 }
 
 /// What this run did (the manifest holds the whole picture).
@@ -43,6 +45,8 @@ pub struct SweepReport {
     pub failed_attempts: u64,
     pub batches: u64,
     pub interrupted: bool,
+    /// Set when the sweep stopped because the dest stayed unavailable: why.
+    pub dest_unavailable: Option<String>,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -55,6 +59,8 @@ enum Outcome {
     Conflict,
     Unsupported,
     Failed,
+    /// The dest was unavailable; retried later without using up an attempt.
+    Deferred,
     /// The lease was lost (another node took the file over) or the run was stopped first.
     Abandoned,
 }
@@ -71,6 +77,7 @@ struct Shared {
     opts: SweepOptions,
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
+    health: DestHealth,
 }
 
 pub async fn run_sweep(
@@ -89,6 +96,7 @@ pub async fn run_sweep(
         opts: opts.clone(),
         progress,
         stop: stop.clone(),
+        health: DestHealth::new(opts.dest_timeout),
     });
     let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -101,6 +109,17 @@ pub async fn run_sweep(
                 report.interrupted = true;
                 break;
             }
+            if let Some(why) = shared.health.gave_up() {
+                report.dest_unavailable = Some(why);
+                break;
+            }
+            if let Some(pause) = shared.health.pause() {
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
             let (batch_id, claimed) = claim_batch(manifest, opts, &mut cursor).await?;
             if claimed.is_empty() {
                 if let Some(id) = batch_id {
@@ -111,6 +130,9 @@ pub async fn run_sweep(
                 // Files in flight may fail and come due for a retry: finish them first.
                 while let Some(done) = batches.join_next().await {
                     report.add(&done.map_err(join_error)??);
+                }
+                if shared.health.gave_up().is_some() {
+                    continue;
                 }
                 if !wait_for_more_work(manifest, opts, stop).await? {
                     break;
@@ -345,6 +367,9 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
         paths: requested.iter().map(|i| files[*i].path.clone()).collect(),
     };
     let stored = shared.store.put_many(requests, &guard).await;
+    for result in &stored {
+        shared.health.record(result);
+    }
     for ((i, key), result) in requested.into_iter().zip(keys).zip(stored) {
         results[i] = Some(outcome_of(&files[i], key, result, &shared.opts));
     }
@@ -368,7 +393,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
                 tracing::warn!(path = %file.path, "lease lost before the outcome was recorded; another node owns this file now");
                 Outcome::Abandoned
             };
-            if outcome != Outcome::Abandoned {
+            if !matches!(outcome, Outcome::Abandoned | Outcome::Deferred) {
                 shared.progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { file.size });
             }
             outcome
@@ -390,6 +415,19 @@ fn outcome_of(
         Err(StoreError::SourceMissing) => {
             return (FileUpdate::Missing { path, owner }, Outcome::Missing)
         }
+        Err(error) if error.is_transient() => {
+            tracing::debug!(error = %error, "dest unavailable; will retry");
+            return (
+                FileUpdate::Failed {
+                    path,
+                    owner,
+                    error: error.to_string(),
+                    retry_at: Some(now_ms() + opts.retry_delay.as_millis() as i64),
+                    counts: false,
+                },
+                Outcome::Deferred,
+            );
+        }
         Err(error) => {
             let retry_at = (file.attempts <= opts.max_retries).then(|| {
                 let backoff = opts
@@ -407,6 +445,7 @@ fn outcome_of(
                     owner,
                     error: error.to_string(),
                     retry_at,
+                    counts: true,
                 },
                 Outcome::Failed,
             );
@@ -502,7 +541,7 @@ impl TallyCounters {
             Outcome::Missing => &self.missing,
             Outcome::Conflict => &self.conflicts,
             Outcome::Failed => &self.failed,
-            Outcome::Unsupported | Outcome::Abandoned => return,
+            Outcome::Unsupported | Outcome::Abandoned | Outcome::Deferred => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.files.fetch_add(1, Ordering::Relaxed);
@@ -611,5 +650,78 @@ async fn create_directories(manifest: &Manifest, store: &Arc<dyn Store>, filter:
         if let Err(e) = store.ensure_dir(&path, mode).await {
             tracing::warn!(dir = %path, error = %e, "cannot create directory at dest");
         }
+    }
+}
+
+/// Whether the dest answers. While it does not, copies fail fast and are retried without using
+/// up their attempts, new work waits with a growing pause, and after `timeout` the sweep stops
+/// (a re-run resumes). One line is logged when the dest goes away and one when it is back.
+struct DestHealth {
+    state: std::sync::Mutex<HealthState>,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+struct HealthState {
+    down_since: Option<Instant>,
+    last_error: String,
+    pause: Duration,
+}
+
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+const LONGEST_PAUSE: Duration = Duration::from_secs(30);
+
+impl DestHealth {
+    fn new(timeout: Duration) -> DestHealth {
+        DestHealth {
+            state: Default::default(),
+            timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record(&self, result: &Result<Stored, StoreError>) {
+        let mut state = self.lock();
+        match result {
+            Err(error) if error.is_transient() => {
+                if state.down_since.is_none() {
+                    tracing::warn!(error = %error, "dest unavailable; copies pause and are retried until it is back");
+                    state.down_since = Some(Instant::now());
+                    state.pause = FIRST_PAUSE;
+                }
+                state.last_error = error.to_string();
+            }
+            _ => {
+                if let Some(since) = state.down_since.take() {
+                    tracing::info!(after = %crate::util::human_duration(since.elapsed()), "dest is back; copies resume");
+                }
+            }
+        }
+    }
+
+    /// While the dest is down: how long to wait before trying it again (growing each time).
+    fn pause(&self) -> Option<Duration> {
+        let mut state = self.lock();
+        state.down_since?;
+        let pause = state.pause;
+        state.pause = (pause * 2).min(LONGEST_PAUSE);
+        Some(pause)
+    }
+
+    fn gave_up(&self) -> Option<String> {
+        let state = self.lock();
+        let since = state.down_since?;
+        (since.elapsed() >= self.timeout).then(|| {
+            format!(
+                "the dest has been unavailable for {} (last error: {})",
+                crate::util::human_duration(since.elapsed()),
+                state.last_error
+            )
+        })
     }
 }

@@ -152,6 +152,9 @@ pub enum FileUpdate {
         owner: String,
         error: String,
         retry_at: Option<i64>,
+        /// false when the dest was unavailable: the failure says nothing about the file, so the
+        /// attempt is given back.
+        counts: bool,
     },
     Missing {
         path: String,
@@ -966,16 +969,18 @@ fn single_update_query(
                 .bind(sha256.as_str())
         }
         FileUpdate::Verified { .. } => return None,
-        FileUpdate::Failed { path, owner, error, retry_at } => sqlx::query(concat!(
+        FileUpdate::Failed { path, owner, error, retry_at, counts } => sqlx::query(concat!(
             "UPDATE entries SET state = 'failed', last_error = $3, next_retry_at = $4, lease_owner = NULL, \
-             lease_expires_at = NULL, version = version + 1, updated_at = $5 ",
+             lease_expires_at = NULL, version = version + 1, updated_at = $5, \
+             attempts = CASE WHEN $6 = 0 AND attempts > 0 THEN attempts - 1 ELSE attempts END ",
             leased!()
         ))
         .bind(path.as_str())
         .bind(owner.as_str())
         .bind(error.as_str())
         .bind(*retry_at)
-        .bind(now),
+        .bind(now)
+        .bind(i64::from(*counts)),
         FileUpdate::Missing { path, owner } => side_state(path, owner, "missing", "source file vanished", now),
         FileUpdate::Conflict { path, owner, reason } => side_state(path, owner, "conflict", reason, now),
         FileUpdate::Unsupported { path, owner, reason } => side_state(path, owner, "unsupported", reason, now),

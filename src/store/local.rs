@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::durable::SyncGroup;
+use super::{blocking, Preflight};
 use super::{
     canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
 };
@@ -190,7 +191,7 @@ impl Store for LocalStore {
         Ok(rel.to_string())
     }
 
-    async fn preflight(&self) -> Result<(), StoreError> {
+    async fn preflight(&self, _mode: Preflight) -> Result<(), StoreError> {
         let root = self.root.clone();
         blocking(move || check_writable(&root)).await
     }
@@ -251,14 +252,6 @@ impl Store for LocalStore {
         })
         .await
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Unusable(format!("copy thread failed: {e}"))))
 }
 
 /// A fully written file that is not yet visible at its key.

@@ -7,8 +7,10 @@
 
 mod durable;
 mod local;
+pub mod s3;
 
 pub use local::LocalStore;
+pub use s3::{RemoteError, RemoteKind, S3Flags, S3Store};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use crate::source::{Attrs, SourceChanged, SourceTree};
 pub enum DestUrl {
     /// `file:///abs/path`: a private local directory.
     Local(PathBuf),
+    /// `s3://bucket/prefix[?endpoint=URL&region=R&path_style=true]`.
+    S3(s3::S3Location),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +45,11 @@ impl DestUrl {
         if text.split('/').any(|segment| segment == "..") {
             return Err(bad("the path may not contain '..'"));
         }
-        let url = url::Url::parse(text)
-            .map_err(|e| bad(&format!("{e}; expected file:///ABSOLUTE/PATH")))?;
+        let url = url::Url::parse(text).map_err(|e| {
+            bad(&format!(
+                "{e}; expected file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX"
+            ))
+        })?;
         match url.scheme() {
             "file" => {
                 if url
@@ -59,11 +66,9 @@ impl DestUrl {
                     .map_err(|_| bad("not a usable local path"))?;
                 Ok(DestUrl::Local(path))
             }
-            "s3" => Err(bad(
-                "S3 destinations are not available in this version; use file:///ABSOLUTE/PATH",
-            )),
+            "s3" => Ok(DestUrl::S3(s3::S3Location::parse(text, &url)?)),
             other => Err(bad(&format!(
-                "unknown scheme {other:?}; expected file:///ABSOLUTE/PATH"
+                "unknown scheme {other:?}; expected file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX"
             ))),
         }
     }
@@ -116,10 +121,27 @@ pub enum StoreError {
         target: String,
         source: Arc<std::io::Error>,
     },
+    #[error("dest {op} {target}: {error}")]
+    Remote {
+        op: &'static str,
+        target: String,
+        error: RemoteError,
+    },
     #[error("{0}")]
     Guard(String),
     #[error("dest unusable: {0}")]
     Unusable(String),
+}
+
+impl StoreError {
+    /// The dest is down or busy, not wrong: the same copy may well work in a while, and the
+    /// failure says nothing about the file.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Remote { error, .. } => error.kind.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// One file to put, with the hashes of objects cutoverfs wrote at its key before (an existing
@@ -153,8 +175,9 @@ pub trait Store: Send + Sync {
     /// The key for a relative path, or the reason this dest cannot hold that name.
     fn key_for(&self, rel: &str) -> Result<String, String>;
 
-    /// Checks, without writing anything, that the dest can be used.
-    async fn preflight(&self) -> Result<(), StoreError>;
+    /// Checks that the dest can be used, before anything else is done with it. `ReadWrite` may
+    /// write a probe (and removes it); `ReadOnly` writes nothing.
+    async fn preflight(&self, mode: Preflight) -> Result<(), StoreError>;
 
     /// Makes the dest ready to receive files (creates the root of a local dest).
     async fn prepare(&self) -> Result<(), StoreError>;
@@ -176,11 +199,31 @@ pub trait Store: Send + Sync {
     async fn ensure_dir(&self, rel: &str, mode: u32) -> Result<(), StoreError>;
 }
 
-/// Builds the store for a dest URL.
-pub fn open_store(url: &DestUrl) -> Result<Arc<dyn Store>, StoreError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflight {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// Builds the store for a dest URL; `flags` are the S3 settings given beside the URL.
+pub async fn open_store(url: &DestUrl, flags: &S3Flags) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         DestUrl::Local(path) => Ok(Arc::new(LocalStore::new(path)?)),
+        DestUrl::S3(location) => {
+            let settings =
+                s3::S3Settings::resolve(location, flags).map_err(StoreError::Unusable)?;
+            Ok(Arc::new(S3Store::connect(settings).await?))
+        }
     }
+}
+
+/// Runs blocking file work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Unusable(format!("copy thread failed: {e}"))))
 }
 
 /// The canonical form of a path that may not exist yet: its deepest existing ancestor
@@ -222,6 +265,7 @@ mod tests {
             ("/srv/private", "expected file:///"),
             ("file://host/srv", "takes no host"),
             ("ftp://x/y", "unknown scheme"),
+            ("s3://Bad_Bucket/x", "not a valid bucket name"),
             ("file:///srv/../etc", "'..'"),
             ("file:///srv?x=1", "no ?query"),
         ] {

@@ -1,0 +1,447 @@
+//! The S3 dest: `s3://bucket/prefix` on AWS S3 or any S3-compatible server.
+//!
+//! Owns: the S3 client (credentials from the standard AWS chain, timeouts, retries), keys, the
+//! ownership rule for objects, single and multipart uploads, and the preflight. It never touches
+//! the manifest or the mount: what it knows of ownership comes in the `PutRequest` and the
+//! `PublishGuard`, and it answers per file.
+//!
+//! Safety (DESIGN §4.2, §4.3): every object we write carries `x-amz-meta-cutoverfs-writer` (the
+//! manifest id) and `x-amz-meta-cutoverfs-sha256`; a key is checked with a HEAD before it is
+//! written and written with `If-None-Match: *` (or `If-Match` on the etag of our own older
+//! version), because some servers ignore the header and others honour it. Uploads carry
+//! `x-amz-checksum-sha256` (per part for multipart) so the server rejects corrupted bytes, and
+//! a multipart upload that fails is aborted, so nothing partial is ever visible.
+
+mod failure;
+mod settings;
+mod upload;
+
+pub use failure::{RemoteError, RemoteKind};
+pub use settings::{S3Flags, S3Location, S3Settings, Sse};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumMode;
+use aws_sdk_s3::Client;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use super::{Preflight, PublishGuard, PutOutcome, PutRequest, Store, StoreError, Stored};
+
+/// User metadata names (sent as `x-amz-meta-<name>`).
+pub const META_WRITER: &str = "cutoverfs-writer";
+pub const META_SHA256: &str = "cutoverfs-sha256";
+pub const META_MTIME: &str = "mtime";
+pub const META_MODE: &str = "mode";
+
+/// Longest key S3 accepts, in bytes.
+const MAX_KEY_BYTES: usize = 1024;
+
+pub struct S3Store {
+    client: Client,
+    settings: S3Settings,
+    /// File bytes held in memory by uploads, in KiB permits, shared by all files in flight.
+    memory: Arc<Semaphore>,
+}
+
+impl S3Store {
+    pub async fn connect(settings: S3Settings) -> Result<S3Store, StoreError> {
+        let client = build_client(&settings).await?;
+        let permits = (settings.upload_memory >> 10).min(Semaphore::MAX_PERMITS as u64) as usize;
+        Ok(S3Store {
+            client,
+            memory: Arc::new(Semaphore::new(permits)),
+            settings,
+        })
+    }
+
+    /// The server, for messages.
+    fn endpoint_display(&self) -> String {
+        match (&self.settings.endpoint, &self.settings.region) {
+            (Some(endpoint), _) => endpoint.clone(),
+            (None, Some(region)) => format!("AWS S3 ({region})"),
+            (None, None) => "AWS S3".to_string(),
+        }
+    }
+
+    fn remote(&self, op: &'static str, key: &str, error: RemoteError) -> StoreError {
+        StoreError::Remote {
+            op,
+            target: format!("s3://{}/{key}", self.settings.bucket),
+            error,
+        }
+    }
+
+    /// What is at `key` now, if anything.
+    async fn head(&self, key: &str) -> Result<Option<Existing>, RemoteError> {
+        let answer = self
+            .client
+            .head_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await;
+        match answer {
+            Ok(head) => Ok(Some(Existing {
+                size: head.content_length().unwrap_or(0).max(0) as u64,
+                etag: head.e_tag().map(str::to_string),
+                metadata: head.metadata().cloned().unwrap_or_default(),
+                checksum_sha256: head.checksum_sha256().map(str::to_string),
+            })),
+            Err(e) => {
+                let error = RemoteError::classify(e);
+                match error.kind {
+                    RemoteKind::NotFound => Ok(None),
+                    _ => Err(error),
+                }
+            }
+        }
+    }
+
+    /// SHA-256 of the object at `key`, read in full (for objects cutoverfs did not write and
+    /// whose size matches: the only way to know they hold the same content).
+    async fn hash_object(&self, key: &str) -> Result<String, RemoteError> {
+        use sha2::Digest;
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(RemoteError::classify)?;
+        let mut body = object.body;
+        let mut hasher = sha2::Sha256::new();
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| RemoteError::other(format!("reading {key}: {e}")))?
+        {
+            hasher.update(&chunk);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        self.client
+            .delete_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(RemoteError::classify)
+    }
+
+    /// Says what to do about an existing object whose content is unknown but size matches.
+    async fn settle_unmarked(
+        &self,
+        key: &str,
+        sha256: &str,
+        size: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        let theirs = self
+            .hash_object(key)
+            .await
+            .map_err(|e| self.remote("read", key, e))?;
+        Ok(if theirs == sha256 {
+            PutOutcome::AlreadyThere {
+                sha256: sha256.to_string(),
+                size,
+                ours: false,
+            }
+        } else {
+            PutOutcome::Conflict {
+                reason: format!(
+                    "the dest holds a different object of the same size ({size} bytes, SHA-256 {theirs}) that cutoverfs did not write"
+                ),
+            }
+        })
+    }
+
+    /// Probe object round trip: written, read back, compared and deleted.
+    async fn probe(&self) -> Result<(), StoreError> {
+        let key = format!(
+            "{}.cutoverfs-probe-{:016x}",
+            self.settings.prefix,
+            rand::random::<u64>()
+        );
+        let body = format!("cutoverfs preflight probe {key}\n").into_bytes();
+        let sha = upload::Sha256Sum::of(&body);
+        let unusable = |what: &str, e: RemoteError| {
+            StoreError::Unusable(format!(
+                "{what} a probe object at s3://{}/{key} on {}: {}",
+                self.settings.bucket,
+                self.endpoint_display(),
+                explain(&e)
+            ))
+        };
+        self.client
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(&key)
+            .checksum_sha256(&sha.base64)
+            .if_none_match("*")
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .map_err(|e| unusable("cannot write", RemoteError::classify(e)))?;
+        let read_back = async {
+            let object = self
+                .client
+                .get_object()
+                .bucket(&self.settings.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(RemoteError::classify)?;
+            let bytes = object
+                .body
+                .collect()
+                .await
+                .map_err(|e| RemoteError::other(e.to_string()))?
+                .into_bytes();
+            Ok::<_, RemoteError>(bytes)
+        }
+        .await;
+        let deleted = self.delete(&key).await;
+        let bytes = read_back.map_err(|e| unusable("cannot read back", e))?;
+        if bytes.as_ref() != body.as_slice() {
+            return Err(StoreError::Unusable(format!(
+                "the probe object read back from s3://{}/{key} differs from what was written",
+                self.settings.bucket
+            )));
+        }
+        deleted.map_err(|e| unusable("cannot delete", e))
+    }
+}
+
+/// What a HEAD said about a key.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Existing {
+    size: u64,
+    etag: Option<String>,
+    metadata: HashMap<String, String>,
+    /// Base64 SHA-256 of the whole object, when the server keeps one (single-part uploads).
+    checksum_sha256: Option<String>,
+}
+
+/// What to do at a key, decided from its HEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Nothing there: create, only if still nothing there.
+    Create,
+    /// An older object of ours: replace it, only if it is still that one.
+    Replace {
+        etag: Option<String>,
+    },
+    Done(PutOutcome),
+    /// Someone else's object of the same size and unknown content: read it to decide.
+    CompareContent,
+}
+
+/// The ownership rule (DESIGN §4.2): an object is ours if it carries our manifest id, or its
+/// recorded hash is one we wrote at this key before. Ours may be replaced; anything else only
+/// counts as done when it holds exactly the same bytes.
+pub(crate) fn decide(
+    existing: Option<&Existing>,
+    writer: &str,
+    owned_sha256: &[String],
+    sha256: &upload::Sha256Sum,
+    size: u64,
+) -> Decision {
+    let Some(existing) = existing else {
+        return Decision::Create;
+    };
+    let recorded = existing.metadata.get(META_SHA256);
+    let ours = existing.metadata.get(META_WRITER).map(String::as_str) == Some(writer)
+        || recorded.is_some_and(|hash| owned_sha256.contains(hash));
+    let already = |ours| {
+        Decision::Done(PutOutcome::AlreadyThere {
+            sha256: sha256.hex.clone(),
+            size,
+            ours,
+        })
+    };
+    if ours {
+        return if existing.size == size && recorded == Some(&sha256.hex) {
+            already(true)
+        } else {
+            Decision::Replace {
+                etag: existing.etag.clone(),
+            }
+        };
+    }
+    if existing.size != size {
+        return Decision::Done(PutOutcome::Conflict {
+            reason: format!(
+                "the dest holds a different object ({} bytes, not {size}) that cutoverfs did not write",
+                existing.size
+            ),
+        });
+    }
+    match &existing.checksum_sha256 {
+        Some(theirs) if !theirs.contains('-') => {
+            if *theirs == sha256.base64 {
+                already(false)
+            } else {
+                Decision::Done(PutOutcome::Conflict {
+                    reason: "the dest holds a different object of the same size that cutoverfs did not write".into(),
+                })
+            }
+        }
+        _ => Decision::CompareContent,
+    }
+}
+
+#[async_trait]
+impl Store for S3Store {
+    fn canonical_url(&self) -> String {
+        self.settings.canonical_url()
+    }
+
+    fn key_for(&self, rel: &str) -> Result<String, String> {
+        if rel.chars().any(char::is_control) {
+            return Err(
+                "the name holds a control character, which S3 listings cannot return".into(),
+            );
+        }
+        let key = format!("{}{rel}", self.settings.prefix);
+        if key.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "the key would be {} bytes long; S3 keys hold at most {MAX_KEY_BYTES}",
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
+
+    async fn preflight(&self, mode: Preflight) -> Result<(), StoreError> {
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.settings.bucket)
+            .prefix(&self.settings.prefix)
+            .max_keys(1)
+            .send()
+            .await;
+        if let Err(e) = listed {
+            let error = RemoteError::classify(e);
+            return Err(StoreError::Unusable(format!(
+                "cannot use s3://{}/{} on {}: {}",
+                self.settings.bucket,
+                self.settings.prefix,
+                self.endpoint_display(),
+                explain(&error)
+            )));
+        }
+        match mode {
+            Preflight::ReadWrite => self.probe().await,
+            Preflight::ReadOnly => Ok(()),
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn put_many(
+        &self,
+        requests: Vec<PutRequest>,
+        guard: &dyn PublishGuard,
+    ) -> Vec<Result<Stored, StoreError>> {
+        let writer = guard.writer_id();
+        let puts = requests.into_iter().map(|request| {
+            let span = tracing::info_span!("put", key = %request.key);
+            self.put_one(request, &writer).instrument(span)
+        });
+        futures_util::future::join_all(puts).await
+    }
+
+    async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.head(key)
+            .await
+            .map(|found| found.map(|e| e.size))
+            .map_err(|e| self.remote("head", key, e))
+    }
+
+    /// S3 has no directories; the manifest keeps them.
+    async fn ensure_dir(&self, _rel: &str, _mode: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The operator-facing sentence for a failure of the first requests to a dest.
+fn explain(error: &RemoteError) -> String {
+    let hint = match error.kind {
+        RemoteKind::Unreachable => "endpoint unreachable (is the server up, the URL right?)",
+        RemoteKind::Timeout => "the endpoint did not answer in time",
+        RemoteKind::Tls => "TLS handshake failed (https to a plain-http port, or an untrusted certificate?)",
+        RemoteKind::AccessDenied => {
+            "access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile) and the bucket policy"
+        }
+        RemoteKind::NoCredentials => {
+            // The SDK's own words list every provider it tried; the hint says it all.
+            return "no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile (--s3-profile), or run where instance credentials exist".to_string();
+        }
+        RemoteKind::NoSuchBucket | RemoteKind::NotFound => "no such bucket",
+        RemoteKind::ClockSkew => {
+            "clock skew: the server says this machine's clock is off; fix the time (NTP) and retry"
+        }
+        _ => error.kind.describe(),
+    };
+    format!("{hint} [{}]", error.detail)
+}
+
+async fn build_client(settings: &S3Settings) -> Result<Client, StoreError> {
+    use aws_config::retry::RetryConfig;
+    use aws_config::timeout::TimeoutConfig;
+    let t = settings.timeouts;
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(t.connect)
+                .read_timeout(t.read)
+                .operation_attempt_timeout(t.attempt)
+                .build(),
+        )
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(t.max_attempts)
+                .with_initial_backoff(Duration::from_millis(200))
+                .with_max_backoff(Duration::from_secs(5)),
+        );
+    if let Some(profile) = &settings.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &settings.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let shared = loader.load().await;
+    let mut config = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(settings.path_style)
+        // We send SHA-256 ourselves; the SDK's default CRC32 on top would cost a second pass.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    if shared.region().is_none() {
+        if settings.endpoint.is_none() {
+            return Err(StoreError::Unusable(
+                "no AWS region: give ?region= in the dest URL, --s3-region, or AWS_REGION".into(),
+            ));
+        }
+        // S3-compatible servers mostly accept any region; this is what they expect by default.
+        config = config.region(Region::new("us-east-1"));
+    }
+    Ok(Client::from_conf(config.build()))
+}
