@@ -59,6 +59,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         target: target.clone(),
         scope: Scope::default(),
         json: false,
+        prices: Default::default(),
     })
     .await?;
 

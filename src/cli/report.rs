@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{exit, with_existing_manifest, with_optional_manifest, Scope, Target};
-use crate::engine::plan::{make_plan, Fate, Plan};
+use crate::engine::plan::{make_plan, Fate, Plan, Prices};
 use crate::manifest::{BatchRow, Manifest, State};
 use crate::util::{human_bytes, human_duration};
 
@@ -20,6 +20,43 @@ pub struct PlanArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub prices: PriceArgs,
+}
+
+/// Object store prices for the cost estimate (default: AWS S3 Standard, as in seed 004).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cost estimate (S3 dests)")]
+pub struct PriceArgs {
+    /// Storage price per GB and month.
+    #[arg(long, value_name = "USD", default_value_t = 0.023)]
+    pub price_storage_gb_month: f64,
+    /// Price per 1,000 PUT, COPY, POST or LIST requests.
+    #[arg(long, value_name = "USD", default_value_t = 0.005)]
+    pub price_put_per_1000: f64,
+    /// Price per 1,000 GET or HEAD requests.
+    #[arg(long, value_name = "USD", default_value_t = 0.0004)]
+    pub price_get_per_1000: f64,
+}
+
+impl Default for PriceArgs {
+    fn default() -> Self {
+        PriceArgs {
+            price_storage_gb_month: 0.023,
+            price_put_per_1000: 0.005,
+            price_get_per_1000: 0.0004,
+        }
+    }
+}
+
+impl PriceArgs {
+    fn prices(&self) -> Prices {
+        Prices {
+            storage_gb_month: self.price_storage_gb_month,
+            put_per_1000: self.price_put_per_1000,
+            get_per_1000: self.price_get_per_1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -76,7 +113,8 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
             serde_json::to_string_pretty(&plan_json(
                 &plan,
                 &resolved.pair.source,
-                &resolved.pair.dest
+                &resolved.pair.dest,
+                &args.prices.prices(),
             ))?
         );
         return Ok(exit::OK);
@@ -130,7 +168,36 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
         human_duration(plan.estimate()),
         plan.estimate_basis
     );
+    if bills_requests(&resolved.pair.dest) {
+        let prices = args.prices.prices();
+        let cost = plan.cost(&prices);
+        println!(
+            "Estimated cost:     ${} once for {} write and {} read requests; ${} a month to store {} \
+             (at ${}/GB-month, ${}/1k writes, ${}/1k reads; set with --price-*)",
+            usd(cost.requests_once),
+            plan.requests.put,
+            plan.requests.get,
+            usd(cost.storage_month),
+            human_bytes(plan.files.bytes),
+            prices.storage_gb_month,
+            prices.put_per_1000,
+            prices.get_per_1000,
+        );
+    }
     Ok(exit::OK)
+}
+
+/// Cents for real sums, more digits for the small ones a test migration costs.
+fn usd(amount: f64) -> String {
+    if amount >= 1.0 || amount == 0.0 {
+        format!("{amount:.2}")
+    } else {
+        format!("{amount:.4}")
+    }
+}
+
+fn bills_requests(dest: &str) -> bool {
+    dest.starts_with("s3://")
 }
 
 fn fate_label(fate: Fate) -> &'static str {
@@ -145,10 +212,13 @@ fn fate_label(fate: Fate) -> &'static str {
     }
 }
 
-fn plan_json(plan: &Plan, source: &str, dest: &str) -> serde_json::Value {
+fn plan_json(plan: &Plan, source: &str, dest: &str, prices: &Prices) -> serde_json::Value {
     let mut value = serde_json::to_value(plan).unwrap_or_default();
     value["source"] = json!(source);
     value["dest"] = json!(dest);
+    if bills_requests(dest) {
+        value["cost"] = json!({"prices": prices, "estimate_usd": plan.cost(prices)});
+    }
     value["by_folder"] = plan
         .by_folder
         .iter()

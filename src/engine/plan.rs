@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use super::filter::PathFilter;
 use super::scan::start_walk;
 use crate::manifest::{after_scan, Kind, Manifest, ManifestError, ScanChange, State};
@@ -56,7 +58,46 @@ pub struct Plan {
     pub by_folder: BTreeMap<String, (Totals, Totals)>,
     pub estimate_seconds: f64,
     pub estimate_basis: String,
+    /// Requests a sweep would make of a dest that bills them (S3): writes, and reads (HEADs).
+    pub requests: Requests,
 }
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Requests {
+    /// PUT, COPY, POST, LIST class.
+    pub put: u64,
+    /// GET, HEAD class.
+    pub get: u64,
+}
+
+/// Prices of an object store, for the estimate `plan` prints.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Prices {
+    pub storage_gb_month: f64,
+    pub put_per_1000: f64,
+    pub get_per_1000: f64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Cost {
+    /// The requests of the migration, paid once.
+    pub requests_once: f64,
+    /// Storing every file in scope, per month.
+    pub storage_month: f64,
+}
+
+impl Plan {
+    pub fn cost(&self, prices: &Prices) -> Cost {
+        let gb = self.files.bytes as f64 / 1e9;
+        Cost {
+            requests_once: self.requests.put as f64 / 1000.0 * prices.put_per_1000
+                + self.requests.get as f64 / 1000.0 * prices.get_per_1000,
+            storage_month: gb * prices.storage_gb_month,
+        }
+    }
+}
+
+const DEST_QUERIES_IN_FLIGHT: usize = 64;
 
 /// Default speeds for estimates before any batch has been measured.
 const ASSUMED_BYTES_PER_SEC: f64 = 200.0 * 1024.0 * 1024.0;
@@ -77,6 +118,7 @@ pub async fn make_plan(
             Some(m) => m.recorded(&paths).await?,
             None => Default::default(),
         };
+        let mut files = Vec::new();
         for scanned in &batch {
             if scanned.kind == Kind::Dir && scanned.unsupported.is_none() {
                 plan.dirs += 1;
@@ -92,14 +134,35 @@ pub async fn make_plan(
                 (ScanChange::Unchanged, Some(old)) => old.state,
                 (ScanChange::Unchanged, None) => State::Pending,
             };
-            let owned = old.is_some_and(|o| o.dest_owned);
-            let fate = match state {
-                State::Pending => fate_at_dest(&*store, &scanned.path, scanned.size, owned).await,
-                State::Verified => Fate::Verified,
-                State::Unsupported => Fate::Unsupported,
-                State::Conflict => Fate::Conflict,
-                _ => Fate::Other,
-            };
+            files.push((scanned, state, old.is_some_and(|o| o.dest_owned)));
+        }
+        // The dest is asked about many files at once: one at a time, a remote dest would take
+        // a round trip per file.
+        let fates: Vec<Fate> = futures_util::stream::iter(&files)
+            .map(|(scanned, state, owned)| {
+                let store = &store;
+                async move {
+                    match state {
+                        State::Pending => {
+                            fate_at_dest(&**store, &scanned.path, scanned.size, *owned).await
+                        }
+                        State::Verified => Fate::Verified,
+                        State::Unsupported => Fate::Unsupported,
+                        State::Conflict => Fate::Conflict,
+                        _ => Fate::Other,
+                    }
+                }
+            })
+            .buffered(DEST_QUERIES_IN_FLIGHT)
+            .collect()
+            .await;
+        for ((scanned, state, _), fate) in files.into_iter().zip(fates) {
+            if state == State::Pending {
+                plan.requests.get += 1;
+            }
+            if fate == Fate::Copy {
+                plan.requests.put += store.put_requests(scanned.size);
+            }
             record(&mut plan, &scanned.path, state, fate, scanned.size);
         }
     }

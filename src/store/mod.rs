@@ -192,6 +192,12 @@ pub trait Store: Send + Sync {
         guard: &dyn PublishGuard,
     ) -> Vec<Result<Stored, StoreError>>;
 
+    /// Billable write requests (PUT class) a put of a file of this size makes; 0 where nothing
+    /// is billed.
+    fn put_requests(&self, _size: u64) -> u64 {
+        0
+    }
+
     /// The size of whatever is at `key`, if anything (for dry runs: reads nothing else).
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError>;
 

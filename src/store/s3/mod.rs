@@ -366,6 +366,15 @@ impl Store for S3Store {
         futures_util::future::join_all(puts).await
     }
 
+    fn put_requests(&self, size: u64) -> u64 {
+        if size < self.settings.multipart_threshold {
+            1
+        } else {
+            // create + parts + complete
+            2 + size.div_ceil(self.settings.part_size_for(size))
+        }
+    }
+
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.head(key)
             .await
