@@ -165,12 +165,7 @@ impl Scope {
 }
 
 pub fn main() -> ExitCode {
-    // Like other command-line tools, end quietly when the reader of stdout goes away
-    // (`cutoverfs status | head`) instead of panicking on a broken pipe.
-    // SAFETY: restoring the default disposition of a signal before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    end_quietly_when_stdout_closes();
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -199,6 +194,35 @@ pub fn main() -> ExitCode {
             eprintln!("cutoverfs: error: {e:#}");
             ExitCode::from(exit::ERROR)
         }
+    }
+}
+
+/// Like other command-line tools, end quietly when the reader of stdout goes away
+/// (`cutoverfs status | head`) instead of panicking on a broken pipe. SIGPIPE cannot simply get
+/// its default action back: a write to a network connection the server reset raises it too,
+/// and that must stay an error the S3 client handles, not the end of the process. So the handler
+/// ends the process only when it is stdout that has no reader any more.
+fn end_quietly_when_stdout_closes() {
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        let mut stdout = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll and _exit are async-signal-safe; the pollfd lives on this stack.
+        unsafe {
+            if libc::poll(&mut stdout, 1, 0) == 1 && stdout.revents & libc::POLLERR != 0 {
+                libc::_exit(128 + libc::SIGPIPE);
+            }
+        }
+    }
+    // SAFETY: installing a handler that only calls async-signal-safe functions, before any
+    // thread starts.
+    unsafe {
+        libc::signal(
+            libc::SIGPIPE,
+            on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
 

@@ -18,7 +18,9 @@ use super::filter::PathFilter;
 use super::progress::Progress;
 use crate::manifest::{now_ms, BatchTally, Claimed, FileUpdate, Manifest, ManifestError};
 use crate::source::SourceTree;
-use crate::store::{PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored};
+use crate::store::{
+    Preflight, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
+};
 
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
@@ -366,12 +368,11 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
         owner,
         paths: requested.iter().map(|i| files[*i].path.clone()).collect(),
     };
+    let started = Instant::now();
     let stored = shared.store.put_many(requests, &guard).await;
-    for result in &stored {
-        shared.health.record(result);
-    }
+    let dest_up = shared.health.judge(&*shared.store, started, &stored).await;
     for ((i, key), result) in requested.into_iter().zip(keys).zip(stored) {
-        results[i] = Some(outcome_of(&files[i], key, result, &shared.opts));
+        results[i] = Some(outcome_of(&files[i], key, result, dest_up, &shared.opts));
     }
     let (updates, outcomes): (Vec<FileUpdate>, Vec<Outcome>) =
         results.into_iter().flatten().unzip();
@@ -406,6 +407,7 @@ fn outcome_of(
     file: &Claimed,
     key: String,
     result: Result<Stored, StoreError>,
+    dest_up: bool,
     opts: &SweepOptions,
 ) -> (FileUpdate, Outcome) {
     let (path, owner) = (file.path.clone(), opts.node.clone());
@@ -415,7 +417,7 @@ fn outcome_of(
         Err(StoreError::SourceMissing) => {
             return (FileUpdate::Missing { path, owner }, Outcome::Missing)
         }
-        Err(error) if error.is_transient() => {
+        Err(error) if error.is_unreachable() || (error.is_transient() && !dest_up) => {
             tracing::debug!(error = %error, "dest unavailable; will retry");
             return (
                 FileUpdate::Failed {
@@ -663,6 +665,7 @@ struct DestHealth {
 
 #[derive(Default)]
 struct HealthState {
+    last_success: Option<Instant>,
     down_since: Option<Instant>,
     last_error: String,
     pause: Duration,
@@ -685,23 +688,68 @@ impl DestHealth {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn record(&self, result: &Result<Stored, StoreError>) {
-        let mut state = self.lock();
-        match result {
-            Err(error) if error.is_transient() => {
-                if state.down_since.is_none() {
-                    tracing::warn!(error = %error, "dest unavailable; copies pause and are retried until it is back");
-                    state.down_since = Some(Instant::now());
-                    state.pause = FIRST_PAUSE;
-                }
-                state.last_error = error.to_string();
+    /// Whether the dest works, judged from a group's results: a transient failure (5xx,
+    /// throttling, timeout) is the dest's fault, not the file's, only when nothing else
+    /// succeeded since the group started and a cheap read-only check of the dest fails too.
+    /// (A refused connection is always the dest's: see `outcome_of`.)
+    async fn judge(
+        &self,
+        store: &dyn Store,
+        group_started: Instant,
+        results: &[Result<Stored, StoreError>],
+    ) -> bool {
+        let failure = results
+            .iter()
+            .find_map(|r| r.as_ref().err().filter(|e| e.is_transient()));
+        let answered = |r: &Result<Stored, StoreError>| match r {
+            Ok(_) => true,
+            Err(e @ StoreError::Remote { .. }) => !e.is_transient(),
+            Err(_) => false,
+        };
+        if results.iter().any(answered) {
+            self.mark_up();
+        }
+        let Some(failure) = failure else {
+            return true;
+        };
+        if self
+            .lock()
+            .last_success
+            .is_some_and(|at| at >= group_started)
+        {
+            return true;
+        }
+        match store.preflight(Preflight::ReadOnly).await {
+            Ok(()) => {
+                self.mark_up();
+                true
             }
-            _ => {
-                if let Some(since) = state.down_since.take() {
-                    tracing::info!(after = %crate::util::human_duration(since.elapsed()), "dest is back; copies resume");
-                }
+            Err(check) => {
+                self.mark_down(&format!("{failure} (check: {check})"));
+                false
             }
         }
+    }
+
+    fn mark_up(&self) {
+        let mut state = self.lock();
+        state.last_success = Some(Instant::now());
+        if let Some(since) = state.down_since.take() {
+            tracing::info!(after = %crate::util::human_duration(since.elapsed()), "dest is back; copies resume");
+        }
+    }
+
+    fn mark_down(&self, error: &str) {
+        let mut state = self.lock();
+        if state.down_since.is_none() {
+            tracing::warn!(
+                error,
+                "dest unavailable; copies pause and are retried until it is back"
+            );
+            state.down_since = Some(Instant::now());
+            state.pause = FIRST_PAUSE;
+        }
+        state.last_error = error.to_string();
     }
 
     /// While the dest is down: how long to wait before trying it again (growing each time).

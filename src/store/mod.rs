@@ -142,6 +142,11 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// No connection could be made at all: never the fault of the file being copied.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StoreError::Remote { error, .. } if error.kind == RemoteKind::Unreachable)
+    }
 }
 
 /// One file to put, with the hashes of objects cutoverfs wrote at its key before (an existing

@@ -2,6 +2,8 @@
 //! reading `status --json`, and comparing trees (content, mode, times, owner).
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
