@@ -329,6 +329,16 @@ s3_tests! {
         expect_refusal(&w.dest(), &[("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789abcdef")], "access denied");
         expect_refusal(&w.dest(), &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")], "no credentials");
         expect_refusal(&format!("{}&colour=blue", w.dest()), &[], "unknown option");
+        // A clock a month behind: libfaketime (Debian's faketime, installed by .ci/run).
+        let mut cmd = std::process::Command::new("faketime");
+        server.apply_env(&mut cmd);
+        cmd.env_remove("CUTOVERFS_LOG").env_remove("CUTOVERFS_MANIFEST").stdin(Stdio::null());
+        cmd.args(["-f", "-30d", common::bin()]);
+        cmd.args(w.args("sweep", &w.dest(), &["--no-progress"]));
+        let run = run_command(&mut cmd);
+        run.assert_code(2);
+        assert!(run.stderr.contains("clock skew"), "needs faketime (apt-get install faketime): {run}");
+        assert!(!w.work.manifest.exists());
         assert!(server.list("preflight/").is_empty(), "nothing written");
         // The secret never reaches the output.
         let mut cmd = command();

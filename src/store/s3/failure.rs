@@ -113,7 +113,13 @@ impl RemoteError {
             SdkError::ServiceError(service) => {
                 let status = service.raw().status().as_u16();
                 let code = service.err().code().map(str::to_string);
-                (kind_of_status(status, code.as_deref()), Some(status), code)
+                let message = service.err().message().unwrap_or_default();
+                let kind = if is_about_the_clock(message) {
+                    RemoteKind::ClockSkew
+                } else {
+                    kind_of_status(status, code.as_deref())
+                };
+                (kind, Some(status), code)
             }
             _ if lower.contains("credential") => (RemoteKind::NoCredentials, None, None),
             _ => (RemoteKind::Other, None, None),
@@ -125,6 +131,14 @@ impl RemoteError {
             detail: short_detail(&detail),
         }
     }
+}
+
+/// Servers word a request dated too far from their clock differently (AWS: the code
+/// RequestTimeTooSkewed; Garage: InvalidRequest "Date is too old").
+fn is_about_the_clock(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("skew")
+        || (message.contains("date") && (message.contains("too old") || message.contains("future")))
 }
 
 fn kind_of_status(status: u16, code: Option<&str>) -> RemoteKind {

@@ -12,6 +12,7 @@
 //! `x-amz-checksum-sha256` (per part for multipart) so the server rejects corrupted bytes, and
 //! a multipart upload that fails is aborted, so nothing partial is ever visible.
 
+mod clock;
 mod failure;
 mod settings;
 mod upload;
@@ -325,14 +326,24 @@ impl Store for S3Store {
     }
 
     async fn preflight(&self, mode: Preflight) -> Result<(), StoreError> {
+        let server_date = clock::ServerDate::default();
         let listed = self
             .client
             .list_objects_v2()
             .bucket(&self.settings.bucket)
             .prefix(&self.settings.prefix)
             .max_keys(1)
+            .customize()
+            .interceptor(server_date.clone())
             .send()
             .await;
+        if let Some((theirs, ours, off)) = server_date.skew() {
+            return Err(StoreError::Unusable(format!(
+                "clock skew: this machine's clock is {} off the server's ({ours} here, {theirs} at {}); S3 refuses requests more than 15 minutes off: fix the time (NTP) and retry",
+                humantime::format_duration(Duration::from_secs(off.as_secs())),
+                self.endpoint_display()
+            )));
+        }
         if let Err(e) = listed {
             let error = RemoteError::classify(e);
             return Err(StoreError::Unusable(format!(
