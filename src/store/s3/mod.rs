@@ -171,7 +171,7 @@ impl S3Store {
     /// Probe object round trip: written, read back, compared and deleted.
     async fn probe(&self) -> Result<(), StoreError> {
         let key = format!(
-            "{}.cutoverfs-probe-{:016x}",
+            "{}{PROBE_PREFIX}{:016x}",
             self.settings.prefix,
             rand::random::<u64>()
         );
@@ -214,6 +214,7 @@ impl S3Store {
         }
         .await;
         let deleted = self.delete(&key).await;
+        self.remove_stale_probes().await;
         let bytes = read_back.map_err(|e| unusable("cannot read back", e))?;
         if bytes.as_ref() != body.as_slice() {
             return Err(StoreError::Unusable(format!(
@@ -224,6 +225,36 @@ impl S3Store {
         deleted.map_err(|e| unusable("cannot delete", e))
     }
 }
+
+impl S3Store {
+    /// Probe objects of runs killed between writing and deleting their probe. Only old ones: a
+    /// young probe may belong to another node's preflight in progress.
+    async fn remove_stale_probes(&self) {
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.settings.bucket)
+            .prefix(format!("{}{PROBE_PREFIX}", self.settings.prefix))
+            .send()
+            .await;
+        let Ok(listed) = listed else { return };
+        let stale_before = std::time::SystemTime::now() - STALE_PROBE_AGE;
+        for object in listed.contents() {
+            let old = object
+                .last_modified()
+                .and_then(|at| std::time::SystemTime::try_from(*at).ok())
+                .is_some_and(|at| at < stale_before);
+            if let (true, Some(key)) = (old, object.key()) {
+                if let Err(e) = self.delete(key).await {
+                    tracing::debug!(key, error = %e, "cannot remove a stale probe object");
+                }
+            }
+        }
+    }
+}
+
+const PROBE_PREFIX: &str = ".cutoverfs-probe-";
+const STALE_PROBE_AGE: Duration = Duration::from_secs(600);
 
 /// What a HEAD said about a key.
 #[derive(Debug, Clone, Default)]
