@@ -3,8 +3,9 @@
 
 Usage: bench/report.py BENCH_DIR OUTPUT.md
 
-Reads BENCH_DIR/results.csv (case,contender,round,seconds), BENCH_DIR/meta.tsv (what each case
-measured and its targets, written by bench/run) and BENCH_DIR/load.csv (load average before each
+Reads BENCH_DIR/results.csv (case,contender,round,seconds; seconds is "failed" for a run that
+failed), BENCH_DIR/meta.tsv (what each case measured, its targets, and why runs failed or uploaded
+the wrong objects, written by bench/run) and BENCH_DIR/load.csv (load average before each
 timed command). Every figure and every met/not met comes from those files; nothing here knows
 the results in advance. Standard library only.
 """
@@ -20,7 +21,9 @@ from collections import OrderedDict, defaultdict
 
 
 def read_meta(path):
-    info, cases, targets = {}, OrderedDict(), defaultdict(list)
+    """info, cases, targets, and problems: {case: [(kind, contender, round, text)]} where kind is
+    "failure" (the command failed) or "invalid" (its upload did not match the source)."""
+    info, cases, targets, problems = {}, OrderedDict(), defaultdict(list), defaultdict(list)
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             f = line.rstrip("\n").split("\t")
@@ -43,7 +46,9 @@ def read_meta(path):
                 targets[case].append(
                     {"kind": kind, "subject": subject, "peer": peer, "min": float(minimum), "label": label}
                 )
-    return info, cases, targets
+            elif f[0] in ("failure", "invalid") and len(f) >= 5:
+                problems[f[1]].append((f[0], f[2], f[3], f[4]))
+    return info, cases, targets, problems
 
 
 def read_results(path):
@@ -195,6 +200,27 @@ CONTENDER_NOTES = {
     "cutoverfs re-sweep: whole run": "the wall time of that second sweep (information).",
     "find -printf (stat walk)": "`find SRC -printf '%s %T@ %m %U %G\\n' > /dev/null`: a single-threaded "
     "walk that `lstat`s every entry and formats what the manifest records; the native floor for a scan.",
+    # S3 cases. EP is the Garage endpoint (http://127.0.0.1:PORT), PREFIX a new key prefix per run;
+    # every client gets the key in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION=garage and
+    # a private, empty AWS config (path-style addressing) and rclone config.
+    "cutoverfs sweep → S3": "`cutoverfs sweep --source SRC --dest 's3://media/PREFIX?endpoint=EP&region=garage&path_style=true' "
+    "--manifest sqlite:///RUN/m.db --no-progress`: scans the source into a new SQLite manifest, uploads every "
+    "file while computing its SHA-256, and records each object verified in the manifest. The time includes "
+    "process start and creating the manifest.",
+    "s5cmd cp": "`s5cmd --endpoint-url EP cp 'SRC/*' s3://media/PREFIX/` (defaults: 256 workers; multipart "
+    "in 50 MiB parts, 5 at a time per file). It sends path-style requests to a custom endpoint without being "
+    "told to. Keeps no record of what it uploaded.",
+    "rclone copy": "`env -u AWS_CA_BUNDLE rclone copy SRC :s3:media/PREFIX --s3-provider Other --s3-endpoint EP "
+    "--s3-region garage --s3-force-path-style --s3-access-key-id … --s3-secret-access-key …` with rclone's "
+    "defaults: 4 transfers, 8 checkers; files over 200 MiB go multipart in 5 MiB chunks, 4 at a time, after "
+    "rclone computes the file's MD5 to store as metadata. Lists the (empty) destination first. "
+    "(`env -u AWS_CA_BUNDLE`: rclone refuses to start when that variable is set.)",
+    "rclone copy --transfers 32 --checkers 32": "the same rclone command with 8× the default transfers and 4× "
+    "the default checkers: what a user tuning rclone for many small files would do (information beyond the "
+    "defaults, not one of the targets).",
+    "aws s3 sync": "`aws --endpoint-url EP s3 sync SRC s3://media/PREFIX/ --no-progress` (AWS CLI v1 defaults: "
+    "10 concurrent requests; files over 8 MiB go multipart in 8 MiB parts; `s3.addressing_style = path` in "
+    "the private config). Lists the (empty) destination first.",
 }
 
 COLUMN_TITLES = {
@@ -219,14 +245,32 @@ def column_value(column, case, seconds):
 def evaluate(target, case, medians):
     """(measured text, met?) for one target, from the medians."""
     subject = medians.get(target["subject"], math.nan)
+    if math.isnan(subject) and target["kind"] in ("ratio", "ratio_best", "files_per_s"):
+        return f"n/a (no successful run of {target['subject']})", None
+    if target["kind"] == "ratio_best":
+        # SUBJECT's throughput >= MIN x the fastest of the peers (";"-separated).
+        peers = [(medians[p], p) for p in target["peer"].split(";") if not math.isnan(medians.get(p, math.nan))]
+        if not peers:
+            return "n/a (no successful peer run)", None
+        best_time, best = min(peers)
+        ratio = best_time / subject
+        return f"{fmt_ratio(ratio)} (best: {best})", ratio >= target["min"]
     if target["kind"] == "ratio":
         peer = medians.get(target["peer"], math.nan)
         ratio = peer / subject if subject and not math.isnan(subject) else math.nan
-        return fmt_ratio(ratio), (not math.isnan(ratio)) and ratio >= target["min"]
+        return fmt_ratio(ratio), None if math.isnan(ratio) else ratio >= target["min"]
     if target["kind"] == "files_per_s":
         rate = column_value("files_per_s", case, subject)
         return f"{fmt_rate(rate)} files/s", (not math.isnan(rate)) and rate >= target["min"]
     return "unknown target kind", False
+
+
+def evaluate_checked(target, case, medians, problems):
+    """evaluate(), but a target is not met while its subject uploaded the wrong objects."""
+    measured, met = evaluate(target, case, medians)
+    if any(kind == "invalid" and contender == target["subject"] for kind, contender, _, _ in problems):
+        return f"{measured}, but {target['subject']} uploaded the wrong objects", False
+    return measured, met
 
 
 def ordered(case, rows):
@@ -238,14 +282,15 @@ def ordered(case, rows):
 
 
 def verdict(met):
-    return "**met**" if met else "**not met**"
+    """met: True, False, or None when there was nothing to compare."""
+    return "**not measured**" if met is None else "**met**" if met else "**not met**"
 
 
 def main():
     if len(sys.argv) != 3:
         sys.exit("usage: report.py BENCH_DIR OUTPUT.md")
     bench_dir, output = sys.argv[1], sys.argv[2]
-    info, cases, targets = read_meta(os.path.join(bench_dir, "meta.tsv"))
+    info, cases, targets, problems = read_meta(os.path.join(bench_dir, "meta.tsv"))
     results = read_results(os.path.join(bench_dir, "results.csv"))
     loads = read_load(os.path.join(bench_dir, "load.csv"))
     box = machine(bench_dir)
@@ -274,6 +319,11 @@ def main():
           + ", ".join(f"{v} µs {'at the end' if k == 'end' else f'before `{k}`'}" for k, v in probes))
     w(f"- Project: commit {info.get('commit', '?')}, {info.get('cutoverfs', '')}; "
       f"{info.get('cp', '')}; {info.get('rsync', '')}; {info.get('find', '')}")
+    s3_tools = [info[k] for k in ("s5cmd", "rclone", "aws", "garage") if k in info]
+    if s3_tools:
+        w(f"- S3 tools: {'; '.join(s3_tools)}")
+    if "s3_server" in info:
+        w(f"- S3 server: {info['s3_server']}")
     w("")
 
     w("## What is compared")
@@ -315,7 +365,7 @@ def main():
     for name, case in cases.items():
         medians = {c: median([s for _, s in rows]) for c, rows in results.get(name, {}).items()}
         for t in targets.get(name, []):
-            measured, met = evaluate(t, case, medians)
+            measured, met = evaluate_checked(t, case, medians, problems.get(name, []))
             summary.append((t["label"], name, measured, met))
     if summary:
         w("## Targets")
@@ -339,11 +389,23 @@ def main():
         header.append("cutoverfs ÷ this (throughput)")
         w("| " + " | ".join(header) + " |")
         w("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        failures = defaultdict(int)
+        invalid = set()
+        for kind, contender, _, _ in problems.get(name, []):
+            if kind == "failure":
+                failures[contender] += 1
+            else:
+                invalid.add(contender)
         for contender, r in rows.items():
             vals = [s for _, s in r if not math.isnan(s)]
             med = medians[contender]
             spread = f"{fmt_s(min(vals))}–{fmt_s(max(vals))}" if vals else "n/a"
-            cells = [f"**{contender}**" if contender == subject else contender, fmt_s(med), spread]
+            label = f"**{contender}**" if contender == subject else contender
+            if failures[contender]:
+                label += f" (failed {failures[contender]} of {len(r)} rounds)"
+            if contender in invalid:
+                label += " (wrong upload, see below)"
+            cells = [label, fmt_s(med) if vals else "failed", spread]
             cells += [fmt_rate(column_value(c, case, med)) for c in columns]
             if contender == subject:
                 cells.append("(subject)")
@@ -354,11 +416,20 @@ def main():
             w("| " + " | ".join(cells) + " |")
         w("")
         for t in targets.get(name, []):
-            measured, met = evaluate(t, case, medians)
+            measured, met = evaluate_checked(t, case, medians, problems.get(name, []))
             w(f"Target {t['label']}: measured {measured}: {verdict(met)}.")
             if t["kind"] == "ratio" and t["peer"] == "cp -a" and "cp -a + sync" in medians and subject in medians:
                 r = medians["cp -a + sync"] / medians[subject]
                 w(f"Against `cp -a + sync` (data on disk at the end for both) the ratio is {fmt_ratio(r)}.")
+            w("")
+        seen = set()
+        for kind, contender, rnd, text in problems.get(name, []):
+            what = "failed" if kind == "failure" else "uploaded the wrong objects"
+            if (kind, contender, text) in seen:
+                continue
+            same = [p[2] for p in problems[name] if p[0] == kind and p[1] == contender and p[3] == text]
+            seen.add((kind, contender, text))
+            w(f"`{contender}` {what} in round{'s' if len(same) > 1 else ''} {', '.join(same)}: `{text}`")
             w("")
         load = loads.get(name)
         notes = []
@@ -389,7 +460,7 @@ def main():
     for name, rows in results.items():
         w(f"- `{name}`")
         for contender, r in ordered(cases.get(name), rows).items():
-            w(f"  - {contender}: " + ", ".join(fmt_s(s) for _, s in sorted(r)))
+            w(f"  - {contender}: " + ", ".join("failed" if math.isnan(s) else fmt_s(s) for _, s in sorted(r)))
     w("")
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
