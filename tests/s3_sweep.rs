@@ -217,12 +217,13 @@ s3_tests! {
         run.assert_code(1);
         assert!(proxy.corrupted() > 0, "the proxy saw the upload");
         let status = w.status();
-        assert_eq!(count(&status, "failed"), 1, "{status}");
         assert_eq!(count(&status, "verified"), 1, "{status}");
         let problem = common::problem(&status, "poisoned.bin").expect("listed as a problem");
         if server.kind() == Kind::Garage {
-            // Garage names the bad digest and stores nothing; s3s-fs answers 500 to a body that
-            // does not match its signed payload hash.
+            assert_eq!(count(&status, "failed"), 1, "{status}");
+            // Garage names the bad digest and stores nothing. s3s-fs 0.14 answers BadDigest but
+            // keeps the body without our metadata, so the next attempt finds someone else's
+            // object there: a conflict. Never verified either way.
             assert!(problem.to_string().contains("checksum mismatch"), "{problem}");
             assert!(server.get(&w.key("poisoned.bin")).is_none());
         }
@@ -233,9 +234,15 @@ s3_tests! {
         let once = CorruptingProxy::start(&server.endpoint(), marker, 1);
         let dest = dest.replace(&proxy.endpoint(), &once.endpoint()).replace("/corrupt?", "/corrupt-once?");
         let run = w2.run_with_dest("sweep", &dest, &["--no-progress", "--retry-delay", "10ms"]);
-        run.assert_code(0);
         assert_eq!(once.corrupted(), 1);
-        assert_eq!(server.get(&w2.key("poisoned.bin")).unwrap(), poisoned);
+        if server.kind() == Kind::Garage {
+            run.assert_code(0);
+            assert_eq!(server.get(&w2.key("poisoned.bin")).unwrap(), poisoned);
+        } else {
+            // The body s3s-fs kept is not ours to replace: left alone, never verified.
+            run.assert_code(1);
+            assert_eq!(count(&w2.status(), "conflict"), 1);
+        }
     }
 
     fn the_sweep_waits_out_a_server_that_goes_down(server: &S3Server) {

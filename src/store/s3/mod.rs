@@ -226,7 +226,61 @@ impl S3Store {
     }
 }
 
+/// Groups smaller than this HEAD each key: a listing would not save a request.
+const LIST_FOR_GROUPS_OF: usize = 4;
+/// Pages of a key-range listing before it is not worth it (other objects between the keys).
+const LIST_PAGES_AT_MOST: usize = 2;
+
 impl S3Store {
+    /// The keys of a group that are not at the dest, from one listing of the group's key range
+    /// instead of a HEAD per key (the sweep hands over groups in path order, so their keys are
+    /// close together). Empty, and every key is HEADed, when the listing fails or the range
+    /// holds too many other objects.
+    async fn absent_keys(&self, requests: &[PutRequest]) -> std::collections::HashSet<String> {
+        let mut absent: std::collections::HashSet<String> =
+            requests.iter().map(|r| r.key.clone()).collect();
+        if requests.len() < LIST_FOR_GROUPS_OF {
+            return Default::default();
+        }
+        let (Some(first), Some(last)) =
+            (absent.iter().min().cloned(), absent.iter().max().cloned())
+        else {
+            return Default::default();
+        };
+        let common = common_prefix(&first, &last);
+        // Keys after `first` minus its last character: `first` itself and all after it.
+        let mut start_after = first.clone();
+        start_after.pop();
+        let mut token: Option<String> = None;
+        for _ in 0..LIST_PAGES_AT_MOST {
+            let listed = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.settings.bucket)
+                .prefix(common)
+                .set_start_after(
+                    (token.is_none() && !start_after.is_empty()).then(|| start_after.clone()),
+                )
+                .set_continuation_token(token.take())
+                .send()
+                .await;
+            let Ok(listed) = listed else {
+                return Default::default();
+            };
+            for key in listed.contents().iter().filter_map(|o| o.key()) {
+                if key > last.as_str() {
+                    return absent;
+                }
+                absent.remove(key);
+            }
+            match listed.next_continuation_token() {
+                Some(next) if listed.is_truncated() == Some(true) => token = Some(next.to_string()),
+                _ => return absent,
+            }
+        }
+        Default::default()
+    }
+
     /// Probe objects of runs killed between writing and deleting their probe. Only old ones: a
     /// young probe may belong to another node's preflight in progress.
     async fn remove_stale_probes(&self) {
@@ -255,6 +309,78 @@ impl S3Store {
 
 const PROBE_PREFIX: &str = ".cutoverfs-probe-";
 const STALE_PROBE_AGE: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::upload::Sha256Sum;
+    use super::*;
+
+    fn object(size: u64, meta: &[(&str, &str)]) -> Existing {
+        Existing {
+            size,
+            etag: Some("\"e\"".into()),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            checksum_sha256: None,
+        }
+    }
+
+    #[test]
+    fn the_ownership_rule() {
+        let sum = Sha256Sum::of(b"content");
+        let other = Sha256Sum::of(b"other!!");
+        let owned = vec![sum.hex.clone()];
+        let ours_done = object(7, &[(META_WRITER, "m1"), (META_SHA256, &sum.hex)]);
+        let done = |o: &Existing, owned: &[String]| decide(Some(o), "m1", owned, &sum, 7);
+        assert_eq!(decide(None, "m1", &[], &sum, 7), Decision::Create);
+        assert!(matches!(
+            done(&ours_done, &owned),
+            Decision::Done(PutOutcome::AlreadyThere { ours: true, .. })
+        ));
+        // Marked ours but never recorded as done (a failed write the server kept): rewritten.
+        assert!(matches!(done(&ours_done, &[]), Decision::Replace { .. }));
+        // An older version of ours: replaced.
+        let older = object(7, &[(META_WRITER, "m1"), (META_SHA256, &other.hex)]);
+        assert!(matches!(done(&older, &owned), Decision::Replace { .. }));
+        // Someone else's: a conflict unless identical.
+        let theirs = object(9, &[(META_WRITER, "m2")]);
+        assert!(matches!(
+            done(&theirs, &owned),
+            Decision::Done(PutOutcome::Conflict { .. })
+        ));
+        let same_size = object(7, &[]);
+        assert_eq!(done(&same_size, &owned), Decision::CompareContent);
+        let mut with_checksum = object(7, &[]);
+        with_checksum.checksum_sha256 = Some(sum.base64.clone());
+        assert!(matches!(
+            done(&with_checksum, &[]),
+            Decision::Done(PutOutcome::AlreadyThere { ours: false, .. })
+        ));
+        with_checksum.checksum_sha256 = Some(other.base64.clone());
+        assert!(matches!(
+            done(&with_checksum, &[]),
+            Decision::Done(PutOutcome::Conflict { .. })
+        ));
+    }
+
+    #[test]
+    fn common_prefixes_stop_at_characters() {
+        assert_eq!(common_prefix("media/a/1", "media/b/2"), "media/");
+        assert_eq!(common_prefix("m/\u{e9}1", "m/\u{e8}2"), "m/");
+        assert_eq!(common_prefix("x", "y"), "");
+    }
+}
+
+/// The longest common prefix of two keys, cut at a character boundary.
+fn common_prefix<'a>(a: &'a str, b: &str) -> &'a str {
+    let mut end = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(end) {
+        end -= 1;
+    }
+    &a[..end]
+}
 
 /// What a HEAD said about a key.
 #[derive(Debug, Clone, Default)]
@@ -304,7 +430,12 @@ pub(crate) fn decide(
         })
     };
     if ours {
-        return if existing.size == size && recorded == Some(&sha256.hex) {
+        // Our mark and hash are only what we asked for: the bytes are known good when the
+        // manifest recorded that write as done. A write that failed after the server kept the
+        // body, or a crash before the record, is written again.
+        let recorded_done =
+            recorded.is_some_and(|hash| *hash == sha256.hex) && owned_sha256.contains(&sha256.hex);
+        return if existing.size == size && recorded_done {
             already(true)
         } else {
             Decision::Replace {
@@ -401,9 +532,12 @@ impl Store for S3Store {
         guard: &dyn PublishGuard,
     ) -> Vec<Result<Stored, StoreError>> {
         let writer = guard.writer_id();
+        let absent = self.absent_keys(&requests).await;
         let puts = requests.into_iter().map(|request| {
             let span = tracing::info_span!("put", key = %request.key);
-            self.put_one(request, &writer).instrument(span)
+            let known_absent = absent.contains(&request.key);
+            self.put_one(request, &writer, known_absent)
+                .instrument(span)
         });
         futures_util::future::join_all(puts).await
     }

@@ -40,9 +40,10 @@ impl S3Location {
         }
         let raw_prefix = url.path().trim_matches('/');
         let prefix = percent_decode(raw_prefix).map_err(|e| bad(e.to_string()))?;
-        if prefix
-            .split('/')
-            .any(|segment| segment.is_empty() || segment == ".")
+        if !prefix.is_empty()
+            && prefix
+                .split('/')
+                .any(|segment| segment.is_empty() || segment == ".")
         {
             return Err(bad(
                 "the prefix may not contain empty or '.' segments".into()

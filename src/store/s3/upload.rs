@@ -100,17 +100,22 @@ macro_rules! with_headers {
 }
 
 impl S3Store {
+    /// `known_absent`: a listing just showed nothing at the key, so the HEAD is skipped (the
+    /// write is still conditional).
     pub(super) async fn put_one(
         &self,
         request: PutRequest,
         writer: &str,
+        known_absent: bool,
     ) -> Result<Stored, StoreError> {
         let opened = Arc::new(open_source(request.source.clone()).await?);
         let attrs = opened.before;
         let outcome = if attrs.size >= self.settings.multipart_threshold {
-            self.put_large(&request, opened, writer).await?
+            self.put_large(&request, opened, writer, known_absent)
+                .await?
         } else {
-            self.put_small(&request, opened, writer).await?
+            self.put_small(&request, opened, writer, known_absent)
+                .await?
         };
         Ok(Stored {
             outcome,
@@ -124,6 +129,7 @@ impl S3Store {
         request: &PutRequest,
         opened: Arc<OpenedSource>,
         writer: &str,
+        known_absent: bool,
     ) -> Result<PutOutcome, StoreError> {
         let key = &request.key;
         let permit = self.hold_memory(opened.before.size).await?;
@@ -137,7 +143,7 @@ impl S3Store {
             reader.confirm_unchanged()?;
             Ok((bytes, sum))
         });
-        let (read, existing) = tokio::join!(read, self.head(key));
+        let (read, existing) = tokio::join!(read, self.head_unless(known_absent, key));
         let (bytes, sum) = read?;
         let existing = existing.map_err(|e| self.remote("head", key, e))?;
         let size = bytes.len() as u64;
@@ -153,6 +159,10 @@ impl S3Store {
             .set_if_none_match(condition.if_none_match())
             .set_if_match(condition.if_match())
             .body(ByteStream::from(bytes))
+            .customize()
+            // The server checks x-amz-checksum-sha256; signing the payload too would hash
+            // every byte a second time.
+            .disable_payload_signing()
             .send()
             .await;
         drop(permit);
@@ -194,12 +204,13 @@ impl S3Store {
         request: &PutRequest,
         opened: Arc<OpenedSource>,
         writer: &str,
+        known_absent: bool,
     ) -> Result<PutOutcome, StoreError> {
         let key = &request.key;
         let size = opened.before.size;
         let reader = opened.clone();
         let hashed = blocking(move || hash_file(&reader));
-        let (hashed, existing) = tokio::join!(hashed, self.head(key));
+        let (hashed, existing) = tokio::join!(hashed, self.head_unless(known_absent, key));
         let sum = hashed?;
         let existing = existing.map_err(|e| self.remote("head", key, e))?;
         let decision = decide(existing.as_ref(), writer, &request.owned_sha256, &sum, size);
@@ -323,6 +334,8 @@ impl S3Store {
             .part_number(number)
             .checksum_sha256(&sum.base64)
             .body(ByteStream::from(bytes))
+            .customize()
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| self.remote("upload part", key, RemoteError::classify(e)))?;
@@ -454,6 +467,18 @@ impl S3Store {
             sse,
             sse_kms_key_id,
             storage_class: settings.storage_class.as_deref().map(StorageClass::from),
+        }
+    }
+
+    async fn head_unless(
+        &self,
+        known_absent: bool,
+        key: &str,
+    ) -> Result<Option<super::Existing>, RemoteError> {
+        if known_absent {
+            Ok(None)
+        } else {
+            self.head(key).await
         }
     }
 
