@@ -4,6 +4,7 @@
 //! state the manifest's; a command only wires them together. Bad input is refused here, before
 //! anything is created or written (DESIGN §4.8).
 
+mod config;
 mod demo;
 mod report;
 mod sweep;
@@ -41,6 +42,11 @@ pub struct Cli {
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, global = true, env = "CUTOVERFS_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// Settings from a TOML file: keys are flag names (`concurrency = 64`); a `[sweep]` table
+    /// applies to one command only; flags on the command line win.
+    #[arg(long, global = true, value_name = "FILE", env = "CUTOVERFS_CONFIG")]
+    pub config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -166,7 +172,13 @@ impl Scope {
 
 pub fn main() -> ExitCode {
     end_quietly_when_stdout_closes();
-    let cli = Cli::parse();
+    let cli = match config::expand(std::env::args_os().collect()) {
+        Ok(args) => parse_letting_later_flags_win(args),
+        Err(e) => {
+            eprintln!("cutoverfs: error: {e:#}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
     init_logging(&cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -195,6 +207,17 @@ pub fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// Parses the command line; a flag given twice takes its last value, so a flag on the command
+/// line beats the same setting from `--config` (put in front of it).
+fn parse_letting_later_flags_win(args: Vec<std::ffi::OsString>) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command()
+        .args_override_self(true)
+        .mut_subcommands(|sub| sub.args_override_self(true));
+    let matches = command.get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Like other command-line tools, end quietly when the reader of stdout goes away
