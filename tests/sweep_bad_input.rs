@@ -151,8 +151,14 @@ fn malformed_dest_urls_are_refused_with_the_reason() {
         ("file://host/x".to_string(), "host"),
         (format!("file://{}/../escape", w.root.display()), ".."),
         (format!("file://{}?opt=1", w.dest.display()), "query"),
-        ("s3://Bad_Bucket/prefix".to_string(), "not a valid bucket name"),
-        ("s3://bucket/prefix?colour=red".to_string(), "unknown option"),
+        (
+            "s3://Bad_Bucket/prefix".to_string(),
+            "not a valid bucket name",
+        ),
+        (
+            "s3://bucket/prefix?colour=red".to_string(),
+            "unknown option",
+        ),
         ("".to_string(), "dest"),
     ];
     for (url, says) in cases {

@@ -67,7 +67,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let sweep_args = SweepArgs {
         target: target.clone(),
         scope: Scope::default(),
-        concurrency: 256,
+        concurrency: None,
         batch_size: 100,
         max_retries: 3,
         retry_delay: Duration::from_secs(1),

@@ -20,9 +20,10 @@ pub struct SweepArgs {
     pub target: Target,
     #[command(flatten)]
     pub scope: Scope,
-    /// Files in flight at once (reads, writes and syncs overlap across them).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub concurrency: u32,
+    /// Files in flight at once (reads, writes, syncs and requests overlap across them)
+    /// [default: 256 to a file:// dest, 512 to S3, where each file waits on a round trip].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: Option<u32>,
     /// Files per recorded batch.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
@@ -108,7 +109,9 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let (todo_files, todo_bytes) = to_do(&manifest, &filter).await?;
     progress.set_totals(todo_files, todo_bytes);
     let opts = SweepOptions {
-        concurrency: args.concurrency as usize,
+        concurrency: args
+            .concurrency
+            .unwrap_or(default_concurrency(&resolved.pair.dest)) as usize,
         batch_size: args.batch_size as usize,
         max_retries: args.max_retries,
         retry_delay: args.retry_delay,
@@ -131,6 +134,14 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let code = print_summary(&manifest, &filter, &report, &scan, args.skip_missing).await?;
     manifest.close().await;
     Ok(code)
+}
+
+fn default_concurrency(dest: &str) -> u32 {
+    if dest.starts_with("s3://") {
+        512
+    } else {
+        256
+    }
 }
 
 async fn to_do(manifest: &Manifest, filter: &PathFilter) -> Result<(u64, u64)> {

@@ -50,6 +50,7 @@ pub struct S3Store {
     settings: S3Settings,
     /// File bytes held in memory by uploads, in KiB permits, shared by all files in flight.
     memory: Arc<Semaphore>,
+    part_buffers: upload::BufferPool,
 }
 
 impl S3Store {
@@ -59,6 +60,7 @@ impl S3Store {
         Ok(S3Store {
             client,
             memory: Arc::new(Semaphore::new(permits)),
+            part_buffers: Default::default(),
             settings,
         })
     }

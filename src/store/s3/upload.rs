@@ -315,16 +315,17 @@ impl S3Store {
     ) -> Result<CompletedPart, StoreError> {
         let _permit = self.hold_memory(len).await?;
         let reader = opened.clone();
-        let (bytes, sum) = blocking(move || {
-            let mut bytes = vec![0; len as usize];
+        let mut buffer = self.part_buffers.take(len as usize);
+        let (buffer, sum) = blocking(move || {
             reader
                 .file
-                .read_exact_at(&mut bytes, offset)
+                .read_exact_at(&mut buffer.bytes, offset)
                 .map_err(|e| StoreError::SourceRead(Arc::new(e)))?;
-            let sum = Sha256Sum::of(&bytes);
-            Ok((bytes, sum))
+            let sum = Sha256Sum::of(&buffer.bytes);
+            Ok((buffer, sum))
         })
         .await?;
+        let bytes = bytes::Bytes::from_owner(buffer);
         let uploaded = self
             .client
             .upload_part()
@@ -494,6 +495,51 @@ impl S3Store {
     }
 }
 
+/// Part buffers come back here once the SDK has sent a part, so a large upload does not map,
+/// fault in and zero fresh memory for every part.
+#[derive(Debug, Clone, Default)]
+pub(super) struct BufferPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers kept for reuse at most.
+const POOLED_BUFFERS: usize = 32;
+
+impl BufferPool {
+    fn take(&self, len: usize) -> PooledBuffer {
+        let reused = {
+            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let found = free.iter().position(|b| b.capacity() >= len);
+            found.map(|i| free.swap_remove(i))
+        };
+        let mut bytes = reused.unwrap_or_default();
+        bytes.resize(len, 0);
+        PooledBuffer {
+            bytes,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A part's bytes; back to the pool when the last reference (the SDK's body) is dropped.
+pub(super) struct PooledBuffer {
+    bytes: Vec<u8>,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOLED_BUFFERS {
+            free.push(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
 async fn open_source(source: SourceRef) -> Result<OpenedSource, StoreError> {
     blocking(move || {
         source
@@ -507,10 +553,11 @@ async fn open_source(source: SourceRef) -> Result<OpenedSource, StoreError> {
     .await
 }
 
-/// SHA-256 of the whole file, read sequentially (the kernel's read-ahead does the rest).
+/// SHA-256 of the whole file, read sequentially. (Not through a mapping: a source file that an
+/// application truncates meanwhile would kill the process with SIGBUS.)
 fn hash_file(opened: &OpenedSource) -> Result<Sha256Sum, StoreError> {
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
+    let mut buffer = vec![0u8; HASH_BUFFER];
     let mut offset = 0u64;
     loop {
         let read = opened
@@ -528,3 +575,5 @@ fn hash_file(opened: &OpenedSource) -> Result<Sha256Sum, StoreError> {
     }
     Ok(Sha256Sum::from_hasher(hasher))
 }
+
+const HASH_BUFFER: usize = 256 << 10;
