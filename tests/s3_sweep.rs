@@ -428,3 +428,57 @@ s3_tests! {
         w.assert_dest_matches_source();
     }
 }
+
+/// Tests that need a server that checks what s3s-fs 0.14 does not (part checksums).
+mod garage_only {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs Garage: .ci/run sets CUTOVERFS_TEST_GARAGE and runs these with --ignored"]
+    fn a_corrupted_part_aborts_the_upload_and_leaves_nothing() {
+        let server = S3Server::start(Kind::Garage);
+        let w = S3Work::new(&server, "bad-part");
+        let marker = b"CUTOVERFS-CORRUPT-ME-";
+        // The marker sits in the second 5 MiB part only.
+        let mut content = common::pseudo_random(12 * 1024 * 1024, 8);
+        let at = 7 * 1024 * 1024;
+        for (i, byte) in marker.iter().cycle().take(64 * 1024).enumerate() {
+            content[at + i] = *byte;
+        }
+        w.work.write("video.mp4", &content);
+        let proxy = CorruptingProxy::start(&server.endpoint(), marker, usize::MAX);
+        let dest = format!(
+            "s3://{}/{}?endpoint={}&region={}&path_style=true",
+            server.bucket(),
+            w.prefix,
+            proxy.endpoint(),
+            server.region()
+        );
+        let run = w.run_with_dest(
+            "sweep",
+            &dest,
+            &[
+                "--no-progress",
+                "--retry-delay",
+                "10ms",
+                "--max-retries",
+                "1",
+                "--s3-multipart-threshold",
+                "6MiB",
+                "--s3-part-size",
+                "5MiB",
+            ],
+        );
+        run.assert_code(1);
+        assert!(proxy.corrupted() > 0);
+        assert_eq!(count(&w.status(), "failed"), 1);
+        assert!(
+            server.get(&w.key("video.mp4")).is_none(),
+            "nothing at the key"
+        );
+        assert!(
+            server.multipart_uploads().is_empty(),
+            "the uploads were aborted"
+        );
+    }
+}

@@ -145,11 +145,13 @@ impl S3Store {
         });
         let (read, existing) = tokio::join!(read, self.head_unless(known_absent, key));
         let (bytes, sum) = read?;
-        let existing = existing.map_err(|e| self.remote("head", key, e))?;
         let size = bytes.len() as u64;
-        let decision = decide(existing.as_ref(), writer, &request.owned_sha256, &sum, size);
-        let Some(condition) = Condition::of(&decision) else {
-            return self.finish_without_writing(key, decision, &sum, size).await;
+        let condition = match self
+            .write_needed(request, writer, &sum, size, existing)
+            .await?
+        {
+            Ok(condition) => condition,
+            Err(settled) => return Ok(settled),
         };
         let headers = self.object_headers(key, &sum, &opened.before, writer);
         let answer = with_headers!(self.client.put_object(), headers)
@@ -212,10 +214,12 @@ impl S3Store {
         let hashed = blocking(move || hash_file(&reader));
         let (hashed, existing) = tokio::join!(hashed, self.head_unless(known_absent, key));
         let sum = hashed?;
-        let existing = existing.map_err(|e| self.remote("head", key, e))?;
-        let decision = decide(existing.as_ref(), writer, &request.owned_sha256, &sum, size);
-        let Some(condition) = Condition::of(&decision) else {
-            return self.finish_without_writing(key, decision, &sum, size).await;
+        let condition = match self
+            .write_needed(request, writer, &sum, size, existing)
+            .await?
+        {
+            Ok(condition) => condition,
+            Err(settled) => return Ok(settled),
         };
         let headers = self.object_headers(key, &sum, &opened.before, writer);
         let created = with_headers!(self.client.create_multipart_upload(), headers)
@@ -379,6 +383,27 @@ impl S3Store {
                     other.map_or("no".to_string(), |o| o.size.to_string())
                 )),
             )),
+        }
+    }
+
+    /// From what the HEAD found: the condition to write under, or the outcome when nothing
+    /// needs writing.
+    async fn write_needed(
+        &self,
+        request: &PutRequest,
+        writer: &str,
+        sum: &Sha256Sum,
+        size: u64,
+        existing: Result<Option<super::Existing>, RemoteError>,
+    ) -> Result<Result<Condition, PutOutcome>, StoreError> {
+        let key = &request.key;
+        let existing = existing.map_err(|e| self.remote("head", key, e))?;
+        let decision = decide(existing.as_ref(), writer, &request.owned_sha256, sum, size);
+        match Condition::of(&decision) {
+            Some(condition) => Ok(Ok(condition)),
+            None => Ok(Err(self
+                .finish_without_writing(key, decision, sum, size)
+                .await?)),
         }
     }
 
