@@ -65,6 +65,27 @@ impl<'s> S3Work<'s> {
         self.run("sweep", &args)
     }
 
+    /// Starts a sweep in the background and returns once `objects` files are at the dest.
+    fn start_sweep_until_uploaded(
+        &self,
+        flags: &[&str],
+        objects: usize,
+    ) -> (std::process::Child, Instant) {
+        let mut cmd = command();
+        self.server.apply_env(&mut cmd);
+        cmd.args(self.args("sweep", &self.dest(), flags))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let child = cmd.spawn().expect("start sweep");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.server.list(&format!("{}/", self.prefix)).len() < objects {
+            assert!(Instant::now() < deadline, "the sweep does not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (child, started)
+    }
+
     fn status(&self) -> serde_json::Value {
         self.work.status()
     }
@@ -248,23 +269,11 @@ s3_tests! {
     fn the_sweep_waits_out_a_server_that_goes_down(server: &S3Server) {
         let w = S3Work::new(server, "outage");
         common::small_tree(&w.work, 1500, 4, 100, 1000, 11);
-        let mut cmd = command();
-        server.apply_env(&mut cmd);
-        cmd.args(w.args(
-            "sweep",
-            &w.dest(),
-            &["--no-progress", "--concurrency", "1", "--batch-size", "50", "--retry-delay", "100ms", "--max-retries", "0"],
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let started = Instant::now();
-        let child = cmd.spawn().expect("start sweep");
         // Down once some files are up, back three seconds later.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while server.list(&format!("{}/", w.prefix)).len() < 100 {
-            assert!(Instant::now() < deadline, "the sweep does not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (child, started) = w.start_sweep_until_uploaded(
+            &["--no-progress", "--concurrency", "1", "--batch-size", "50", "--retry-delay", "100ms", "--max-retries", "0"],
+            100,
+        );
         server.stop();
         std::thread::sleep(Duration::from_secs(3));
         server.start_again();
@@ -281,22 +290,10 @@ s3_tests! {
     fn a_dest_down_for_too_long_stops_the_sweep_and_a_rerun_finishes(server: &S3Server) {
         let w = S3Work::new(server, "gone");
         common::small_tree(&w.work, 600, 2, 10, 100, 5);
-        let mut cmd = command();
-        server.apply_env(&mut cmd);
-        cmd.args(w.args(
-            "sweep",
-            &w.dest(),
+        let (child, started) = w.start_sweep_until_uploaded(
             &["--no-progress", "--concurrency", "1", "--batch-size", "20", "--dest-timeout", "2s"],
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let started = Instant::now();
-        let child = cmd.spawn().expect("start sweep");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while server.list(&format!("{}/", w.prefix)).len() < 20 {
-            assert!(Instant::now() < deadline, "the sweep does not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            20,
+        );
         server.stop();
         let run = common::wait_capturing(child, started, common::COMMAND_TIMEOUT);
         run.assert_code(1);
