@@ -34,6 +34,11 @@ impl<'s> S3Work<'s> {
         self.server.dest_url(&self.prefix)
     }
 
+    /// The dest URL reached through another endpoint (a proxy in front of the server).
+    fn dest_through(&self, endpoint: &str) -> String {
+        self.dest().replace(&self.server.endpoint(), endpoint)
+    }
+
     fn args(&self, cmd: &str, dest: &str, extra: &[&str]) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             cmd.into(),
@@ -223,13 +228,7 @@ s3_tests! {
         w.work.write("clean.txt", b"clean");
         // Every pass of the marker through the proxy flips a byte: the upload can never succeed.
         let proxy = CorruptingProxy::start(&server.endpoint(), marker, usize::MAX);
-        let dest = format!(
-            "s3://{}/{}?endpoint={}&region={}&path_style=true",
-            server.bucket(),
-            w.prefix,
-            proxy.endpoint(),
-            server.region()
-        );
+        let dest = w.dest_through(&proxy.endpoint());
         let run = w.run_with_dest(
             "sweep",
             &dest,
@@ -253,7 +252,7 @@ s3_tests! {
         let w2 = S3Work::new(server, "corrupt-once");
         w2.work.write("poisoned.bin", &poisoned);
         let once = CorruptingProxy::start(&server.endpoint(), marker, 1);
-        let dest = dest.replace(&proxy.endpoint(), &once.endpoint()).replace("/corrupt?", "/corrupt-once?");
+        let dest = w2.dest_through(&once.endpoint());
         let run = w2.run_with_dest("sweep", &dest, &["--no-progress", "--retry-delay", "10ms"]);
         assert_eq!(once.corrupted(), 1);
         if server.kind() == Kind::Garage {
@@ -444,13 +443,7 @@ mod garage_only {
         }
         w.work.write("video.mp4", &content);
         let proxy = CorruptingProxy::start(&server.endpoint(), marker, usize::MAX);
-        let dest = format!(
-            "s3://{}/{}?endpoint={}&region={}&path_style=true",
-            server.bucket(),
-            w.prefix,
-            proxy.endpoint(),
-            server.region()
-        );
+        let dest = w.dest_through(&proxy.endpoint());
         let run = w.run_with_dest(
             "sweep",
             &dest,
