@@ -351,8 +351,27 @@ impl Manifest {
         &self.id
     }
 
+    /// Closes every connection so that SQLite folds the WAL back and removes its files.
+    ///
+    /// SQLite removes them only when the last connection of the process closes. A query
+    /// cancelled just before (a `select!` that lost) returns its connection to the pool from a
+    /// spawned task, possibly after `close` looked at the idle list, and would then never be
+    /// closed: closing again picks it up.
     pub async fn close(&self) {
-        self.pool.close().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            self.pool.close().await;
+            if self.pool.size() == 0 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.pool.size() > 0 {
+            tracing::debug!(
+                open = self.pool.size(),
+                "manifest connections still busy at exit"
+            );
+        }
     }
 
     async fn meta(&self, key: &str) -> Result<Option<String>> {
