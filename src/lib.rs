@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod engine;
+pub mod fuse;
 pub mod manifest;
 pub mod source;
 pub mod store;

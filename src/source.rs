@@ -114,6 +114,70 @@ impl SourceTree {
         std::fs::symlink_metadata(self.path_of(rel))
     }
 
+    /// `fstatat` below the root without following a final symlink ("" is the root itself).
+    pub fn stat_at(&self, rel: &Path) -> io::Result<libc::stat> {
+        let rel = c_rel(rel)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a NUL-terminated relative path, our directory descriptor and a stat buffer.
+        let rc = unsafe {
+            libc::fstatat(
+                self._root.as_raw_fd(),
+                rel.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatat filled the buffer.
+        Ok(unsafe { st.assume_init() })
+    }
+
+    /// `openat` below the root with these flags (never following a final symlink).
+    pub fn open_at(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
+        let rel = c_rel(rel)?;
+        // SAFETY: a NUL-terminated relative path and a directory descriptor we own.
+        let fd = unsafe {
+            libc::openat(
+                self._root.as_raw_fd(),
+                rel.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat just returned this descriptor to us.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// The target of a symlink below the root.
+    pub fn read_link_at(&self, rel: &Path) -> io::Result<std::ffi::OsString> {
+        std::fs::read_link(self.path_of_os(rel)).map(|p| p.into_os_string())
+    }
+
+    /// Like `path_of`, for names that need not be UTF-8.
+    pub fn path_of_os(&self, rel: &Path) -> PathBuf {
+        if rel.as_os_str().is_empty() {
+            self.base.clone()
+        } else {
+            self.base.join(rel)
+        }
+    }
+
+    /// Space and inode figures of the file system holding the tree.
+    pub fn statvfs(&self) -> io::Result<libc::statvfs> {
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: our descriptor and a statvfs buffer.
+        let rc = unsafe { libc::fstatvfs(self._root.as_raw_fd(), st.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatvfs filled the buffer.
+        Ok(unsafe { st.assume_init() })
+    }
+
     /// Opens a regular file for copying, refusing to follow a symlink at the last component.
     /// `openat` on the root descriptor: no path walk through /proc for every file.
     pub fn open_file(self: &Arc<Self>, rel: &str) -> io::Result<OpenedSource> {
@@ -146,6 +210,12 @@ impl SourceTree {
             rel,
         })
     }
+}
+
+fn c_rel(rel: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
 /// An open source file together with what it looked like when opened.

@@ -6,6 +6,7 @@
 
 mod config;
 mod demo;
+mod mount;
 mod report;
 mod sweep;
 
@@ -64,6 +65,9 @@ pub enum Command {
     Batches(report::BatchesArgs),
     /// Show one batch and the files it handled.
     Batch(report::BatchArgs),
+    /// Mount over the application's directory: serve every file from where it lives now, copy on
+    /// read, and sweep the rest in the background.
+    Mount(mount::MountArgs),
     /// Run the whole migration on a generated sample tree in a temporary directory.
     Demo(demo::DemoArgs),
 }
@@ -172,7 +176,17 @@ impl Scope {
 
 pub fn main() -> ExitCode {
     end_quietly_when_stdout_closes();
-    let cli = match config::expand(std::env::args_os().collect()) {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if invoked_as_mount_helper(&argv) {
+        argv = match mount::helper_args(&argv) {
+            Ok(args) => args,
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(exit::ERROR);
+            }
+        };
+    }
+    let cli = match config::expand(argv) {
         Ok(args) => parse_letting_later_flags_win(args),
         Err(e) => {
             eprintln!("cutoverfs: error: {e:#}");
@@ -197,6 +211,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => report::status(args).await,
             Command::Batches(args) => report::batches(args).await,
             Command::Batch(args) => report::batch(args).await,
+            Command::Mount(args) => mount::run(args).await,
             Command::Demo(args) => demo::run(args).await,
         }
     });
@@ -207,6 +222,18 @@ pub fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// `mount -t fuse.cutoverfs` runs `mount.fuse.cutoverfs` (or `mount.cutoverfs`): a link to this
+/// binary under that name.
+fn invoked_as_mount_helper(argv: &[std::ffi::OsString]) -> bool {
+    let name = argv
+        .first()
+        .map(Path::new)
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    name == "mount.cutoverfs" || name == "mount.fuse.cutoverfs"
 }
 
 /// Parses the command line; a flag given twice takes its last value, so a flag on the command
@@ -256,9 +283,11 @@ fn init_logging(level: &str) {
     } else {
         // The AWS credential chain warns about every provider it tries and skips (IMDS on a
         // machine that is not EC2); what matters reaches us as an error.
-        EnvFilter::try_new(format!("warn,aws_config=error,cutoverfs={level}"))
+        EnvFilter::try_new(format!(
+            "warn,aws_config=error,fuser=error,cutoverfs={level}"
+        ))
     }
-    .unwrap_or_else(|_| EnvFilter::new("warn,aws_config=error,cutoverfs=info"));
+    .unwrap_or_else(|_| EnvFilter::new("warn,aws_config=error,fuser=error,cutoverfs=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -120,6 +120,9 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         node,
         command: "sweep".into(),
         dest_timeout: args.dest_timeout,
+        keep_running: None,
+        bwlimit: None,
+        on_verified: None,
     };
     let report = run_sweep(
         &manifest,

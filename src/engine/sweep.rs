@@ -34,7 +34,27 @@ pub struct SweepOptions {
     pub command: String,
     /// How long the dest may stay unavailable before the sweep stops (it resumes when re-run).
     pub dest_timeout: Duration,
+    /// Inside the daemon: keep waiting for work (woken by copy-on-read) instead of finishing.
+    pub keep_running: Option<Arc<tokio::sync::Notify>>,
+    /// Bytes per second read from the source at most, on average (`--bwlimit`).
+    pub bwlimit: Option<u64>,
+    /// Told which paths were just recorded verified (the mount drops what it cached of them).
+    pub on_verified: Option<VerifiedHook>,
 }
+
+/// Called with the paths whose verified state was just committed.
+#[derive(Clone)]
+pub struct VerifiedHook(pub Arc<dyn Fn(&[String]) + Send + Sync>);
+
+impl std::fmt::Debug for VerifiedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VerifiedHook")
+    }
+}
+
+/// How long an idle daemon sweeper sleeps before looking for work from other nodes, retries
+/// that came due and files the scan did not know.
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// What this run did (the manifest holds the whole picture).
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -80,6 +100,7 @@ struct Shared {
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
     health: DestHealth,
+    throttle: Option<Throttle>,
 }
 
 pub async fn run_sweep(
@@ -94,11 +115,12 @@ pub async fn run_sweep(
     let shared = Arc::new(Shared {
         source,
         store: store.clone(),
-        recorder: Recorder::start(manifest.clone()),
+        recorder: Recorder::start(manifest.clone(), opts.on_verified.clone()),
         opts: opts.clone(),
         progress,
         stop: stop.clone(),
         health: DestHealth::new(opts.dest_timeout),
+        throttle: opts.bwlimit.map(Throttle::new),
     });
     let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -137,7 +159,10 @@ pub async fn run_sweep(
                     continue;
                 }
                 if !wait_for_more_work(manifest, opts, stop).await? {
-                    break;
+                    match &opts.keep_running {
+                        Some(wake) => wait_for_wake(wake, stop).await,
+                        None => break,
+                    }
                 }
                 continue;
             }
@@ -253,6 +278,9 @@ async fn dispatch_batch(
         if *shared.stop.borrow() {
             break;
         }
+        if let Some(throttle) = &shared.throttle {
+            throttle.take(files.iter().map(|f| f.size).sum()).await;
+        }
         let shared = shared.clone();
         groups.spawn(
             async move {
@@ -274,6 +302,20 @@ async fn claim_batch(
 ) -> Result<(Option<i64>, Vec<Claimed>), ManifestError> {
     let mut claimed = Vec::new();
     let mut batch_id = None;
+    // Files the application opened before they were copied go first (copy-on-read).
+    let urgent: Vec<String> = manifest
+        .prioritized(opts.batch_size)
+        .await?
+        .into_iter()
+        .filter(|path| opts.filter.matches(path))
+        .collect();
+    if !urgent.is_empty() {
+        let id = *batch_id.insert(manifest.open_batch(&opts.node, &opts.command).await?);
+        claimed.extend(manifest.claim(&urgent, &opts.node, opts.lease, id).await?);
+        if !claimed.is_empty() {
+            return Ok((batch_id, claimed));
+        }
+    }
     let mut wrapped = false;
     while claimed.len() < opts.batch_size {
         let page = manifest.candidates(cursor, 1000).await?;
@@ -302,6 +344,17 @@ async fn claim_batch(
         claimed.extend(manifest.claim(&wanted, &opts.node, opts.lease, id).await?);
     }
     Ok((batch_id, claimed))
+}
+
+/// An idle daemon sweeper: sleeps until copy-on-read wakes it, a while has passed, or the
+/// run stops.
+async fn wait_for_wake(wake: &tokio::sync::Notify, stop: &watch::Receiver<bool>) {
+    let mut stop = stop.clone();
+    tokio::select! {
+        _ = wake.notified() => {}
+        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
 }
 
 /// Nothing claimable now: waits for retries coming due or leases of other nodes; false when
@@ -576,7 +629,7 @@ type RecorderJob = (Vec<FileUpdate>, oneshot::Sender<Result<Vec<bool>, String>>)
 const RECORDER_GROUP: usize = 64;
 
 impl Recorder {
-    pub fn start(manifest: Manifest) -> Recorder {
+    pub fn start(manifest: Manifest, on_verified: Option<VerifiedHook>) -> Recorder {
         let manifest_id = manifest.id().to_string();
         let (tx, mut rx) = mpsc::channel::<RecorderJob>(RECORDER_GROUP * 2);
         tokio::spawn(async move {
@@ -587,6 +640,19 @@ impl Recorder {
                 let updates: Vec<FileUpdate> = updates.into_iter().flatten().collect();
                 match manifest.apply(&updates).await {
                     Ok(applied) => {
+                        if let Some(hook) = &on_verified {
+                            let verified: Vec<String> = updates
+                                .iter()
+                                .zip(&applied)
+                                .filter_map(|(update, ok)| match update {
+                                    FileUpdate::Verified { path, .. } if *ok => Some(path.clone()),
+                                    _ => None,
+                                })
+                                .collect();
+                            if !verified.is_empty() {
+                                (hook.0)(&verified);
+                            }
+                        }
                         let mut applied = applied.into_iter();
                         for (reply, size) in replies.into_iter().zip(sizes) {
                             let _ = reply.send(Ok(applied.by_ref().take(size).collect()));
@@ -633,6 +699,32 @@ fn spawn_lease_renewer(
             }
         }
     })
+}
+
+/// `--bwlimit`: each group of files books its bytes on a shared clock running at the allowed
+/// rate and starts when its slot comes; the average rate holds, a burst is at most one group.
+struct Throttle {
+    bytes_per_sec: u64,
+    next_free: std::sync::Mutex<Instant>,
+}
+
+impl Throttle {
+    fn new(bytes_per_sec: u64) -> Throttle {
+        Throttle {
+            bytes_per_sec: bytes_per_sec.max(1),
+            next_free: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn take(&self, bytes: u64) {
+        let start = {
+            let mut next_free = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+            let start = (*next_free).max(Instant::now());
+            *next_free = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+            start
+        };
+        tokio::time::sleep_until(start.into()).await;
+    }
 }
 
 /// Gives every recorded directory in scope its place at the dest (a no-op where the dest has

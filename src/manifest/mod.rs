@@ -9,7 +9,10 @@
 //! Write transactions hold writes only; reads happen before them and writes are guarded by the
 //! row's `version` or lease, so two writers never need to upgrade a read lock.
 
+mod namespace;
 mod state;
+
+pub use namespace::Entry;
 
 pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};
 
@@ -588,7 +591,7 @@ impl Manifest {
         let sql = format!(
             "WITH c AS MATERIALIZED (SELECT value AS path FROM json_each($5)) \
              UPDATE entries SET state = 'copying', lease_owner = $2, lease_expires_at = $3, batch_id = $4, \
-             attempts = attempts + 1, copy_started_at = $1, version = version + 1, updated_at = $1 \
+             attempts = attempts + 1, copy_started_at = $1, priority = 0, version = version + 1, updated_at = $1 \
              FROM c WHERE entries.path = c.path AND {CLAIMABLE} \
              RETURNING entries.path, size, mtime_ns, attempts, dest_owned, dest_sha256, intent_sha256"
         );

@@ -234,6 +234,48 @@ impl Store for LocalStore {
         }
     }
 
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        Some(self.target(key))
+    }
+
+    async fn read_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, StoreError> {
+        let path = self.target(key);
+        let key = key.to_string();
+        self.io(move || {
+            let read = || -> io::Result<Vec<u8>> {
+                let file = File::open(&path)?;
+                let mut buf = vec![0u8; len as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = std::os::unix::fs::FileExt::read_at(
+                        &file,
+                        &mut buf[filled..],
+                        offset + filled as u64,
+                    )?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            };
+            read()
+                .map(bytes::Bytes::from)
+                .map_err(|source| StoreError::Dest {
+                    op: "read",
+                    target: key,
+                    source: Arc::new(source),
+                })
+        })
+        .await
+    }
+
     async fn ensure_dir(&self, rel: &str, mode: u32) -> Result<(), StoreError> {
         let root = self.root.clone();
         let dir = self.target(rel);

@@ -208,6 +208,20 @@ pub trait Store: Send + Sync {
 
     /// Records a directory of the namespace at the dest, where the dest has directories.
     async fn ensure_dir(&self, rel: &str, mode: u32) -> Result<(), StoreError>;
+
+    /// The local file that holds `key`, where the dest is a local directory: readers open it
+    /// themselves (and the kernel can pass reads straight through to it).
+    fn local_file(&self, _key: &str) -> Option<PathBuf> {
+        None
+    }
+
+    /// Up to `len` bytes of the object at `key` from `offset` (fewer only at its end).
+    async fn read_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, StoreError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

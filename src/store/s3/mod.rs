@@ -560,6 +560,36 @@ impl Store for S3Store {
             .map_err(|e| self.remote("head", key, e))
     }
 
+    async fn read_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, StoreError> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        let answer = async {
+            let object = self
+                .client
+                .get_object()
+                .bucket(&self.settings.bucket)
+                .key(key)
+                .range(format!("bytes={offset}-{}", offset + len - 1))
+                .send()
+                .await
+                .map_err(RemoteError::classify)?;
+            object
+                .body
+                .collect()
+                .await
+                .map(|data| data.into_bytes())
+                .map_err(|e| RemoteError::other(format!("reading {key}: {e}")))
+        }
+        .await;
+        answer.map_err(|e| self.remote("get", key, e))
+    }
+
     /// S3 has no directories; the manifest keeps them.
     async fn ensure_dir(&self, _rel: &str, _mode: u32) -> Result<(), StoreError> {
         Ok(())

@@ -1,0 +1,405 @@
+//! `cutoverfs mount`: the daemon (DESIGN §7) — mounts over the application's directory, serves
+//! it, queues copy-on-read and runs the sweeper until stopped. Also `mount.cutoverfs`, the
+//! helper `mount(8)` calls for `-t fuse.cutoverfs`, fstab lines and systemd `.mount` units.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::{exit, parse_size, stop_on_signals, with_optional_manifest, Scope, Target};
+use crate::engine::scan::{scan_into_manifest, ScanError};
+use crate::engine::sweep::{run_sweep, SweepOptions};
+use crate::engine::{node_id, Progress};
+use crate::fuse::{MountSettings, Parts};
+use crate::manifest::Manifest;
+use crate::store::Preflight;
+
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    /// The directory to mount over; by default also the source, reached through a descriptor
+    /// opened before mounting.
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub scope: Scope,
+    /// Stay in the foreground (systemd `Type=notify`, containers); otherwise the daemon goes to
+    /// the background once the mount is live.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Serve and copy on read, but run no sweeper in this daemon.
+    #[arg(long)]
+    pub no_sweep: bool,
+    /// Files the sweeper copies at once [default: 64].
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: u32,
+    /// Average read rate of the sweeper from the source, per second (e.g. 20MiB); unlimited
+    /// when not given. Reads by the application are never limited.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Retries of a failed copy before the file is left as failed.
+    #[arg(long, default_value_t = 5)]
+    pub max_retries: u32,
+    /// First retry delay; each further retry waits twice as long.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub retry_delay: Duration,
+    /// How long a claimed file stays reserved to this daemon without renewal.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub lease_timeout: Duration,
+    /// How long the kernel may cache names and attributes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub attr_timeout: Duration,
+    /// Threads answering FUSE requests.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub fuse_threads: u32,
+    /// Memory for data fetched ahead of readers of remote files, across all open files.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub prefetch_memory: u64,
+    /// Interval of progress lines of the sweeper in the log.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub progress_interval: Duration,
+}
+
+/// The variable through which a daemon started in the background says it is mounted.
+const READY_FD: &str = "CUTOVERFS_READY_FD";
+
+pub async fn run(args: MountArgs) -> Result<u8> {
+    if !args.foreground {
+        return start_in_background().await;
+    }
+    let mountpoint = crate::fuse::prepare_mountpoint(&args.mountpoint)?;
+    let mut target = args.target.clone();
+    if target.source.is_none() {
+        target.source = Some(mountpoint.clone());
+    }
+    let filter = args.scope.filter()?;
+    // Everything is checked before anything is created or mounted.
+    let resolved = with_optional_manifest(&target, async |existing| {
+        let resolved = target.resolve(existing).await?;
+        let mode = if args.no_sweep {
+            Preflight::ReadOnly
+        } else {
+            Preflight::ReadWrite
+        };
+        resolved.store.preflight(mode).await?;
+        Ok(resolved)
+    })
+    .await?;
+    let manifest = Manifest::open(&resolved.manifest_url).await?;
+    manifest.check_pair(&resolved.pair, true).await?;
+    if !args.no_sweep {
+        resolved.store.prepare().await?;
+    }
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let settings = MountSettings {
+        mountpoint: mountpoint.clone(),
+        fsname: format!("cutoverfs:{}", resolved.pair.source),
+        ttl: args.attr_timeout,
+        threads: args.fuse_threads as usize,
+        prefetch_memory: args.prefetch_memory,
+    };
+    let parts = Parts {
+        source: resolved.source.clone(),
+        manifest: manifest.clone(),
+        store: resolved.store.clone(),
+        wake_sweeper: wake.clone(),
+    };
+    let mount_now = tokio::task::block_in_place(|| crate::fuse::mount(parts, &settings));
+    let (mut mounted, on_verified) = mount_now?;
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        source = %resolved.pair.source,
+        dest = %resolved.pair.dest,
+        manifest = %manifest.location(),
+        "mounted"
+    );
+    say_ready();
+
+    let (stop_all, stop) = tokio::sync::watch::channel(false);
+    let stop_all = Arc::new(stop_all);
+    {
+        let mut signals = stop_on_signals();
+        let stop_all = stop_all.clone();
+        tokio::spawn(async move {
+            if signals.wait_for(|s| *s).await.is_ok() {
+                let _ = stop_all.send(true);
+            }
+        });
+    }
+    let node = node_id();
+    let opts = SweepOptions {
+        concurrency: args.concurrency as usize,
+        batch_size: 200,
+        max_retries: args.max_retries,
+        retry_delay: args.retry_delay,
+        lease: args.lease_timeout,
+        filter,
+        node,
+        command: "mount".into(),
+        // The daemon never gives up on the dest: copies pause while it is away.
+        dest_timeout: Duration::from_secs(100 * 365 * 24 * 3600),
+        keep_running: Some(wake),
+        bwlimit: args.bwlimit,
+        on_verified: Some(on_verified),
+    };
+    let background = {
+        let (manifest, source, store, stop) = (
+            manifest.clone(),
+            resolved.source.clone(),
+            resolved.store.clone(),
+            stop.clone(),
+        );
+        let sweep = !args.no_sweep;
+        let interval = args.progress_interval;
+        tokio::spawn(async move {
+            copy_in_background(&manifest, source, store, &opts, sweep, interval, &stop).await
+        })
+    };
+
+    let ended = mounted.ended.clone();
+    let mut stopped = stop.clone();
+    let unmounted_outside = tokio::select! {
+        _ = stopped.wait_for(|s| *s) => false,
+        _ = ended.notified() => true,
+    };
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    if unmounted_outside {
+        tracing::info!("unmounted from outside; stopping");
+    }
+    // The sweeper stops after the copies in flight, while the mount goes away.
+    let _ = stop_all.send(true);
+    let result = tokio::task::block_in_place(|| mounted.unmount());
+    let copied = match tokio::time::timeout(Duration::from_secs(120), background).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(anyhow::anyhow!("sweeper task failed: {e}")),
+        Err(_) => Err(anyhow::anyhow!("the sweeper did not stop within 2 minutes")),
+    };
+    manifest.close().await;
+    result?;
+    copied?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(exit::OK)
+}
+
+/// Scans the source into the manifest (the mount is already live), then sweeps until stopped.
+async fn copy_in_background(
+    manifest: &Manifest,
+    source: Arc<crate::source::SourceTree>,
+    store: Arc<dyn crate::store::Store>,
+    opts: &SweepOptions,
+    sweep: bool,
+    progress_interval: Duration,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    manifest.close_abandoned_batches(&opts.node).await?;
+    match scan_into_manifest(manifest, source.clone(), store.clone(), stop).await {
+        Ok(stats) => tracing::info!(files = stats.files, dirs = stats.dirs, "scan done"),
+        Err(ScanError::Interrupted) => return Ok(()),
+        Err(ScanError::Manifest(e)) => return Err(e.into()),
+    }
+    if !sweep {
+        return Ok(());
+    }
+    let progress = Progress::start("Migrating", true, progress_interval);
+    let report = run_sweep(manifest, source, store, opts, progress, stop).await?;
+    tracing::info!(
+        copied = report.copied,
+        already_there = report.already_there,
+        failed_attempts = report.failed_attempts,
+        "sweeper stopped"
+    );
+    Ok(())
+}
+
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Tells systemd (`Type=notify`) and a parent waiting in `start_in_background` that the mount
+/// is live.
+fn say_ready() {
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    if let Some(fd) = std::env::var(READY_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        // SAFETY: the parent handed this descriptor down for exactly this message.
+        let pipe = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut pipe = std::fs::File::from(pipe);
+        let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+    }
+}
+
+/// Runs this same command again with `--foreground` as a detached daemon and returns once it
+/// reports the mount live, or fails with its exit status if it dies first.
+async fn start_in_background() -> Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are ours.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let exe = std::env::current_exe().context("cannot find the cutoverfs executable")?;
+    let child_fd = write_end.as_raw_fd();
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(args)
+        .env(READY_FD, child_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            let flags = libc::fcntl(child_fd, libc::F_GETFD);
+            libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("cannot start the daemon")?;
+    drop(write_end);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);
+        line
+    })
+    .await?;
+    if line.trim() == "ready" {
+        return Ok(exit::OK);
+    }
+    let status = child.wait()?;
+    bail!("the daemon stopped before the mount was live ({status})")
+}
+
+/// `mount.cutoverfs SOURCE MOUNTPOINT [-o OPTIONS]` → `cutoverfs mount MOUNTPOINT ...`.
+///
+/// OPTIONS carry the flags as `key=value` or bare `key` (`dest=s3://b/p,manifest=sqlite:///…,
+/// no_sweep`); `_` and `-` are the same. Generic mount options (`rw`, `nofail`, `_netdev`,
+/// `x-systemd.*`...) are for mount(8) and systemd and are skipped. SOURCE is the legacy tree;
+/// `cutoverfs` or the mountpoint itself means the mountpoint's own directory.
+pub fn helper_args(argv: &[OsString]) -> Result<Vec<OsString>> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let mut rest = argv.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        match arg.to_str() {
+            Some("-o") => options.push(
+                rest.next()
+                    .and_then(|o| o.to_str())
+                    .context("-o needs an option list")?
+                    .to_string(),
+            ),
+            Some(flag) if flag.starts_with("-o") => options.push(flag[2..].to_string()),
+            // -n (no mtab), -s (sloppy), -v (verbose) change nothing here.
+            Some("-n") | Some("-s") | Some("-v") => {}
+            Some(flag) if flag.starts_with('-') && flag.len() > 1 => {
+                bail!("mount.cutoverfs: unknown flag {flag}")
+            }
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let [source, mountpoint] = positional.as_slice() else {
+        bail!("usage: mount.cutoverfs SOURCE MOUNTPOINT [-o dest=URL,manifest=URL,...]");
+    };
+    let mut args: Vec<OsString> = vec!["cutoverfs".into(), "mount".into(), mountpoint.clone()];
+    if source != "cutoverfs" && source != mountpoint {
+        args.push("--source".into());
+        args.push(source.clone());
+    }
+    for option in options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        let (key, value) = match option.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (option, None),
+        };
+        if is_generic_mount_option(key) {
+            continue;
+        }
+        args.push(format!("--{}", key.replace('_', "-")).into());
+        if let Some(value) = value {
+            args.push(value.into());
+        }
+    }
+    Ok(args)
+}
+
+fn is_generic_mount_option(key: &str) -> bool {
+    const GENERIC: [&str; 18] = [
+        "defaults", "rw", "ro", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev",
+        "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime",
+    ];
+    GENERIC.contains(&key) || key.starts_with("x-") || key.starts_with("comment")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn helper_options_become_flags() {
+        let argv: Vec<OsString> = [
+            "mount.cutoverfs",
+            "cutoverfs",
+            "/srv/media",
+            "-o",
+            "rw,nofail,x-systemd.requires=network.target,dest=s3://b/p?region=x,manifest=sqlite:///var/m.db,no_sweep,bwlimit=10MiB",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(
+            strings(&helper_args(&argv).unwrap()),
+            [
+                "cutoverfs",
+                "mount",
+                "/srv/media",
+                "--dest",
+                "s3://b/p?region=x",
+                "--manifest",
+                "sqlite:///var/m.db",
+                "--no-sweep",
+                "--bwlimit",
+                "10MiB"
+            ]
+        );
+    }
+
+    #[test]
+    fn helper_source_other_than_the_mountpoint_is_passed_on() {
+        let argv: Vec<OsString> = [
+            "mount.cutoverfs",
+            "/old/media",
+            "/srv/media",
+            "-odest=file:///x",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let args = strings(&helper_args(&argv).unwrap());
+        assert_eq!(args[3..5], ["--source", "/old/media"]);
+        assert!(helper_args(&argv[..2]).is_err());
+    }
+}

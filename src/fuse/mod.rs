@@ -1,0 +1,392 @@
+//! The mount (DESIGN §1, §5): a FUSE file system over the application's directory that
+//! serves every file from wherever it lives right now.
+//!
+//! Owns: inode numbers, the union namespace, open files and their routes (dest, local,
+//! fallback), the copy-on-read queue and mounting/unmounting. It reads the source through
+//! `SourceTree`, the dest only through the `Store` trait (never S3 directly) and the manifest
+//! through its queries; copying is the engine's job, which this part only wakes.
+
+mod fs;
+mod inodes;
+mod namespace;
+mod prefetch;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::{mpsc, Notify};
+
+use crate::manifest::Manifest;
+use crate::source::SourceTree;
+use crate::store::Store;
+
+pub use fs::CutoverFs;
+
+/// The file system type in /proc/mounts: `fuse.` + this.
+pub const SUBTYPE: &str = "cutoverfs";
+
+/// Counters of what the mount served, logged at unmount (and, later, exported as metrics).
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    pub opens_local: AtomicU64,
+    pub opens_dest: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+    /// READ requests the daemon itself answered (passthrough files send none).
+    pub read_requests: AtomicU64,
+    pub bytes_dest: AtomicU64,
+    pub fallback_reads: AtomicU64,
+    pub copy_on_read_queued: AtomicU64,
+}
+
+impl ReadStats {
+    pub fn log(&self) {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            opens_local = n(&self.opens_local),
+            opens_dest = n(&self.opens_dest),
+            passthrough_opens = n(&self.passthrough_opens),
+            read_requests = n(&self.read_requests),
+            bytes_from_dest = n(&self.bytes_dest),
+            fallback_reads = n(&self.fallback_reads),
+            copy_on_read_queued = n(&self.copy_on_read_queued),
+            "served by the mount"
+        );
+    }
+}
+
+/// Whether remote reads work. After a failure, opens go to the local copy for a while
+/// instead of trying the dest again for every file (DESIGN §4.5).
+#[derive(Default)]
+pub struct DestHealth {
+    down_until: Mutex<Option<Instant>>,
+}
+
+const DEST_DOWN_FOR: Duration = Duration::from_secs(15);
+
+impl DestHealth {
+    pub fn is_down(&self) -> bool {
+        let down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        down.is_some_and(|until| Instant::now() < until)
+    }
+
+    pub fn mark_down(&self, why: &str) {
+        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        if down.is_none() {
+            tracing::warn!(
+                error = why,
+                "dest read failed; serving local copies until it answers again"
+            );
+        }
+        *down = Some(Instant::now() + DEST_DOWN_FOR);
+    }
+
+    pub fn mark_up(&self) {
+        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        if down.take().is_some() {
+            tracing::info!("dest reads work again");
+        }
+    }
+}
+
+/// Opens of files not copied yet, on their way to the head of the copy queue.
+pub struct CopyOnRead {
+    tx: mpsc::UnboundedSender<String>,
+    recent: moka::sync::Cache<String, ()>,
+}
+
+impl CopyOnRead {
+    /// The queue, and the task that records queued files in the manifest and wakes `wake`.
+    pub fn start(manifest: Manifest, wake: Arc<Notify>, stats: Arc<ReadStats>) -> CopyOnRead {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            let mut paths = Vec::new();
+            while rx.recv_many(&mut paths, 256).await > 0 {
+                match manifest.prioritize(&paths).await {
+                    Ok(queued) if queued > 0 => {
+                        stats
+                            .copy_on_read_queued
+                            .fetch_add(queued, Ordering::Relaxed);
+                        tracing::debug!(files = queued, "copy-on-read queued");
+                        wake.notify_one();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot queue files for copy-on-read"),
+                }
+                paths.clear();
+            }
+        });
+        CopyOnRead {
+            tx,
+            recent: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// Never blocks the open: the manifest is written by the queue's task.
+    pub fn queue(&self, path: &str) {
+        if self.recent.contains_key(path) {
+            return;
+        }
+        self.recent.insert(path.to_string(), ());
+        let _ = self.tx.send(path.to_string());
+    }
+}
+
+/// How the mount looks and behaves.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub mountpoint: PathBuf,
+    pub fsname: String,
+    /// Kernel entry and attribute cache lifetime.
+    pub ttl: Duration,
+    pub threads: usize,
+    /// Bytes of remote data fetched ahead, across all open files.
+    pub prefetch_memory: u64,
+}
+
+/// A live mount: its FUSE session runs on its own threads until unmounted.
+pub struct Mounted {
+    mountpoint: PathBuf,
+    session: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    pub ended: Arc<Notify>,
+    pub stats: Arc<ReadStats>,
+}
+
+/// Everything the file system needs from the daemon.
+pub struct Parts {
+    pub source: Arc<SourceTree>,
+    pub manifest: Manifest,
+    pub store: Arc<dyn Store>,
+    pub wake_sweeper: Arc<Notify>,
+}
+
+/// Mounts and returns once the kernel has finished the FUSE handshake (the mount is live).
+/// Also returns the hook that drops cached manifest rows when the sweeper verifies files.
+pub fn mount(
+    parts: Parts,
+    settings: &MountSettings,
+) -> Result<(Mounted, crate::engine::sweep::VerifiedHook)> {
+    let rt = tokio::runtime::Handle::current();
+    let stats = Arc::new(ReadStats::default());
+    let copy_on_read = CopyOnRead::start(
+        parts.manifest.clone(),
+        parts.wake_sweeper.clone(),
+        stats.clone(),
+    );
+    let ns = Arc::new(namespace::Namespace::new(
+        parts.source.clone(),
+        parts.manifest.clone(),
+        rt.clone(),
+    ));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let fs = CutoverFs::new(
+        ns.clone(),
+        parts.store,
+        rt,
+        settings.ttl,
+        copy_on_read,
+        Arc::new(DestHealth::default()),
+        stats.clone(),
+        prefetch::prefetch_budget(settings.prefetch_memory),
+        ready_tx,
+    );
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(settings.fsname.clone()),
+        // Straight to the kernel: the type becomes fuse.cutoverfs in /proc/mounts.
+        fuser::MountOption::CUSTOM(format!("subtype={SUBTYPE}")),
+        fuser::MountOption::DefaultPermissions,
+        // Writes through the mount come with issue 5; until then it is read-only.
+        fuser::MountOption::RO,
+        fuser::MountOption::NoDev,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(settings.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &settings.mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", settings.mountpoint.display()))?;
+    let ended = Arc::new(Notify::new());
+    let session_ended = ended.clone();
+    let thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let result = session.run();
+            session_ended.notify_one();
+            result
+        })?;
+    let mut mounted = Mounted {
+        mountpoint: settings.mountpoint.clone(),
+        session: Some(thread),
+        ended,
+        stats,
+    };
+    match ready_rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(_) => {}
+        Err(_) => {
+            let _ = mounted.unmount();
+            bail!(
+                "the kernel did not complete the FUSE handshake on {}",
+                settings.mountpoint.display()
+            );
+        }
+    }
+    let hook_ns = ns;
+    let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
+        hook_ns.forget_entries(paths)
+    }));
+    Ok((mounted, hook))
+}
+
+impl Mounted {
+    /// Unmounts and waits for the session to end. A mount still in use is detached: the
+    /// kernel keeps serving open files from this daemon until they are closed.
+    pub fn unmount(&mut self) -> Result<()> {
+        if let Some(thread) = self.session.take() {
+            match unmount(&self.mountpoint) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), "mount busy: detaching it; open files are served until closed");
+                    detach(&self.mountpoint)?;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot unmount {}", self.mountpoint.display()))
+                }
+            }
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+                Err(_) => tracing::error!("FUSE session thread panicked"),
+            }
+            self.stats.log();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    }
+}
+
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+fn unmount(path: &Path) -> std::io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn detach(path: &Path) -> std::io::Result<()> {
+    let path = c_path(path)?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Checks a mountpoint before mounting: removes a stale cutoverfs mount left by a daemon that
+/// died ("Transport endpoint is not connected"), refuses one that is live, and returns its
+/// canonical path.
+pub fn prepare_mountpoint(given: &Path) -> Result<PathBuf> {
+    let absolute =
+        std::path::absolute(given).with_context(|| format!("mountpoint {}", given.display()))?;
+    match std::fs::metadata(&absolute) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(mountpoint = %absolute.display(), "removing a stale mount left by a daemon that died");
+            detach(&absolute).with_context(|| {
+                format!("cannot remove the stale mount on {}", absolute.display())
+            })?;
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("mountpoint {}", absolute.display()));
+        }
+        Ok(meta) if !meta.is_dir() => bail!("mountpoint {} is not a directory", absolute.display()),
+        Ok(_) => {}
+    }
+    let canonical = std::fs::canonicalize(&absolute)
+        .with_context(|| format!("mountpoint {}", absolute.display()))?;
+    if let Some(fstype) = mounted_type(&canonical)? {
+        if fstype == format!("fuse.{SUBTYPE}") {
+            bail!(
+                "mountpoint {} is busy: cutoverfs is already mounted there (unmount it first)",
+                canonical.display()
+            );
+        }
+    }
+    Ok(canonical)
+}
+
+/// The type of the file system mounted exactly at `path`, if any (the topmost one).
+pub fn mounted_type(path: &Path) -> Result<Option<String>> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() > dash + 1
+            && fields.len() > 4
+            && unescape(fields[4]) == path.as_os_str().as_bytes()
+        {
+            found = Some(fields[dash + 1].to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len() + 0
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value = bytes[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |v, b| v * 8 + (b - b'0') as u32);
+            out.push(value as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape(r"/srv/my\040media"), b"/srv/my media");
+        assert_eq!(unescape("/plain"), b"/plain");
+    }
+}

@@ -1,0 +1,273 @@
+//! The tree the application sees: the local tree, plus what the manifest knows that is no
+//! longer (or not yet) local — so purged files and directories stay where they were.
+//!
+//! Local attributes win: before purge every file still has its local copy, and its own size,
+//! mtime, mode and owner are what the application always saw. Manifest rows are read through a
+//! cache that the sweeper's "verified" notices and a short TTL keep fresh.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo};
+
+use crate::manifest::{Entry, Kind, Manifest};
+use crate::source::SourceTree;
+
+/// How long a manifest row is trusted without a notice: other nodes change states too.
+const ENTRY_TTL: Duration = Duration::from_secs(10);
+const ENTRY_CACHE_ROWS: u64 = 1_000_000;
+
+pub struct Namespace {
+    source: Arc<SourceTree>,
+    manifest: Manifest,
+    rt: tokio::runtime::Handle,
+    entries: moka::sync::Cache<PathBuf, Option<Arc<Entry>>>,
+}
+
+/// One name in a directory listing, with its attributes (inode number left to the caller).
+pub struct Listed {
+    pub name: OsString,
+    pub attr: FileAttr,
+}
+
+impl Namespace {
+    pub fn new(source: Arc<SourceTree>, manifest: Manifest, rt: tokio::runtime::Handle) -> Self {
+        Namespace {
+            source,
+            manifest,
+            rt,
+            entries: moka::sync::Cache::builder()
+                .max_capacity(ENTRY_CACHE_ROWS)
+                .time_to_live(ENTRY_TTL)
+                .build(),
+        }
+    }
+
+    pub fn source(&self) -> &Arc<SourceTree> {
+        &self.source
+    }
+
+    /// Attributes of a path: the local file's, else the manifest's for what lives on at the dest.
+    pub fn attr(&self, rel: &Path) -> io::Result<FileAttr> {
+        match self.source.stat_at(rel) {
+            Ok(st) => Ok(attr_from_stat(&st)),
+            Err(e) if is_absent(&e) => match self.entry(rel)? {
+                Some(entry) if entry.visible_without_local_copy() => Ok(attr_from_entry(&entry)),
+                _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The manifest row of a path (cached); None for names the manifest cannot hold.
+    pub fn entry(&self, rel: &Path) -> io::Result<Option<Arc<Entry>>> {
+        let Some(text) = rel.to_str() else {
+            return Ok(None);
+        };
+        if let Some(cached) = self.entries.get(rel) {
+            return Ok(cached);
+        }
+        let row = self
+            .rt
+            .block_on(self.manifest.entry(text))
+            .map_err(|e| manifest_error(rel, e))?
+            .map(Arc::new);
+        self.entries.insert(rel.to_path_buf(), row.clone());
+        Ok(row)
+    }
+
+    /// Drops cached rows (their state just changed).
+    pub fn forget_entries(&self, paths: &[String]) {
+        for path in paths {
+            self.entries.invalidate(Path::new(path));
+        }
+    }
+
+    /// The union of the local directory and the manifest's rows below it. Rows read here are
+    /// cached, so the opens that usually follow a listing need no query.
+    pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {
+        let mut listed = Vec::new();
+        let mut local_names = std::collections::HashSet::new();
+        match std::fs::read_dir(self.source.path_of_os(rel)) {
+            Ok(dir) => {
+                for item in dir {
+                    let item = item?;
+                    let Ok(meta) = item.metadata() else { continue };
+                    let name = item.file_name();
+                    local_names.insert(name.clone());
+                    listed.push(Listed {
+                        name,
+                        attr: attr_from_metadata(&meta),
+                    });
+                }
+            }
+            Err(e) if is_absent(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(dir) = rel.to_str() {
+            let rows = self
+                .rt
+                .block_on(self.manifest.children(dir))
+                .map_err(|e| manifest_error(rel, e))?;
+            let mut unrecorded = local_names.clone();
+            for row in rows {
+                let path = PathBuf::from(&row.path);
+                if let Some(name) = path.file_name() {
+                    unrecorded.remove(name);
+                }
+                let name = path.file_name().unwrap_or_default().to_os_string();
+                let visible = !local_names.contains(&name) && row.visible_without_local_copy();
+                if visible {
+                    listed.push(Listed {
+                        name,
+                        attr: attr_from_entry(&row),
+                    });
+                }
+                self.entries.insert(path, Some(Arc::new(row)));
+            }
+            for name in unrecorded {
+                self.entries.insert(child_path(rel, &name), None);
+            }
+        }
+        if rel.as_os_str().is_empty() && local_names.is_empty() && listed.is_empty() {
+            // An empty or unreadable root still lists.
+            self.source.stat_at(rel)?;
+        }
+        Ok(listed)
+    }
+
+    /// The target of a symlink, local or recorded.
+    pub fn read_link(&self, rel: &Path) -> io::Result<OsString> {
+        match self.source.read_link_at(rel) {
+            Ok(target) => Ok(target),
+            Err(e) if is_absent(&e) => match self.entry(rel)? {
+                Some(entry) if entry.kind == Kind::Symlink => entry
+                    .link_target
+                    .clone()
+                    .map(OsString::from)
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO)),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+fn manifest_error(rel: &Path, e: crate::manifest::ManifestError) -> io::Error {
+    tracing::error!(path = %rel.display(), error = %e, "manifest lookup failed");
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+pub fn child_path(parent: &Path, name: &OsStr) -> PathBuf {
+    if parent.as_os_str().is_empty() {
+        PathBuf::from(name)
+    } else {
+        parent.join(name)
+    }
+}
+
+/// A name the kernel may hand us that must never reach a path join.
+pub fn is_bad_name(name: &OsStr) -> bool {
+    let bytes = name.as_bytes();
+    bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/')
+}
+
+fn time(secs: i64, nsec: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub fn attr_from_stat(st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec),
+        mtime: time(st.st_mtime, st.st_mtime_nsec),
+        ctime: time(st.st_ctime, st.st_ctime_nsec),
+        crtime: time(st.st_ctime, st.st_ctime_nsec),
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn attr_from_metadata(m: &std::fs::Metadata) -> FileAttr {
+    use std::os::unix::fs::MetadataExt;
+    FileAttr {
+        ino: INodeNo(0),
+        size: m.size(),
+        blocks: m.blocks(),
+        atime: time(m.atime(), m.atime_nsec()),
+        mtime: time(m.mtime(), m.mtime_nsec()),
+        ctime: time(m.ctime(), m.ctime_nsec()),
+        crtime: time(m.ctime(), m.ctime_nsec()),
+        kind: kind_of(m.mode()),
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev() as u32,
+        blksize: m.blksize() as u32,
+        flags: 0,
+    }
+}
+
+/// Attributes of something only the manifest still knows: the ones recorded at the scan.
+pub fn attr_from_entry(entry: &Entry) -> FileAttr {
+    let mtime = time(
+        entry.mtime_ns.div_euclid(1_000_000_000),
+        entry.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    let kind = match entry.kind {
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::File => FileType::RegularFile,
+        Kind::Special => kind_of(entry.mode),
+    };
+    FileAttr {
+        ino: INodeNo(0),
+        size: entry.size,
+        blocks: entry.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm: (entry.mode & 0o7777) as u16,
+        nlink: if kind == FileType::Directory { 2 } else { 1 },
+        uid: entry.uid,
+        gid: entry.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
