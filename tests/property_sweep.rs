@@ -90,6 +90,9 @@ async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
         filter: PathFilter::default(),
         node: "proptest".into(),
         dest_timeout: Duration::from_secs(60),
+        keep_running: None,
+        bwlimit: None,
+        on_verified: None,
         command: "sweep".into(),
     };
     let progress = Progress::start("test", true, Duration::ZERO);

@@ -49,6 +49,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "CUTOVERFS_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Also write logs to this file (appended), as plain text.
+    #[arg(long, global = true, value_name = "PATH", env = "CUTOVERFS_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -186,6 +190,7 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    let _ = EFFECTIVE_ARGS.set(argv.clone());
     let cli = match config::expand(argv) {
         Ok(args) => parse_letting_later_flags_win(args),
         Err(e) => {
@@ -193,7 +198,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    init_logging(&cli.log_level);
+    if let Err(e) = init_logging(&cli.log_level, cli.log_file.as_deref()) {
+        eprintln!("cutoverfs: error: {e:#}");
+        return ExitCode::from(exit::ERROR);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -222,6 +230,17 @@ pub fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+static EFFECTIVE_ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// The command line as cutoverfs understood it (a mount helper's call already translated), for
+/// starting the same command again.
+pub fn effective_args() -> Vec<std::ffi::OsString> {
+    EFFECTIVE_ARGS
+        .get()
+        .cloned()
+        .unwrap_or_else(|| std::env::args_os().collect())
 }
 
 /// `mount -t fuse.cutoverfs` runs `mount.fuse.cutoverfs` (or `mount.cutoverfs`): a link to this
@@ -276,7 +295,8 @@ fn end_quietly_when_stdout_closes() {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, log_file: Option<&Path>) -> Result<()> {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     use tracing_subscriber::EnvFilter;
     let filter = if level.contains('=') || level.contains(',') {
         EnvFilter::try_new(level)
@@ -288,11 +308,27 @@ fn init_logging(level: &str) {
         ))
     }
     .unwrap_or_else(|_| EnvFilter::new("warn,aws_config=error,fuser=error,cutoverfs=info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder
+                .with_writer(std::sync::Mutex::new(file).and(std::io::stderr))
+                .with_ansi(false)
+                .init();
+        }
+        None => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    Ok(())
 }
 
 /// A checked source, dest and manifest location, ready to use.

@@ -118,7 +118,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         source = %resolved.pair.source,
         dest = %resolved.pair.dest,
         manifest = %manifest.location(),
-        "mounted"
+        "mount is live"
     );
     say_ready();
 
@@ -251,7 +251,7 @@ async fn start_in_background() -> Result<u8> {
     // SAFETY: both descriptors were just created and are ours.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut args: Vec<OsString> = super::effective_args().into_iter().skip(1).collect();
     args.push("--foreground".into());
     let exe = std::env::current_exe().context("cannot find the cutoverfs executable")?;
     let child_fd = write_end.as_raw_fd();
@@ -260,7 +260,8 @@ async fn start_in_background() -> Result<u8> {
         .args(args)
         .env(READY_FD, child_fd.to_string())
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -272,6 +273,15 @@ async fn start_in_background() -> Result<u8> {
     }
     let mut child = command.spawn().context("cannot start the daemon")?;
     drop(write_end);
+    // Until the mount is live, the daemon's messages are ours; afterwards only --log-file
+    // (or the journal, with --foreground under systemd) gets them.
+    if let Some(stderr) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+            }
+        });
+    }
     let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut line);

@@ -247,6 +247,7 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         entry.1 += file.size;
     }
     let dirs = manifest.count_dirs().await?;
+    let queued = manifest.prioritized(usize::MAX >> 1).await?.len();
     let problems = manifest.problems(args.limit).await?;
     let throughput = manifest.observed_throughput().await?;
     let left: (u64, u64) = [State::Pending, State::Copying, State::Failed]
@@ -271,6 +272,7 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
             "files": map(|v| v.0),
             "bytes": map(|v| v.1),
             "directories": dirs,
+            "copy_on_read_queued": queued,
             "throughput": throughput.map(|(f, b, secs)| json!({"files_per_second": f as f64 / secs, "bytes_per_second": b as f64 / secs})),
             "eta_seconds": eta,
             "problems": problems,
@@ -294,6 +296,9 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         );
     }
     println!("{:<12} {:>10}", "directories", dirs);
+    if queued > 0 {
+        println!("Copy-on-read: {queued} files opened before their copy, queued first");
+    }
     println!();
     match throughput {
         Some((f, b, secs)) => println!(

@@ -44,7 +44,9 @@ pub struct SweepOptions {
 
 /// Called with the paths whose verified state was just committed.
 #[derive(Clone)]
-pub struct VerifiedHook(pub Arc<dyn Fn(&[String]) + Send + Sync>);
+pub struct VerifiedHook(pub Arc<VerifiedFn>);
+
+pub type VerifiedFn = dyn Fn(&[String]) + Send + Sync;
 
 impl std::fmt::Debug for VerifiedHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +129,7 @@ pub async fn run_sweep(
     let mut batches: JoinSet<Result<BatchTally, ManifestError>> = JoinSet::new();
     let mut report = SweepReport::default();
     let mut cursor = String::new();
+    let mut copied_since_idle = false;
     let result = async {
         loop {
             if *stop.borrow() {
@@ -160,13 +163,19 @@ pub async fn run_sweep(
                 }
                 if !wait_for_more_work(manifest, opts, stop).await? {
                     match &opts.keep_running {
-                        Some(wake) => wait_for_wake(wake, stop).await,
+                        Some(wake) => {
+                            if std::mem::take(&mut copied_since_idle) {
+                                create_directories(manifest, &store, &opts.filter).await;
+                            }
+                            wait_for_wake(wake, stop).await
+                        }
                         None => break,
                     }
                 }
                 continue;
             }
             let batch_id = batch_id.unwrap_or_default();
+            copied_since_idle = true;
             let files = dispatch_batch(claimed, &shared, &in_flight).await;
             let manifest = manifest.clone();
             let stop = stop.clone();

@@ -37,6 +37,9 @@ enum OpenFile {
     Remote { file: Arc<RemoteFile>, rel: PathBuf },
 }
 
+/// A directory's entries with their inode numbers, as read at opendir.
+type Listing = Vec<(u64, Listed)>;
+
 /// Where an open is served from.
 enum Route {
     Source,
@@ -57,7 +60,7 @@ pub struct CutoverFs {
     pub(super) ready: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     pub(super) passthrough: AtomicBool,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    listings: Mutex<HashMap<u64, Arc<Vec<(u64, Listed)>>>>,
+    listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_handle: AtomicU64,
 }
 
@@ -169,7 +172,7 @@ impl CutoverFs {
         }
     }
 
-    fn listing(&self, ino: INodeNo) -> Result<Arc<Vec<(u64, Listed)>>, Errno> {
+    fn listing(&self, ino: INodeNo) -> Result<Arc<Listing>, Errno> {
         let path = self.path(ino)?;
         let listed = self.ns.list(&path).map_err(Errno::from)?;
         Ok(Arc::new(

@@ -324,15 +324,32 @@ pub fn prepare_mountpoint(given: &Path) -> Result<PathBuf> {
     }
     let canonical = std::fs::canonicalize(&absolute)
         .with_context(|| format!("mountpoint {}", absolute.display()))?;
-    if let Some(fstype) = mounted_type(&canonical)? {
-        if fstype == format!("fuse.{SUBTYPE}") {
-            bail!(
+    if mounted_type(&canonical)?.is_some_and(|t| t == format!("fuse.{SUBTYPE}")) {
+        // The kernel may still answer stat from its cache; statfs always asks the daemon.
+        match nix_statvfs(&canonical) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                tracing::warn!(mountpoint = %canonical.display(), "removing a stale mount left by a daemon that died");
+                detach(&canonical).with_context(|| {
+                    format!("cannot remove the stale mount on {}", canonical.display())
+                })?;
+            }
+            _ => bail!(
                 "mountpoint {} is busy: cutoverfs is already mounted there (unmount it first)",
                 canonical.display()
-            );
+            ),
         }
     }
     Ok(canonical)
+}
+
+fn nix_statvfs(path: &Path) -> std::io::Result<()> {
+    let path = c_path(path)?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a statvfs buffer.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The type of the file system mounted exactly at `path`, if any (the topmost one).
@@ -362,7 +379,7 @@ fn unescape(field: &str) -> Vec<u8> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && i + 3 < bytes.len() + 0
+            && i + 3 < bytes.len()
             && bytes[i + 1..i + 4]
                 .iter()
                 .all(|b| (b'0'..=b'7').contains(b))

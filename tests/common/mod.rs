@@ -2,6 +2,7 @@
 //! reading `status --json`, and comparing trees (content, mode, times, owner).
 #![allow(dead_code)]
 
+pub mod mount;
 pub mod s3;
 
 use std::collections::BTreeMap;
