@@ -1,7 +1,8 @@
 //! `cutoverfs demo`: the whole migration on a generated sample tree, in a temporary directory.
 //!
-//! The tree looks like seed 000's MEDIA_ROOT. The demo runs plan → sweep → status → a second
-//! sweep that copies nothing → a byte-for-byte comparison of both trees, then cleans up.
+//! The tree looks like seed 000's MEDIA_ROOT. The demo runs plan → mount over the tree → reads
+//! through the mount (copy-on-read) → status → sweep → status → a second sweep that copies
+//! nothing → a byte-for-byte comparison of the mounted view with the dest → unmount → clean up.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,7 +64,24 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     })
     .await?;
 
-    step("3. cutoverfs sweep");
+    step("3. cutoverfs mount: the application's directory, served through cutoverfs");
+    let mut daemon = Daemon::start(&media, &target, &base.join("mount.log"))?;
+    println!(
+        "   mounted over {} (local fallback, copy-on-read; no sweeper in the daemon here)",
+        media.display()
+    );
+    let read_back = read_some(&media)?;
+    println!("   the application read {read_back} files through the mount, served from their local copies");
+
+    step("4. cutoverfs status: the files just read are queued first (copy-on-read)");
+    let status_args = StatusArgs {
+        target: target.clone(),
+        json: false,
+        limit: 20,
+    };
+    report::status(status_args.clone()).await?;
+
+    step("5. cutoverfs sweep: everything else, while the mount keeps serving");
     let sweep_args = SweepArgs {
         target: target.clone(),
         scope: Scope::default(),
@@ -80,20 +98,19 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     };
     let first = sweep::run(sweep_args.clone()).await?;
 
-    step("4. cutoverfs status");
-    report::status(StatusArgs {
-        target: target.clone(),
-        json: false,
-        limit: 20,
-    })
-    .await?;
+    step("6. cutoverfs status");
+    report::status(status_args).await?;
 
-    step("5. cutoverfs sweep again: nothing left to copy");
+    step("7. cutoverfs sweep again: nothing left to copy");
     let second = sweep::run(sweep_args).await?;
 
-    step("6. Every file compared byte for byte with its copy");
+    step("8. Every file, as the application sees it, compared byte for byte with its copy");
     let compared = compare_trees(&media, &private)?;
     println!("   {compared} files identical in {}", private.display());
+
+    step("9. Unmount");
+    let served = daemon.stop()?;
+    println!("   {served}");
 
     if args.keep {
         println!(
@@ -114,6 +131,119 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         }
     );
     Ok(if ok { exit::OK } else { exit::INCOMPLETE })
+}
+
+/// Reads every tenth file through the mount, as the application would.
+fn read_some(root: &Path) -> Result<u64> {
+    let mut read = 0;
+    let mut stack = vec![root.to_path_buf()];
+    let mut seen = 0u64;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                seen += 1;
+                if seen % 10 == 0 {
+                    std::fs::read(entry.path())?;
+                    read += 1;
+                }
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// The daemon, run as `cutoverfs mount ... --foreground` in a child process.
+struct Daemon {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(mountpoint: &Path, target: &Target, log: &Path) -> Result<Daemon> {
+        let exe = std::env::current_exe().context("cannot find the cutoverfs executable")?;
+        let log_file = std::fs::File::create(log)?;
+        let child = std::process::Command::new(exe)
+            .arg("mount")
+            .arg(mountpoint)
+            .arg("--dest")
+            .arg(target.dest.as_deref().unwrap_or_default())
+            .arg("--manifest")
+            .arg(&target.manifest)
+            .args(["--no-sweep", "--foreground"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("cannot start cutoverfs mount")?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        };
+        let canonical = std::fs::canonicalize(mountpoint)?;
+        let started = std::time::Instant::now();
+        loop {
+            let live = crate::fuse::mounted_type(&canonical)?
+                .is_some_and(|t| t == format!("fuse.{}", crate::fuse::SUBTYPE));
+            if live && daemon.log_text().contains("scan done") {
+                return Ok(daemon);
+            }
+            if let Some(child) = daemon.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    daemon.child = None;
+                    bail!(
+                        "cutoverfs mount exited with {status}:\n{}",
+                        daemon.log_text()
+                    );
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the mount did not come up within 60 s:\n{}",
+                    daemon.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as systemd would send; returns the daemon's closing line.
+    fn stop(&mut self) -> Result<String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(String::new());
+        };
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("cutoverfs mount exited with {status}:\n{}", self.log_text());
+        }
+        Ok(self
+            .log_text()
+            .lines()
+            .find(|l| l.contains("served by the mount"))
+            .map(|l| {
+                l.split_once("served by the mount")
+                    .map_or(l, |(_, rest)| rest)
+                    .trim()
+                    .to_string()
+            })
+            .map(|counts| format!("the mount served: {counts}"))
+            .unwrap_or_else(|| "unmounted".to_string()))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
 }
 
 fn step(title: &str) {
