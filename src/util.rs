@@ -5,6 +5,23 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// Up to `len` bytes of `file` from `offset`: fewer only at its end.
+pub fn read_full_at(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
 /// Size and hex SHA-256 of everything readable from `input`.
 pub fn sha256_of(mut input: impl Read) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();

@@ -43,6 +43,44 @@ fn all_verified(w: &Work) -> bool {
         && state_count(&status, "files", "verified") > 0
 }
 
+/// Mounts at `root/mnt` a source that stays reachable at `w.src` (to change it behind the mount).
+fn mount_beside(
+    w: &Work,
+    dest: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (std::path::PathBuf, Daemon) {
+    let mnt = w.root.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut args = os(&[
+        "--source",
+        w.src.to_str().unwrap(),
+        "--dest",
+        dest,
+        "--manifest",
+        &w.manifest_url(),
+    ]);
+    args.extend(os(extra));
+    let daemon = Daemon::start_with_env(&mnt, &args, env);
+    (mnt, daemon)
+}
+
+/// `cutoverfs sweep` of the workspace's source to an S3 dest.
+fn sweep_to_s3(server: &S3Server, w: &Work, dest: &str) {
+    let mut sweep = command();
+    server.apply_env(&mut sweep);
+    run_command(sweep.arg("sweep").args([
+        "--source",
+        w.src.to_str().unwrap(),
+        "--dest",
+        dest,
+        "--manifest",
+        &w.manifest_url(),
+        "--no-progress",
+    ]))
+    .assert_code(0);
+}
+
 fn mount_args(w: &Work, extra: &[&str]) -> Vec<OsString> {
     let mut args = os(&["--dest", &w.dest_url(), "--manifest", &w.manifest_url()]);
     args.extend(os(extra));
@@ -91,16 +129,7 @@ fn verified_files_are_read_from_the_dest_and_local_ones_by_passthrough() {
     w.write("b/two.txt", b"original two");
     w.sweep(&[]).assert_code(0);
     w.write("c/new.txt", b"not migrated");
-    let mnt = w.root.join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let daemon = Daemon::start(
-        &mnt,
-        &[
-            os(&["--source", w.src.to_str().unwrap(), "--no-sweep"]),
-            mount_args(&w, &[]),
-        ]
-        .concat(),
-    );
+    let (mnt, daemon) = mount_beside(&w, &w.dest_url(), &["--no-sweep"], &[]);
     daemon.wait_for_scan();
     // Change the local copy behind the mount's back: a file served from the dest does not see it.
     fs::write(w.src.join("a/one.txt"), b"CHANGED one!").unwrap();
@@ -136,16 +165,7 @@ fn the_first_open_of_a_pending_file_queues_it_ahead_of_the_sweep() {
     w.write("zzz/wanted.txt", b"read me first");
     // Record the tree without copying anything: a sweep of nothing in scope.
     w.sweep(&["--include", "nothing/**"]).assert_code(0);
-    let mnt = w.root.join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let daemon = Daemon::start(
-        &mnt,
-        &[
-            os(&["--source", w.src.to_str().unwrap(), "--no-sweep"]),
-            mount_args(&w, &[]),
-        ]
-        .concat(),
-    );
+    let (mnt, daemon) = mount_beside(&w, &w.dest_url(), &["--no-sweep"], &[]);
     let started = Instant::now();
     assert_eq!(
         fs::read(mnt.join("zzz/wanted.txt")).unwrap(),
@@ -336,30 +356,8 @@ fn s3_served_files_read_right_sequentially_and_at_random() {
     let big = pseudo_random(20 << 20, 5);
     w.write("v/big.bin", &big);
     w.write("v/small.txt", b"small");
-    let mut sweep = command();
-    server.apply_env(&mut sweep);
-    let run = run_command(sweep.arg("sweep").args([
-        "--source",
-        w.src.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--manifest",
-        &w.manifest_url(),
-        "--no-progress",
-    ]));
-    run.assert_code(0);
-    let mnt = w.root.join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let args = os(&[
-        "--source",
-        w.src.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--manifest",
-        &w.manifest_url(),
-        "--no-sweep",
-    ]);
-    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    sweep_to_s3(&server, &w, &dest);
+    let (mnt, daemon) = mount_beside(&w, &dest, &["--no-sweep"], &server.env());
     daemon.wait_for_scan();
     // The local copy is changed behind the mount: anything read must come from S3.
     fs::write(w.src.join("v/big.bin"), pseudo_random(20 << 20, 6)).unwrap();
@@ -387,30 +385,9 @@ fn a_dest_that_goes_down_leaves_every_local_file_readable() {
     let server = S3Server::in_process();
     let (w, dest) = s3_work(&server, "media");
     small_tree(&w, 40, 4, 10, 4000, 21);
-    let mut sweep = command();
-    server.apply_env(&mut sweep);
-    run_command(sweep.arg("sweep").args([
-        "--source",
-        w.src.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--manifest",
-        &w.manifest_url(),
-        "--no-progress",
-    ]))
-    .assert_code(0);
+    sweep_to_s3(&server, &w, &dest);
     let before = snapshot(&w.src);
-    let mnt = w.root.join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let args = os(&[
-        "--source",
-        w.src.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--manifest",
-        &w.manifest_url(),
-    ]);
-    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    let (mnt, daemon) = mount_beside(&w, &dest, &[], &server.env());
     server.stop();
     let started = Instant::now();
     assert_eq!(

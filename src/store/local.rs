@@ -247,24 +247,7 @@ impl Store for LocalStore {
         let path = self.target(key);
         let key = key.to_string();
         self.io(move || {
-            let read = || -> io::Result<Vec<u8>> {
-                let file = File::open(&path)?;
-                let mut buf = vec![0u8; len as usize];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = std::os::unix::fs::FileExt::read_at(
-                        &file,
-                        &mut buf[filled..],
-                        offset + filled as u64,
-                    )?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                buf.truncate(filled);
-                Ok(buf)
-            };
+            let read = || crate::util::read_full_at(&File::open(&path)?, offset, len as usize);
             read()
                 .map(bytes::Bytes::from)
                 .map_err(|source| StoreError::Dest {
