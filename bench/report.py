@@ -4,8 +4,9 @@
 Usage: bench/report.py BENCH_DIR OUTPUT.md
 
 Reads BENCH_DIR/results.csv (case,contender,round,seconds; seconds is "failed" for a run that
-failed), BENCH_DIR/meta.tsv (what each case measured, its targets, and why runs failed or uploaded
-the wrong objects, written by bench/run) and BENCH_DIR/load.csv (load average before each
+failed), BENCH_DIR/meta.tsv (what each case measured, its targets, why runs failed, uploaded the
+wrong objects or served the wrong content, odd things that did not fail a run, and cases that
+could not run, written by bench/run) and BENCH_DIR/load.csv (load average before each
 timed command). Every figure and every met/not met comes from those files; nothing here knows
 the results in advance. Standard library only.
 """
@@ -21,9 +22,12 @@ from collections import OrderedDict, defaultdict
 
 
 def read_meta(path):
-    """info, cases, targets, and problems: {case: [(kind, contender, round, text)]} where kind is
-    "failure" (the command failed) or "invalid" (its upload did not match the source)."""
+    """info, cases, targets, problems: {case: [(kind, contender, round, text)]} where kind is
+    "failure" (the command failed), "invalid" (its upload did not match the source), "wrong" (a
+    mount served content other than the plain directory's) or "note" (something odd that did not
+    fail the run), and skipped: OrderedDict(case: (title, reason)) for cases that could not run."""
     info, cases, targets, problems = {}, OrderedDict(), defaultdict(list), defaultdict(list)
+    skipped = OrderedDict()
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             f = line.rstrip("\n").split("\t")
@@ -46,9 +50,11 @@ def read_meta(path):
                 targets[case].append(
                     {"kind": kind, "subject": subject, "peer": peer, "min": float(minimum), "label": label}
                 )
-            elif f[0] in ("failure", "invalid") and len(f) >= 5:
+            elif f[0] in ("failure", "invalid", "wrong", "note") and len(f) >= 5:
                 problems[f[1]].append((f[0], f[2], f[3], f[4]))
-    return info, cases, targets, problems
+            elif f[0] == "skipped" and len(f) >= 4:
+                skipped[f[1]] = (f[2], f[3])
+    return info, cases, targets, problems, skipped
 
 
 def read_results(path):
@@ -221,6 +227,31 @@ CONTENDER_NOTES = {
     "aws s3 sync": "`aws --endpoint-url EP s3 sync SRC s3://media/PREFIX/ --no-progress` (AWS CLI v1 defaults: "
     "10 concurrent requests; files over 8 MiB go multipart in 8 MiB parts; `s3.addressing_style = path` in "
     "the private config). Lists the (empty) destination first.",
+    # Mount cases. DIR is the case's tree; WORK the case's read command (in its section), run on
+    # DIR itself, on DIR under a cutoverfs mount, or on MNT (a new directory) for the peers.
+    "native (plain directory)": "WORK on DIR itself, no FUSE: the floor every mount is held to.",
+    "cutoverfs mount": "`cutoverfs mount DIR --dest file:///RUN/dest --manifest sqlite:///RUN/m.db --no-sweep --log-file LOG` "
+    "(a new, empty dest and a new manifest for every run; defaults otherwise: `--attr-timeout 1s --fuse-threads 4`), "
+    "which mounts over DIR itself and returns once the mount is live; then, untimed, a wait until the daemon logs "
+    "`scan done` (its scan of DIR into the manifest) and a `sync`; then WORK on DIR (now the mount); then "
+    "`kill -TERM` of the daemon (found with `pgrep -f 'cutoverfs mount DIR --dest'`), which unmounts. "
+    "Nothing is migrated, so every file is served from the local copy (FUSE passthrough where the kernel "
+    "offers it) and every first open of a file queues it for copy-on-read. In `mounts3` the dest is "
+    "`s3://media/mounts3?endpoint=EP&region=garage&path_style=true` with the manifest of the untimed sweep "
+    "that migrated the file, so the file is read from S3 (ranged GETs with a prefetcher, 256 MiB of "
+    "read-ahead memory by default).",
+    "fuse-overlayfs": "`fuse-overlayfs -o lowerdir=DIR MNT` (Debian package, defaults; one lower layer "
+    "and no upper layer, so read-only), WORK on MNT, then `umount MNT`. A new mount for every run.",
+    "bindfs -r": "`bindfs -r DIR MNT` (Debian package, defaults: read-only), WORK on MNT, then "
+    "`umount MNT`. A new mount for every run.",
+    "curl GET (one request)": "`curl -sS --fail -o /dev/null -w '%{size_download}' -H 'x-amz-content-sha256: "
+    "UNSIGNED-PAYLOAD' --aws-sigv4 aws:amz:garage:s3 --user KEY:SECRET EP/media/mounts3/big.bin`: the object "
+    "in one plain signed GET over one TCP connection (the byte count must be the file's size; Garage "
+    "refuses a request without that header, which curl does not add by itself).",
+    "s5cmd cat": "`s5cmd --endpoint-url EP cat s3://media/mounts3/big.bin > /dev/null` (defaults: 50 MiB ranged "
+    "GETs, 5 at a time, written out in order).",
+    "aws s3 cp - (to stdout)": "`aws --endpoint-url EP s3 cp s3://media/mounts3/big.bin - > /dev/null` "
+    "(AWS CLI v1 defaults: ranged GETs of 8 MiB, 10 at a time, written out in order).",
 }
 
 COLUMN_TITLES = {
@@ -245,7 +276,7 @@ def column_value(column, case, seconds):
 def evaluate(target, case, medians):
     """(measured text, met?) for one target, from the medians."""
     subject = medians.get(target["subject"], math.nan)
-    if math.isnan(subject) and target["kind"] in ("ratio", "ratio_best", "files_per_s"):
+    if math.isnan(subject) and target["kind"] in ("ratio", "ratio_best", "files_per_s", "time_at_most"):
         return f"n/a (no successful run of {target['subject']})", None
     if target["kind"] == "ratio_best":
         # SUBJECT's throughput >= MIN x the fastest of the peers (";"-separated).
@@ -259,6 +290,13 @@ def evaluate(target, case, medians):
         peer = medians.get(target["peer"], math.nan)
         ratio = peer / subject if subject and not math.isnan(subject) else math.nan
         return fmt_ratio(ratio), None if math.isnan(ratio) else ratio >= target["min"]
+    if target["kind"] == "time_at_most":
+        # SUBJECT's median time <= MIN (here a maximum) x PEER's.
+        peer = medians.get(target["peer"], math.nan)
+        if math.isnan(peer) or not peer:
+            return f"n/a (no successful run of {target['peer']})", None
+        ratio = subject / peer
+        return f"{fmt_ratio(ratio)} {target['peer']}'s time", ratio <= target["min"]
     if target["kind"] == "files_per_s":
         rate = column_value("files_per_s", case, subject)
         return f"{fmt_rate(rate)} files/s", (not math.isnan(rate)) and rate >= target["min"]
@@ -266,10 +304,12 @@ def evaluate(target, case, medians):
 
 
 def evaluate_checked(target, case, medians, problems):
-    """evaluate(), but a target is not met while its subject uploaded the wrong objects."""
+    """evaluate(), but a target is not met while its subject uploaded or served the wrong data."""
     measured, met = evaluate(target, case, medians)
     if any(kind == "invalid" and contender == target["subject"] for kind, contender, _, _ in problems):
         return f"{measured}, but {target['subject']} uploaded the wrong objects", False
+    if any(kind == "wrong" and contender == target["subject"] for kind, contender, _, _ in problems):
+        return f"{measured}, but {target['subject']} served the wrong content", False
     return measured, met
 
 
@@ -290,7 +330,7 @@ def main():
     if len(sys.argv) != 3:
         sys.exit("usage: report.py BENCH_DIR OUTPUT.md")
     bench_dir, output = sys.argv[1], sys.argv[2]
-    info, cases, targets, problems = read_meta(os.path.join(bench_dir, "meta.tsv"))
+    info, cases, targets, problems, skipped = read_meta(os.path.join(bench_dir, "meta.tsv"))
     results = read_results(os.path.join(bench_dir, "results.csv"))
     loads = read_load(os.path.join(bench_dir, "load.csv"))
     box = machine(bench_dir)
@@ -319,7 +359,10 @@ def main():
           + ", ".join(f"{v} µs {'at the end' if k == 'end' else f'before `{k}`'}" for k, v in probes))
     w(f"- Project: commit {info.get('commit', '?')}, {info.get('cutoverfs', '')}; "
       f"{info.get('cp', '')}; {info.get('rsync', '')}; {info.get('find', '')}")
-    s3_tools = [info[k] for k in ("s5cmd", "rclone", "aws", "garage") if k in info]
+    fuse_tools = [info[k] for k in ("fuse_overlayfs", "bindfs") if k in info]
+    if fuse_tools:
+        w(f"- FUSE peers: {'; '.join(fuse_tools)}")
+    s3_tools = [info[k] for k in ("s5cmd", "rclone", "aws", "curl", "garage") if k in info]
     if s3_tools:
         w(f"- S3 tools: {'; '.join(s3_tools)}")
     if "s3_server" in info:
@@ -352,6 +395,19 @@ def main():
       "A ratio is cutoverfs' throughput divided by the peer's (the peer's median time over cutoverfs' "
       "median time): 1.00× means as fast, below 1 slower.")
     w("")
+    if any(name.startswith("mount") for name in list(cases) + list(skipped)):
+        w("The mount cases (`mount…`) time reads, not copies: the same read command on the plain directory, "
+          "through a cutoverfs mount over that directory and through two peer FUSE file systems. There the "
+          "subject is `cutoverfs mount`, a ratio is its throughput over the other row's, and every FUSE "
+          "contender gets a new mount for every timed run, made and removed outside the timing, so no run "
+          "starts with FUSE caches an earlier run filled. Each case says whether it is cold (the page cache "
+          "dropped with `sync; echo 3 > /proc/sys/vm/drop_caches` right before every timed read, for every "
+          "contender, after the mount is made) or warm (the source read once before the rounds; the FUSE "
+          "mounts are new). After the rounds every mount is made once more and must serve the same names, "
+          "sizes, modes and bytes as the plain directory. With 3 rounds on a shared 2-CPU machine, where "
+          "other people's builds may run at the same time, a median can move by tens of percent between "
+          "runs: read the min–max spread next to it.")
+        w("")
     if info.get("journal") == "ext4 without a journal":
         w("This file system is ext4 without a journal. In that mode ext4 does not reuse an inode freed less "
           "than 60 s ago (more while its inode table block is still dirty) and checks each such inode one by "
@@ -367,6 +423,9 @@ def main():
         for t in targets.get(name, []):
             measured, met = evaluate_checked(t, case, medians, problems.get(name, []))
             summary.append((t["label"], name, measured, met))
+    for name, (title, why) in skipped.items():
+        if name not in cases:
+            summary.append(("(see the case)", name, f"not run: {why}", None))
     if summary:
         w("## Targets")
         w("")
@@ -391,11 +450,14 @@ def main():
         w("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         failures = defaultdict(int)
         invalid = set()
+        wrong = set()
         for kind, contender, _, _ in problems.get(name, []):
             if kind == "failure":
                 failures[contender] += 1
-            else:
+            elif kind == "invalid":
                 invalid.add(contender)
+            elif kind == "wrong":
+                wrong.add(contender)
         for contender, r in rows.items():
             vals = [s for _, s in r if not math.isnan(s)]
             med = medians[contender]
@@ -405,6 +467,8 @@ def main():
                 label += f" (failed {failures[contender]} of {len(r)} rounds)"
             if contender in invalid:
                 label += " (wrong upload, see below)"
+            if contender in wrong:
+                label += " (wrong content, see below)"
             cells = [label, fmt_s(med) if vals else "failed", spread]
             cells += [fmt_rate(column_value(c, case, med)) for c in columns]
             if contender == subject:
@@ -424,12 +488,23 @@ def main():
             w("")
         seen = set()
         for kind, contender, rnd, text in problems.get(name, []):
-            what = "failed" if kind == "failure" else "uploaded the wrong objects"
+            what = {"failure": "failed", "invalid": "uploaded the wrong objects",
+                    "wrong": "served the wrong content", "note": "noted"}[kind]
             if (kind, contender, text) in seen:
                 continue
             same = [p[2] for p in problems[name] if p[0] == kind and p[1] == contender and p[3] == text]
             seen.add((kind, contender, text))
-            w(f"`{contender}` {what} in round{'s' if len(same) > 1 else ''} {', '.join(same)}: `{text}`")
+            where = "in the content check" if same == ["check"] else \
+                f"in round{'s' if len(same) > 1 else ''} {', '.join(same)}"
+            if kind == "note":
+                w(f"Note on `{contender}` {where} (not counted as a failure): `{text}`")
+            else:
+                w(f"`{contender}` {what} {where}: `{text}`")
+            w("")
+        if f"mount_stats_{name}" in info:
+            mode = info.get(f"passthrough_{name}")
+            w(f"What the cutoverfs daemon counted in its last timed run (logged at unmount): "
+              f"`{info[f'mount_stats_{name}']}`" + (f"; FUSE passthrough: {mode}." if mode else "."))
             w("")
         load = loads.get(name)
         notes = []
@@ -451,6 +526,14 @@ def main():
         if notes:
             w(" ".join(notes))
             w("")
+
+    for name, (title, why) in skipped.items():
+        if name in cases:
+            continue
+        w(f"## Case `{name}`: {title}")
+        w("")
+        w(f"Not run: {why}.")
+        w("")
 
     w("## Raw timings")
     w("")
