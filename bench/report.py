@@ -230,16 +230,16 @@ CONTENDER_NOTES = {
     # Mount cases. DIR is the case's tree; WORK the case's read command (in its section), run on
     # DIR itself, on DIR under a cutoverfs mount, or on MNT (a new directory) for the peers.
     "native (plain directory)": "WORK on DIR itself, no FUSE: the floor every mount is held to.",
-    "cutoverfs mount": "`cutoverfs mount DIR --dest file:///RUN/dest --manifest sqlite:///RUN/m.db --no-sweep --log-file LOG` "
+    "cutoverfs mount": "`cutoverfs mount DIR --dest file:///RUN/dest --manifest sqlite:///RUN/m.db --no-sweep` "
     "(a new, empty dest and a new manifest for every run; defaults otherwise: `--attr-timeout 1s --fuse-threads 4`), "
-    "which mounts over DIR itself and returns once the mount is live; then, untimed, a wait until the daemon logs "
-    "`scan done` (its scan of DIR into the manifest) and a `sync`; then WORK on DIR (now the mount); then "
-    "`kill -TERM` of the daemon (found with `pgrep -f 'cutoverfs mount DIR --dest'`), which unmounts. "
-    "Nothing is migrated, so every file is served from the local copy (FUSE passthrough where the kernel "
-    "offers it) and every first open of a file queues it for copy-on-read. In `mounts3` the dest is "
-    "`s3://media/mounts3?endpoint=EP&region=garage&path_style=true` with the manifest of the untimed sweep "
-    "that migrated the file, so the file is read from S3 (ranged GETs with a prefetcher, 256 MiB of "
-    "read-ahead memory by default).",
+    "which mounts over DIR itself (how the daemon is started: see \"Starting the daemon\" below); then, untimed, "
+    "a wait until the daemon logs `scan done` (its scan of DIR into the manifest) and a `sync`; then WORK on DIR "
+    "(now the mount); then `kill -TERM` of the daemon (found with `pgrep -f 'cutoverfs mount DIR --dest'`), "
+    "which unmounts and exits. Nothing is migrated, so every file is served from the local copy (FUSE "
+    "passthrough where the kernel offers it) and every first open of a file queues it for copy-on-read. In "
+    "`mounts3` the dest is `s3://media/mounts3?endpoint=EP&region=garage&path_style=true` with the manifest of "
+    "the untimed sweep that migrated the file, so the file is read from S3 (ranged GETs with a prefetcher, "
+    "256 MiB of read-ahead memory by default).",
     "fuse-overlayfs": "`fuse-overlayfs -o lowerdir=DIR MNT` (Debian package, defaults; one lower layer "
     "and no upper layer, so read-only), WORK on MNT, then `umount MNT`. A new mount for every run.",
     "bindfs -r": "`bindfs -r DIR MNT` (Debian package, defaults: read-only), WORK on MNT, then "
@@ -408,6 +408,9 @@ def main():
           "other people's builds may run at the same time, a median can move by tens of percent between "
           "runs: read the min–max spread next to it.")
         w("")
+        if "mount_start" in info:
+            w(f"Starting the daemon: {info['mount_start']}")
+            w("")
     if info.get("journal") == "ext4 without a journal":
         w("This file system is ext4 without a journal. In that mode ext4 does not reuse an inode freed less "
           "than 60 s ago (more while its inode table block is still dirty) and checks each such inode one by "
