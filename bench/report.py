@@ -227,13 +227,14 @@ CONTENDER_NOTES = {
     "aws s3 sync": "`aws --endpoint-url EP s3 sync SRC s3://media/PREFIX/ --no-progress` (AWS CLI v1 defaults: "
     "10 concurrent requests; files over 8 MiB go multipart in 8 MiB parts; `s3.addressing_style = path` in "
     "the private config). Lists the (empty) destination first.",
-    # Mount cases. DIR is the case's tree; WORK the case's read command (in its section), run on
-    # DIR itself, on DIR under a cutoverfs mount, or on MNT (a new directory) for the peers.
-    "native (plain directory)": "WORK on DIR itself, no FUSE: the floor every mount is held to.",
+    # Mount cases: the case's read command (in its section) on DIR itself, on DIR under a
+    # cutoverfs mount, or on MNT (a new directory) for the peers.
+    "native (plain directory)": "the case's read command (given in its section) on DIR, the case's tree, "
+    "itself: no FUSE, the floor every mount is held to.",
     "cutoverfs mount": "`cutoverfs mount DIR --dest file:///RUN/dest --manifest sqlite:///RUN/m.db --no-sweep` "
     "(a new, empty dest and a new manifest for every run; defaults otherwise: `--attr-timeout 1s --fuse-threads 4`), "
     "which mounts over DIR itself (how the daemon is started: see \"Starting the daemon\" below); then, untimed, "
-    "a wait until the daemon logs `scan done` (its scan of DIR into the manifest) and a `sync`; then WORK on DIR "
+    "a wait until the daemon logs `scan done` (its scan of DIR into the manifest) and a `sync`; then the read command on DIR "
     "(now the mount); then `kill -TERM` of the daemon (found with `pgrep -f 'cutoverfs mount DIR --dest'`), "
     "which unmounts and exits. Nothing is migrated, so every file is served from the local copy (FUSE "
     "passthrough where the kernel offers it) and every first open of a file queues it for copy-on-read. In "
@@ -241,8 +242,8 @@ CONTENDER_NOTES = {
     "the untimed sweep that migrated the file, so the file is read from S3 (ranged GETs with a prefetcher, "
     "256 MiB of read-ahead memory by default).",
     "fuse-overlayfs": "`fuse-overlayfs -o lowerdir=DIR MNT` (Debian package, defaults; one lower layer "
-    "and no upper layer, so read-only), WORK on MNT, then `umount MNT`. A new mount for every run.",
-    "bindfs -r": "`bindfs -r DIR MNT` (Debian package, defaults: read-only), WORK on MNT, then "
+    "and no upper layer, so read-only), the read command on MNT, then `umount MNT`. A new mount for every run.",
+    "bindfs -r": "`bindfs -r DIR MNT` (Debian package, defaults: read-only), the read command on MNT, then "
     "`umount MNT`. A new mount for every run.",
     "curl GET (one request)": "`curl -sS --fail -o /dev/null -w '%{size_download}' -H 'x-amz-content-sha256: "
     "UNSIGNED-PAYLOAD' --aws-sigv4 aws:amz:garage:s3 --user KEY:SECRET EP/media/mounts3/big.bin`: the object "
@@ -383,7 +384,7 @@ def main():
             w(f"- `{contender}`: {note}")
     w("")
     w("Method: the sources are created once and read once before the timed rounds, so every contender "
-      "reads from the page cache. In each round every contender runs once, each round starting one "
+      "reads from the page cache (the cold mount cases below drop it instead). In each round every contender runs once, each round starting one "
       "contender further along the list, so slow periods of the shared machine are spread over all of "
       "them. Every run writes to a new destination (and cutoverfs to a new manifest); the destinations "
       "of a case are deleted only after all its rounds (then `sync`). A case starts at least "
