@@ -231,7 +231,8 @@ fn killed_daemon_leaves_a_stale_mount_that_the_next_start_cleans_up() {
     let w = Work::new();
     media_tree(&w);
     let before = snapshot(&w.src);
-    let daemon = Daemon::start(&w.src, &mount_args(&w, &[]));
+    let daemon = Daemon::start(&w.src, &mount_args(&w, &["--lease-timeout", "2s"]));
+    // Files it was copying stay leased until the lease expires; a short lease keeps this quick.
     let _stale = daemon.kill9();
     let err = fs::read_dir(&w.src).unwrap_err();
     assert_eq!(
@@ -239,7 +240,7 @@ fn killed_daemon_leaves_a_stale_mount_that_the_next_start_cleans_up() {
         Some(libc::ENOTCONN),
         "expected a stale mount: {err}"
     );
-    let again = Daemon::start(&w.src, &mount_args(&w, &[]));
+    let again = Daemon::start(&w.src, &mount_args(&w, &["--lease-timeout", "2s"]));
     assert!(
         again.log_text().contains("stale mount"),
         "{}",
@@ -341,6 +342,57 @@ fn mount_helper_takes_mount_options() {
         .unwrap();
     assert!(status.success());
     wait_until(Duration::from_secs(20), "unmounted", || !is_mounted(&w.src));
+}
+
+#[test]
+fn a_daemon_started_in_the_background_logs_and_stops_on_sigterm() {
+    let w = Work::new();
+    w.write("a.txt", b"a");
+    let log = w.root.join("daemon.log");
+    let mut start = command();
+    start
+        .arg("--log-file")
+        .arg(&log)
+        .arg("mount")
+        .arg(&w.src)
+        .args(mount_args(&w, &[]));
+    run_command(&mut start).assert_code(0);
+    assert!(is_mounted(&w.src));
+    let text = || fs::read_to_string(&log).unwrap_or_default();
+    wait_until(Duration::from_secs(30), "the scan logged", || {
+        text().contains("scan done")
+    });
+    let pid = daemon_pid(&w.src);
+    // SAFETY: signalling the daemon this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    wait_until(Duration::from_secs(30), "unmounted", || !is_mounted(&w.src));
+    wait_until(Duration::from_secs(30), "the stop logged", || {
+        text().contains("unmounted")
+    });
+}
+
+/// The pid of the daemon serving `mountpoint`, from the process table.
+fn daemon_pid(mountpoint: &std::path::Path) -> i32 {
+    let wanted = mountpoint.to_string_lossy().into_owned();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "mount")
+            && args.contains(&wanted)
+            && args.iter().any(|a| a == "--foreground")
+        {
+            return pid;
+        }
+    }
+    panic!("no daemon for {wanted}");
 }
 
 fn s3_work(server: &S3Server, prefix: &str) -> (Work, String) {

@@ -23,7 +23,9 @@ fn help_lists_the_available_commands_only() {
         .take_while(|l| l.starts_with("  "))
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
-    for wanted in ["sweep", "plan", "status", "batches", "batch", "mount", "demo"] {
+    for wanted in [
+        "sweep", "plan", "status", "batches", "batch", "mount", "demo",
+    ] {
         assert!(
             commands.iter().any(|c| c == wanted),
             "{wanted} not in the command list {commands:?}\n{run}"

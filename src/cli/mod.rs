@@ -488,7 +488,11 @@ pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
                 _ = int.recv() => {}
             }
             if round == 0 {
-                eprintln!("cutoverfs: stopping after the copies in flight (again to quit at once)");
+                // Not eprintln!: a daemon's stderr may be gone, and the stop must still happen.
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    b"cutoverfs: stopping after the copies in flight (again to quit at once)\n",
+                );
                 let _ = tx.send(true);
             } else {
                 std::process::exit(exit::INTERRUPTED as i32);

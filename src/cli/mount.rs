@@ -236,6 +236,15 @@ fn say_ready() {
         let pipe = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut pipe = std::fs::File::from(pipe);
         let _ = std::io::Write::write_all(&mut pipe, b"ready\n");
+        // The starter exits now and its end of our stderr pipe with it: further writes there
+        // would fail (and `eprintln!` would panic), so stderr becomes /dev/null; logs go on to
+        // --log-file.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            // SAFETY: duplicating a descriptor we own onto stderr.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), libc::STDERR_FILENO);
+            }
+        }
     }
 }
 
