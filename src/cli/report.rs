@@ -247,7 +247,7 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         entry.1 += file.size;
     }
     let dirs = manifest.count_dirs().await?;
-    let queued = manifest.prioritized(usize::MAX >> 1).await?.len();
+    let queued = manifest.count_prioritized().await?;
     let problems = manifest.problems(args.limit).await?;
     let throughput = manifest.observed_throughput().await?;
     let left: (u64, u64) = [State::Pending, State::Copying, State::Failed]

@@ -185,17 +185,6 @@ impl CutoverFs {
                 .collect(),
         ))
     }
-
-    /// A remote read that failed: the local copy answers if there is one (DESIGN §4.5).
-    fn read_fallback(
-        rel: &Path,
-        ns_source: &crate::source::SourceTree,
-        offset: u64,
-        size: u32,
-    ) -> io::Result<Vec<u8>> {
-        let file = ns_source.open_at(rel, libc::O_RDONLY)?;
-        read_at(&file, offset, size)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -436,7 +425,10 @@ impl Filesystem for CutoverFs {
                         Err(e) => {
                             health.mark_down(&e.to_string());
                             let local = tokio::task::spawn_blocking(move || {
-                                CutoverFs::read_fallback(&rel, &source, offset, size).map_err(|le| (rel, le))
+                                source
+                                    .open_at(&rel, libc::O_RDONLY)
+                                    .and_then(|file| read_at(&file, offset, size))
+                                    .map_err(|le| (rel, le))
                             })
                             .await;
                             match local {

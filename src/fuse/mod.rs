@@ -285,22 +285,27 @@ fn c_path(path: &Path) -> std::io::Result<CString> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
-fn unmount(path: &Path) -> std::io::Result<()> {
+fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
     let path = c_path(path)?;
     // SAFETY: a NUL-terminated path.
-    if unsafe { libc::umount2(path.as_ptr(), 0) } != 0 {
+    if unsafe { libc::umount2(path.as_ptr(), flags) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
+fn unmount(path: &Path) -> std::io::Result<()> {
+    umount2(path, 0)
+}
+
+/// Detaches a mount at once; whatever still uses it keeps working until closed.
 fn detach(path: &Path) -> std::io::Result<()> {
-    let path = c_path(path)?;
-    // SAFETY: a NUL-terminated path.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    umount2(path, libc::MNT_DETACH)
+}
+
+fn remove_stale_mount(path: &Path) -> Result<()> {
+    tracing::warn!(mountpoint = %path.display(), "removing a stale mount left by a daemon that died");
+    detach(path).with_context(|| format!("cannot remove the stale mount on {}", path.display()))
 }
 
 /// Checks a mountpoint before mounting: removes a stale cutoverfs mount left by a daemon that
@@ -310,12 +315,7 @@ pub fn prepare_mountpoint(given: &Path) -> Result<PathBuf> {
     let absolute =
         std::path::absolute(given).with_context(|| format!("mountpoint {}", given.display()))?;
     match std::fs::metadata(&absolute) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!(mountpoint = %absolute.display(), "removing a stale mount left by a daemon that died");
-            detach(&absolute).with_context(|| {
-                format!("cannot remove the stale mount on {}", absolute.display())
-            })?;
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => remove_stale_mount(&absolute)?,
         Err(e) => {
             return Err(e).with_context(|| format!("mountpoint {}", absolute.display()));
         }
@@ -326,13 +326,8 @@ pub fn prepare_mountpoint(given: &Path) -> Result<PathBuf> {
         .with_context(|| format!("mountpoint {}", absolute.display()))?;
     if mounted_type(&canonical)?.is_some_and(|t| t == format!("fuse.{SUBTYPE}")) {
         // The kernel may still answer stat from its cache; statfs always asks the daemon.
-        match nix_statvfs(&canonical) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                tracing::warn!(mountpoint = %canonical.display(), "removing a stale mount left by a daemon that died");
-                detach(&canonical).with_context(|| {
-                    format!("cannot remove the stale mount on {}", canonical.display())
-                })?;
-            }
+        match statfs_of(&canonical) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => remove_stale_mount(&canonical)?,
             _ => bail!(
                 "mountpoint {} is busy: cutoverfs is already mounted there (unmount it first)",
                 canonical.display()
@@ -342,7 +337,7 @@ pub fn prepare_mountpoint(given: &Path) -> Result<PathBuf> {
     Ok(canonical)
 }
 
-fn nix_statvfs(path: &Path) -> std::io::Result<()> {
+fn statfs_of(path: &Path) -> std::io::Result<()> {
     let path = c_path(path)?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: a NUL-terminated path and a statvfs buffer.

@@ -1053,6 +1053,10 @@ fn batch_from_row(row: &AnyRow) -> BatchRow {
     }
 }
 
+fn parse_kind(s: String) -> Result<Kind> {
+    s.parse().map_err(ManifestError::Corrupt)
+}
+
 fn parse_state(s: String) -> Result<State> {
     s.parse().map_err(ManifestError::Corrupt)
 }
@@ -1068,10 +1072,7 @@ fn problem_from_row(row: &AnyRow) -> Result<Problem> {
 
 fn recorded_from_row(row: &AnyRow) -> Result<Recorded> {
     Ok(Recorded {
-        kind: row
-            .get::<String, _>(1)
-            .parse()
-            .map_err(ManifestError::Corrupt)?,
+        kind: parse_kind(row.get(1))?,
         state: parse_state(row.get(2))?,
         reason: row.get(3),
         size: row.get::<i64, _>(4) as u64,

@@ -10,7 +10,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::state::{Kind, State};
-use super::{json_list, now_ms, parse_state, Manifest, Result};
+use super::{json_list, now_ms, parse_kind, parse_state, Manifest, Result};
 
 /// A manifest row as the mount sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +132,17 @@ impl Manifest {
         Ok(done.rows_affected())
     }
 
+    /// How many files copy-on-read queued that no worker has taken yet.
+    pub async fn count_prioritized(&self) -> Result<u64> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM entries WHERE priority > 0 AND state = 'pending' AND kind = 'file'",
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .get(0);
+        Ok(n as u64)
+    }
+
     /// Files queued by copy-on-read and not taken yet, oldest first.
     pub async fn prioritized(&self, limit: usize) -> Result<Vec<String>> {
         let rows = sqlx::query(
@@ -146,10 +157,9 @@ impl Manifest {
 }
 
 fn entry_from_row(row: &AnyRow) -> Result<Entry> {
-    let kind: String = row.get(1);
     Ok(Entry {
         path: row.get(0),
-        kind: kind.parse().map_err(super::ManifestError::Corrupt)?,
+        kind: parse_kind(row.get(1))?,
         state: parse_state(row.get(2))?,
         size: row.get::<i64, _>(3) as u64,
         mtime_ns: row.get(4),
