@@ -45,7 +45,7 @@ impl Attrs {
         }
     }
 
-    fn from_stat(st: &libc::stat) -> Self {
+    pub fn from_stat(st: &libc::stat) -> Self {
         Attrs {
             size: st.st_size as u64,
             mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
@@ -94,6 +94,11 @@ impl SourceTree {
             _root: fd,
             base,
         })
+    }
+
+    /// The root's descriptor, for the mount's write path (`*at` calls below the root).
+    pub fn dir_fd(&self) -> std::os::fd::RawFd {
+        self._root.as_raw_fd()
     }
 
     /// The path the operator gave, for messages.
@@ -212,7 +217,7 @@ impl SourceTree {
     }
 }
 
-fn c_rel(rel: &Path) -> io::Result<CString> {
+pub fn c_rel(rel: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(rel.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))

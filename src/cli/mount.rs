@@ -104,6 +104,8 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         ttl: args.attr_timeout,
         threads: args.fuse_threads as usize,
         prefetch_memory: args.prefetch_memory,
+        node: node_id(),
+        hold_for: args.lease_timeout,
     };
     let parts = Parts {
         source: resolved.source.clone(),

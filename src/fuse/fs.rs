@@ -9,38 +9,30 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tokio::sync::Semaphore;
 
 use super::inodes::Inodes;
 use super::namespace::{child_path, is_bad_name, Listed, Namespace};
+use super::open::{Handle, Mode, Open, OpenFiles};
 use super::prefetch::RemoteFile;
+use super::records::{Holds, WriteRecords};
 use super::{CopyOnRead, DestHealth, ReadStats};
-use crate::manifest::State;
+use crate::manifest::{Manifest, State};
 use crate::store::Store;
-
-/// What an open file reads from.
-enum OpenFile {
-    /// The kernel reads the backing file itself; the file stays open so a stray READ can
-    /// still be answered.
-    Passthrough { _backing: BackingId, file: File },
-    /// A local file (the source or a `file://` dest) read by the daemon.
-    Local(File),
-    /// An object at a remote dest; `rel` names the local copy to fall back to.
-    Remote { file: Arc<RemoteFile>, rel: PathBuf },
-}
 
 /// A directory's entries with their inode numbers, as read at opendir.
 type Listing = Vec<(u64, Listed)>;
 
 /// Where an open is served from.
-enum Route {
+pub(super) enum Route {
     Source,
     DestFile(PathBuf),
     Remote { key: String, size: u64 },
@@ -58,62 +50,66 @@ pub struct CutoverFs {
     pub(super) prefetch_budget: Arc<Semaphore>,
     pub(super) ready: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     pub(super) passthrough: AtomicBool,
-    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    pub(super) manifest: Manifest,
+    pub(super) records: WriteRecords,
+    pub(super) holds: Holds,
+    pub(super) files: OpenFiles,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
-    next_handle: AtomicU64,
+    next_listing: AtomicU64,
+}
+
+/// The parts a `CutoverFs` is made of.
+pub(super) struct FsParts {
+    pub ns: Arc<Namespace>,
+    pub store: Arc<dyn Store>,
+    pub rt: tokio::runtime::Handle,
+    pub ttl: Duration,
+    pub copy_on_read: CopyOnRead,
+    pub dest_health: Arc<DestHealth>,
+    pub stats: Arc<ReadStats>,
+    pub prefetch_budget: Arc<Semaphore>,
+    pub ready: std::sync::mpsc::Sender<bool>,
+    pub manifest: Manifest,
+    pub records: WriteRecords,
+    pub holds: Holds,
 }
 
 impl CutoverFs {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        ns: Arc<Namespace>,
-        store: Arc<dyn Store>,
-        rt: tokio::runtime::Handle,
-        ttl: Duration,
-        copy_on_read: CopyOnRead,
-        dest_health: Arc<DestHealth>,
-        stats: Arc<ReadStats>,
-        prefetch_budget: Arc<Semaphore>,
-        ready: std::sync::mpsc::Sender<bool>,
-    ) -> CutoverFs {
+    pub(super) fn new(parts: FsParts) -> CutoverFs {
         CutoverFs {
-            ns,
+            ns: parts.ns,
             inodes: Inodes::new(),
-            store,
-            rt,
-            ttl,
-            copy_on_read,
-            dest_health,
-            stats,
-            prefetch_budget,
-            ready: Mutex::new(Some(ready)),
+            store: parts.store,
+            rt: parts.rt,
+            ttl: parts.ttl,
+            copy_on_read: parts.copy_on_read,
+            dest_health: parts.dest_health,
+            stats: parts.stats,
+            prefetch_budget: parts.prefetch_budget,
+            ready: Mutex::new(Some(parts.ready)),
             passthrough: AtomicBool::new(false),
-            handles: Mutex::new(HashMap::new()),
+            manifest: parts.manifest,
+            records: parts.records,
+            holds: parts.holds,
+            files: OpenFiles::new(),
             listings: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            next_listing: AtomicU64::new(1),
         }
     }
 
-    fn path(&self, ino: INodeNo) -> Result<Arc<Path>, Errno> {
+    pub(super) fn path(&self, ino: INodeNo) -> Result<Arc<Path>, Errno> {
         self.inodes.path(ino.0).ok_or(Errno::ENOENT)
     }
 
-    fn attr_of(&self, path: &Path) -> Result<FileAttr, Errno> {
+    pub(super) fn attr_of(&self, path: &Path) -> Result<FileAttr, Errno> {
         let mut attr = self.ns.attr(path).map_err(Errno::from)?;
         attr.ino = INodeNo(self.inodes.number(path));
         Ok(attr)
     }
 
-    fn new_handle(&self) -> u64 {
-        self.next_handle.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn handle(&self, fh: FileHandle) -> Option<Arc<OpenFile>> {
-        lock(&self.handles).get(&fh.0).cloned()
-    }
-
-    /// Decides where an open is served from, queueing a pending file for copy on the way.
-    fn route(&self, rel: &Path) -> Result<Route, Errno> {
+    /// Decides where a read-only open is served from, queueing a pending file for copy on
+    /// the way.
+    pub(super) fn route(&self, rel: &Path) -> Result<Route, Errno> {
         let entry = self.ns.entry(rel).map_err(Errno::from)?;
         let Some(entry) = entry else {
             return Ok(Route::Source);
@@ -134,37 +130,109 @@ impl CutoverFs {
         Ok(Route::Source)
     }
 
-    fn open_local(&self, file: File, reply: ReplyOpen) {
-        let fh = self.new_handle();
-        if self.passthrough.load(Ordering::Relaxed) {
-            match reply.open_backing(&file) {
-                Ok(backing) => {
-                    self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                    lock(&self.handles).insert(
-                        fh,
-                        Arc::new(OpenFile::Passthrough {
-                            _backing: backing,
-                            file,
-                        }),
-                    );
-                    return;
+    /// The local copy opened read-write to back passthrough (so writers can share it), or
+    /// read-only where it cannot be written.
+    pub(super) fn open_backing_file(&self, rel: &Path, write: bool) -> io::Result<File> {
+        match self.ns.source().open_at(rel, libc::O_RDWR) {
+            Ok(file) => Ok(file),
+            Err(e) if !write && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::ETXTBSY | libc::EPERM)) => {
+                self.ns.source().open_at(rel, libc::O_RDONLY)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a handle on `ino` that reads and writes the local copy at `rel`: passthrough when
+    /// the inode is (or can be put) in passthrough mode, else served by the daemon with the
+    /// caller's flags.
+    pub(super) fn open_local_handle(
+        &self,
+        ino: u64,
+        rel: &Path,
+        flags: i32,
+        writable: bool,
+        backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
+        given: Option<File>,
+    ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        self.files.open(ino, |mode, _fh| {
+            let use_backing = |backing: &Arc<fuser::BackingId>, file: &Arc<File>| {
+                let open = Open {
+                    ino,
+                    handle: Handle::Passthrough { file: file.clone() },
+                    writable,
+                };
+                let mode = Mode::Passthrough {
+                    backing: backing.clone(),
+                    file: file.clone(),
+                };
+                Ok((open, mode, Some(backing.clone())))
+            };
+            match mode {
+                Some(Mode::Passthrough { backing, file }) => use_backing(backing, file),
+                None if passthrough => {
+                    let file = match given {
+                        Some(file) => file,
+                        None => self.open_backing_file(rel, writable)?,
+                    };
+                    match backing_for(&file) {
+                        Ok(backing) => {
+                            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                            use_backing(&Arc::new(backing), &Arc::new(file))
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "passthrough refused; the daemon serves reads itself from now on");
+                            self.passthrough.store(false, Ordering::Relaxed);
+                            let open = Open { ino, handle: Handle::Local(file), writable };
+                            Ok((open, Mode::Daemon, None))
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "passthrough refused; the daemon serves reads itself from now on");
-                    self.passthrough.store(false, Ordering::Relaxed);
+                _ => {
+                    let file = match given {
+                        Some(file) => file,
+                        None => self.ns.source().open_at(rel, flags)?,
+                    };
+                    let open = Open { ino, handle: Handle::Local(file), writable };
+                    Ok((open, Mode::Daemon, None))
                 }
             }
-        }
-        lock(&self.handles).insert(fh, Arc::new(OpenFile::Local(file)));
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        })
     }
 
-    fn open_source(&self, rel: &Path) -> io::Result<File> {
-        self.ns.source().open_at(rel, libc::O_RDONLY)
+    /// Opens a read-only handle served by the daemon from `handle` (a dest file or object),
+    /// unless the inode is in passthrough mode: then it shares the local backing file.
+    fn open_daemon_handle(
+        &self,
+        ino: u64,
+        handle: Handle,
+    ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
+        self.files.open(ino, |mode, _fh| match mode {
+            Some(Mode::Passthrough { backing, file }) => {
+                let open = Open {
+                    ino,
+                    handle: Handle::Passthrough { file: file.clone() },
+                    writable: false,
+                };
+                let mode = Mode::Passthrough {
+                    backing: backing.clone(),
+                    file: file.clone(),
+                };
+                Ok((open, mode, Some(backing.clone())))
+            }
+            _ => Ok((
+                Open {
+                    ino,
+                    handle,
+                    writable: false,
+                },
+                Mode::Daemon,
+                None,
+            )),
+        })
     }
 
-    fn reply_entry(&self, path: &Path, reply: ReplyEntry) {
+    pub(super) fn reply_entry(&self, path: &Path, reply: ReplyEntry) {
         match self.attr_of(path) {
             Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
@@ -271,7 +339,7 @@ impl Filesystem for CutoverFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.listing(ino) {
             Ok(listing) => {
-                let fh = self.new_handle();
+                let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
                 lock(&self.listings).insert(fh, listing);
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
@@ -336,49 +404,53 @@ impl Filesystem for CutoverFs {
         reply.ok();
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let rel = match self.path(ino) {
             Ok(rel) => rel,
             Err(e) => return reply.error(e),
         };
         let _span = tracing::debug_span!("open", path = %rel.display()).entered();
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return self.open_for_write(req, ino.0, &rel, flags.0, reply);
+        }
         let route = match self.route(&rel) {
             Ok(route) => route,
             Err(e) => return reply.error(e),
         };
-        match route {
+        let opened = match route {
             Route::DestFile(path) => match File::open(&path) {
-                Ok(file) => {
-                    self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
-                    return self.open_local(file, reply);
-                }
+                Ok(file) => Some(self.open_daemon_handle(ino.0, Handle::Local(file))),
                 Err(e) => {
-                    tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy")
+                    tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
+                    None
                 }
             },
             Route::Remote { key, size } => {
-                self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
                 let file =
                     RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
-                let fh = self.new_handle();
-                lock(&self.handles).insert(
-                    fh,
-                    Arc::new(OpenFile::Remote {
-                        file: Arc::new(file),
-                        rel: rel.to_path_buf(),
-                    }),
-                );
-                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                let handle = Handle::Remote {
+                    file: Arc::new(file),
+                    rel: rel.to_path_buf(),
+                };
+                Some(self.open_daemon_handle(ino.0, handle))
             }
-            Route::Source => {}
+            Route::Source => None,
+        };
+        if let Some(opened) = opened {
+            return match opened {
+                Ok((fh, backing)) => {
+                    let counter = if backing.is_some() { &self.stats.opens_local } else { &self.stats.opens_dest };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Err(e) => reply.error(Errno::from(e)),
+            };
         }
-        match self.open_source(&rel) {
-            Ok(file) => {
+        let backing_for = |file: &File| reply.open_backing(file);
+        match self.open_local_handle(ino.0, &rel, libc::O_RDONLY, false, &backing_for, None) {
+            Ok((fh, backing)) => {
                 self.stats.opens_local.fetch_add(1, Ordering::Relaxed);
-                self.open_local(file, reply)
+                reply_opened(reply, fh, backing, FopenFlags::empty())
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 tracing::error!(path = %rel.display(), "neither the dest nor a local copy can serve this file");
@@ -400,17 +472,19 @@ impl Filesystem for CutoverFs {
         reply: ReplyData,
     ) {
         self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
-        let Some(handle) = self.handle(fh) else {
+        let Some(open) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        match &*handle {
-            OpenFile::Passthrough { file, .. } | OpenFile::Local(file) => {
-                match read_at(file, offset, size) {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(Errno::from(e)),
-                }
-            }
-            OpenFile::Remote { file, rel } => {
+        match &open.handle {
+            Handle::Passthrough { file } => match read_at(file, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Handle::Local(file) => match read_at(file, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(Errno::from(e)),
+            },
+            Handle::Remote { file, rel } => {
                 let (file, rel) = (file.clone(), rel.clone());
                 let source = self.ns.source().clone();
                 let health = self.dest_health.clone();
@@ -487,7 +561,197 @@ impl Filesystem for CutoverFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.handles).remove(&fh.0);
+        if let Some(open) = self.files.release(fh.0) {
+            if open.writable {
+                self.after_writer_closed(&open);
+            }
+        }
         reply.ok();
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        use std::os::unix::fs::FileExt;
+        let Some(open) = self.files.get(fh.0).filter(|o| o.writable) else {
+            return reply.error(Errno::EBADF);
+        };
+        match open.file().map(|f| f.write_all_at(data, offset)) {
+            Some(Ok(())) => reply.written(data.len() as u32),
+            Some(Err(e)) => reply.error(Errno::from(e)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let Some(open) = self.files.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let synced = match open.file() {
+            Some(file) if datasync => file.sync_data(),
+            Some(file) => file.sync_all(),
+            None => Ok(()),
+        };
+        match synced {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self
+            .path(ino)
+            .and_then(|rel| super::local::sync_dir(self.ns.source(), &rel).map_err(Errno::from))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        use std::os::fd::AsRawFd;
+        let Some(file) = self.files.get(fh.0).filter(|o| o.writable) else {
+            return reply.error(Errno::EBADF);
+        };
+        let Some(file) = file.file() else {
+            return reply.error(Errno::EBADF);
+        };
+        // SAFETY: a descriptor we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
+        if rc == 0 {
+            reply.ok()
+        } else {
+            reply.error(Errno::from(io::Error::last_os_error()))
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.create_file(req, parent, name, mode & !umask, flags, reply)
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make_node(req, parent, name, mode & !umask, rdev, reply)
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.make_dir(req, parent, name, mode & !umask, reply)
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.make_symlink(req, parent, link_name, target, reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.rename_path(parent, name, newparent, newname, flags, reply)
+    }
+
+    /// Hard links would give one file two keys at the dest; the mount does not make them.
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = super::writes::AttrChange { mode, uid, gid, size, atime, mtime };
+        self.change_attrs(ino, change, fh, reply)
+    }
+
+    /// Extended attributes are not migrated; setting one is refused as unsupported.
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EOPNOTSUPP)
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EOPNOTSUPP)
+    }
+}
+
+pub(super) fn reply_opened(
+    reply: ReplyOpen,
+    fh: u64,
+    backing: Option<Arc<fuser::BackingId>>,
+    flags: FopenFlags,
+) {
+    match backing {
+        Some(backing) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing),
+        None => reply.opened(FileHandle(fh), flags),
     }
 }

@@ -57,6 +57,40 @@ impl Inodes {
         table.numbers.insert(path, ino);
         ino
     }
+
+    /// A path was removed: the next file created there gets a new number.
+    pub fn forget(&self, path: &Path) {
+        let mut table = self.lock();
+        table.numbers.remove(path);
+    }
+
+    /// A path (and everything below it) was renamed: its numbers move with it, so open files
+    /// and the kernel's inodes follow the rename.
+    pub fn rename(&self, from: &Path, to: &Path) {
+        let mut table = self.lock();
+        let Table { paths, numbers, .. } = &mut *table;
+        numbers.remove(to);
+        let moved: Vec<(u64, Arc<Path>)> = paths
+            .iter()
+            .filter_map(|(ino, path)| {
+                let rest = path.strip_prefix(from).ok()?;
+                let new: Arc<Path> = if rest.as_os_str().is_empty() {
+                    Arc::from(to)
+                } else {
+                    Arc::from(to.join(rest))
+                };
+                Some((*ino, new))
+            })
+            .collect();
+        for (ino, new) in moved {
+            if let Some(old) = paths.insert(ino, new.clone()) {
+                if numbers.get(&old) == Some(&ino) {
+                    numbers.remove(&old);
+                }
+            }
+            numbers.insert(new, ino);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -73,5 +107,19 @@ mod tests {
         assert_eq!(inodes.number(Path::new("a")), a);
         assert_eq!(inodes.path(b).as_deref(), Some(Path::new("a/b")));
         assert_eq!(inodes.path(ROOT).as_deref(), Some(Path::new("")));
+    }
+
+    #[test]
+    fn a_rename_moves_numbers_with_the_subtree() {
+        let inodes = Inodes::new();
+        let dir = inodes.number(Path::new("a"));
+        let file = inodes.number(Path::new("a/f"));
+        let other = inodes.number(Path::new("ab"));
+        inodes.rename(Path::new("a"), Path::new("z"));
+        assert_eq!(inodes.path(dir).as_deref(), Some(Path::new("z")));
+        assert_eq!(inodes.path(file).as_deref(), Some(Path::new("z/f")));
+        assert_eq!(inodes.path(other).as_deref(), Some(Path::new("ab")));
+        assert_eq!(inodes.number(Path::new("z/f")), file);
+        assert_ne!(inodes.number(Path::new("a/f")), file);
     }
 }

@@ -6,10 +6,15 @@
 //! `SourceTree`, the dest only through the `Store` trait (never S3 directly) and the manifest
 //! through its queries; copying is the engine's job, which this part only wakes.
 
+mod copyup;
 mod fs;
 mod inodes;
+mod local;
 mod namespace;
+mod open;
 mod prefetch;
+mod records;
+mod writes;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -149,6 +154,10 @@ pub struct MountSettings {
     pub threads: usize,
     /// Bytes of remote data fetched ahead, across all open files.
     pub prefetch_memory: u64,
+    /// This daemon's node id: files it has open for writing are held in its name.
+    pub node: String,
+    /// How long a hold on a file open for writing lasts unless renewed (the lease timeout).
+    pub hold_for: Duration,
 }
 
 /// A live mount: its FUSE session runs on its own threads until unmounted.
@@ -186,25 +195,37 @@ pub fn mount(
         rt.clone(),
     ));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let fs = CutoverFs::new(
+    let holds = records::Holds {
+        holder: format!("{}/writes", settings.node),
+        lasts: settings.hold_for.max(Duration::from_secs(3)),
+    };
+    let records = records::WriteRecords::start(
+        parts.manifest.clone(),
         ns.clone(),
-        parts.store,
-        rt,
-        settings.ttl,
-        copy_on_read,
-        Arc::new(DestHealth::default()),
-        stats.clone(),
-        prefetch::prefetch_budget(settings.prefetch_memory),
-        ready_tx,
+        parts.wake_sweeper.clone(),
+        holds.clone(),
+        rt.clone(),
     );
+    let fs = CutoverFs::new(fs::FsParts {
+        ns: ns.clone(),
+        store: parts.store,
+        rt,
+        ttl: settings.ttl,
+        copy_on_read,
+        dest_health: Arc::new(DestHealth::default()),
+        stats: stats.clone(),
+        prefetch_budget: prefetch::prefetch_budget(settings.prefetch_memory),
+        ready: ready_tx,
+        manifest: parts.manifest.clone(),
+        records,
+        holds,
+    });
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(settings.fsname.clone()),
         // Straight to the kernel: the type becomes fuse.cutoverfs in /proc/mounts.
         fuser::MountOption::CUSTOM(format!("subtype={SUBTYPE}")),
         fuser::MountOption::DefaultPermissions,
-        // Writes through the mount come with issue 5; until then it is read-only.
-        fuser::MountOption::RO,
         fuser::MountOption::NoDev,
     ];
     config.acl = fuser::SessionACL::All;

@@ -87,6 +87,11 @@ impl Namespace {
         }
     }
 
+    /// Drops every cached row (a directory was renamed: rows below it moved).
+    pub fn forget_all_entries(&self) {
+        self.entries.invalidate_all();
+    }
+
     /// The union of the local directory and the manifest's rows below it. Rows read here are
     /// cached, so the opens that usually follow a listing need no query.
     pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {

@@ -11,8 +11,10 @@
 
 mod namespace;
 mod state;
+mod writes;
 
 pub use namespace::Entry;
+pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
 pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};
 
@@ -473,7 +475,7 @@ impl Manifest {
         let mut tx = self.pool.begin().await?;
         if !seen.is_empty() {
             sqlx::query(
-                "UPDATE entries SET seen_scan = $1 WHERE path IN (SELECT value FROM json_each($2))",
+                "UPDATE entries SET seen_scan = $1, purged_at = NULL WHERE path IN (SELECT value FROM json_each($2))",
             )
             .bind(scan_id)
             .bind(json_list(seen))
@@ -522,7 +524,7 @@ impl Manifest {
     pub async fn unseen(&self, scan_id: i64, after: &str, limit: usize) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT path FROM entries WHERE seen_scan < $1 AND state NOT IN ('missing', 'deleted') \
-             AND path > $2 ORDER BY path LIMIT $3",
+             AND purged_at IS NULL AND path > $2 ORDER BY path LIMIT $3",
         )
         .bind(scan_id)
         .bind(after)

@@ -25,6 +25,8 @@ pub struct Entry {
     pub gid: u32,
     pub link_target: Option<String>,
     pub dest_key: Option<String>,
+    /// SHA-256 of the copied content (verified files).
+    pub sha256: Option<String>,
 }
 
 impl Entry {
@@ -43,7 +45,7 @@ impl Entry {
 }
 
 const SELECT_ENTRY: &str =
-    "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key FROM entries";
+    "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key, sha256 FROM entries";
 const CHILDREN_BELOW: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path < $2 ORDER BY path LIMIT $3"
@@ -168,5 +170,6 @@ fn entry_from_row(row: &AnyRow) -> Result<Entry> {
         gid: row.get::<i64, _>(7) as u32,
         link_target: row.get(8),
         dest_key: row.get(9),
+        sha256: row.get(10),
     })
 }

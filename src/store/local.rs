@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::durable::SyncGroup;
-use super::{blocking, Preflight};
+use super::{blocking, Preflight, Removal};
 use super::{
     canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
 };
@@ -255,6 +255,46 @@ impl Store for LocalStore {
                     target: key,
                     source: Arc::new(source),
                 })
+        })
+        .await
+    }
+
+    async fn delete_owned(
+        &self,
+        key: &str,
+        owned_sha256: &[String],
+        writer: &str,
+    ) -> Result<Removal, StoreError> {
+        let target = self.target(key);
+        let (owned, writer) = (owned_sha256.to_vec(), writer.to_string());
+        self.io(move || {
+            let meta = match std::fs::symlink_metadata(&target) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Absent),
+                Err(e) => return Err(dest_err("stat", &target)(e)),
+            };
+            if !meta.is_file() {
+                return Ok(Removal::NotOurs);
+            }
+            let marked = owner_mark(&target).is_some_and(|mark| {
+                mark.strip_prefix(writer.as_str())
+                    .is_some_and(|rest| rest.starts_with(':'))
+            });
+            let ours = marked
+                || match hash_existing(&target).map_err(dest_err("read", &target))? {
+                    Some((_, sha256)) => owned.contains(&sha256),
+                    None => false,
+                };
+            if !ours {
+                return Ok(Removal::NotOurs);
+            }
+            match std::fs::remove_file(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Absent),
+                Err(e) => return Err(dest_err("delete", &target)(e)),
+            }
+            fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+            Ok(Removal::Deleted)
         })
         .await
     }

@@ -215,6 +215,15 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// Deletes the object at `key` only if cutoverfs wrote it: it carries the mark of
+    /// `writer` (this manifest's id) or its recorded content hash is one of `owned_sha256`.
+    async fn delete_owned(
+        &self,
+        key: &str,
+        owned_sha256: &[String],
+        writer: &str,
+    ) -> Result<Removal, StoreError>;
+
     /// Up to `len` bytes of the object at `key` from `offset` (fewer only at its end).
     async fn read_range(
         &self,
@@ -222,6 +231,16 @@ pub trait Store: Send + Sync {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, StoreError>;
+}
+
+/// What `delete_owned` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    Deleted,
+    /// Nothing was at the key.
+    Absent,
+    /// The object there is not one cutoverfs wrote; it was left alone (DESIGN §4.2).
+    NotOurs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

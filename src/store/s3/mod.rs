@@ -34,7 +34,9 @@ use aws_sdk_s3::Client;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::{Preflight, PublishGuard, PutOutcome, PutRequest, Store, StoreError, Stored};
+use super::{
+    Preflight, PublishGuard, PutOutcome, PutRequest, Removal, Store, StoreError, Stored,
+};
 
 /// User metadata names (sent as `x-amz-meta-<name>`).
 pub const META_WRITER: &str = "cutoverfs-writer";
@@ -591,6 +593,33 @@ impl Store for S3Store {
     }
 
     /// S3 has no directories; the manifest keeps them.
+    async fn delete_owned(
+        &self,
+        key: &str,
+        owned_sha256: &[String],
+        writer: &str,
+    ) -> Result<Removal, StoreError> {
+        let existing = self
+            .head(key)
+            .await
+            .map_err(|e| self.remote("head", key, e))?;
+        let Some(existing) = existing else {
+            return Ok(Removal::Absent);
+        };
+        let ours = existing.metadata.get(META_WRITER).map(String::as_str) == Some(writer)
+            || existing
+                .metadata
+                .get(META_SHA256)
+                .is_some_and(|hash| owned_sha256.contains(hash));
+        if !ours {
+            return Ok(Removal::NotOurs);
+        }
+        self.delete(key)
+            .await
+            .map_err(|e| self.remote("delete", key, e))?;
+        Ok(Removal::Deleted)
+    }
+
     async fn ensure_dir(&self, _rel: &str, _mode: u32) -> Result<(), StoreError> {
         Ok(())
     }

@@ -1,0 +1,132 @@
+//! Open files and the I/O mode of each inode.
+//!
+//! The kernel lets every open of one inode use either the same passthrough backing file or no
+//! passthrough at all; mixing them fails the open with EIO. So the first open of an inode picks
+//! its mode and every open that overlaps it follows:
+//!
+//! - the local copy (source route, or any open for writing) → passthrough on the local file,
+//!   opened read-write so later writers share it;
+//! - a dest file or a remote object → served by the daemon (kernel page cache kept).
+//!
+//! While an inode is in passthrough mode, later opens read the local copy even if the file was
+//! verified meanwhile (same bytes); while it is daemon-served, writers are served by the
+//! daemon too.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fuser::BackingId;
+
+use super::prefetch::RemoteFile;
+
+/// What an open file handle reads from and writes to.
+pub enum Handle {
+    /// The kernel does the I/O on the inode's backing file; `file` answers stray requests
+    /// (and fsync, ftruncate, fallocate).
+    Passthrough { file: Arc<File> },
+    /// A local file (the source, or a `file://` dest) served by the daemon.
+    Local(File),
+    /// An object at a remote dest; `rel` names the local copy to fall back to.
+    Remote { file: Arc<RemoteFile>, rel: PathBuf },
+}
+
+/// One open handle: its inode, what it serves from, and whether it was opened for writing.
+pub struct Open {
+    pub ino: u64,
+    pub handle: Handle,
+    pub writable: bool,
+}
+
+impl Open {
+    pub fn file(&self) -> Option<&File> {
+        match &self.handle {
+            Handle::Passthrough { file } => Some(file),
+            Handle::Local(file) => Some(file),
+            Handle::Remote { .. } => None,
+        }
+    }
+}
+
+/// The mode an inode is in while it has open handles.
+#[derive(Clone)]
+pub enum Mode {
+    Passthrough {
+        backing: Arc<BackingId>,
+        file: Arc<File>,
+    },
+    Daemon,
+}
+
+struct InodeIo {
+    opens: usize,
+    mode: Mode,
+}
+
+#[derive(Default)]
+pub struct OpenFiles {
+    handles: Mutex<HashMap<u64, Arc<Open>>>,
+    inodes: Mutex<HashMap<u64, InodeIo>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl OpenFiles {
+    pub fn new() -> OpenFiles {
+        OpenFiles {
+            next: std::sync::atomic::AtomicU64::new(1),
+            ..Default::default()
+        }
+    }
+
+    pub fn get(&self, fh: u64) -> Option<Arc<Open>> {
+        lock(&self.handles).get(&fh).cloned()
+    }
+
+    /// Opens a handle on `ino`. `choose` runs with the inode's current mode (None: no handle
+    /// is open) under the registry's lock, so two first opens cannot pick different modes; it
+    /// returns the handle and the mode it put the inode in.
+    pub fn open<T>(
+        &self,
+        ino: u64,
+        choose: impl FnOnce(Option<&Mode>, u64) -> std::io::Result<(Open, Mode, T)>,
+    ) -> std::io::Result<(u64, T)> {
+        let fh = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut inodes = lock(&self.inodes);
+        let current = inodes.get(&ino).map(|io| &io.mode);
+        let (open, mode, out) = choose(current, fh)?;
+        let io = inodes.entry(ino).or_insert(InodeIo {
+            opens: 0,
+            mode: mode.clone(),
+        });
+        io.opens += 1;
+        io.mode = mode;
+        lock(&self.handles).insert(fh, Arc::new(open));
+        Ok((fh, out))
+    }
+
+    /// Closes a handle; the inode's mode ends with its last handle.
+    pub fn release(&self, fh: u64) -> Option<Arc<Open>> {
+        let open = lock(&self.handles).remove(&fh)?;
+        let mut inodes = lock(&self.inodes);
+        if let Some(io) = inodes.get_mut(&open.ino) {
+            io.opens = io.opens.saturating_sub(1);
+            if io.opens == 0 {
+                inodes.remove(&open.ino);
+            }
+        }
+        Some(open)
+    }
+
+    /// How many handles open for writing `ino` has.
+    pub fn writers(&self, ino: u64) -> usize {
+        lock(&self.handles)
+            .values()
+            .filter(|o| o.ino == ino && o.writable)
+            .count()
+    }
+}

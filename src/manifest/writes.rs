@@ -1,0 +1,433 @@
+//! What the mount's write path and `purge` record (DESIGN §6, §7): files changed or created
+//! through the mount, holds on files open for writing, removals and renames with the dest
+//! objects they leave to delete, and local copies removed by purge.
+//!
+//! Every change is recorded before it is acted on (§4.7): a removal marks the row `deleted`
+//! and keeps the key of an object cutoverfs may have written there (a "leftover") until that
+//! object is gone, so a crash between the steps is repaired on the next start.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::state::{Kind, State};
+use super::{now_ms, parse_kind, parse_state, Manifest, Result};
+
+/// What the local tree holds at a path, as the write path records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalFacts {
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A dest object a removal left to delete: at `dest_key`, cutoverfs's own if its content hash
+/// is one of `owned_sha256` or it carries this manifest's mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    pub path: String,
+    pub kind: Kind,
+    pub dest_key: String,
+    pub owned_sha256: Vec<String>,
+    pub version: i64,
+}
+
+/// What `mark_deleted` changed: each row with its new version, and the leftovers.
+#[derive(Debug, Clone, Default)]
+pub struct Removed {
+    pub rows: Vec<(String, i64)>,
+    pub leftovers: Vec<Leftover>,
+}
+
+/// A verified file whose local copy purge may remove.
+#[derive(Debug, Clone)]
+pub struct PurgeCandidate {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub sha256: Option<String>,
+}
+
+/// A row to write at a path as it is in the local tree now: files wait for a copy (queued first
+/// when `priority`), directories are recorded as they are. What an earlier copy recorded about
+/// the content is cleared; what is known about the object at the key (ours or not) is kept, so
+/// the next copy may replace our own object there and nothing else.
+const UPSERT_LOCAL: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
+     link_target, seen_scan, version, created_at, updated_at, queued_at, priority) \
+     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, \
+     r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9, 0, 0, $2, $2, $2, r.value ->> 10 \
+     FROM json_each($1) AS r WHERE true \
+     ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
+     size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
+     gid = excluded.gid, link_target = excluded.link_target, sha256 = NULL, mime = NULL, attempts = 0, \
+     last_error = NULL, next_retry_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+     copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, purged_at = NULL, \
+     priority = excluded.priority, queued_at = excluded.queued_at, version = entries.version + 1, \
+     updated_at = excluded.updated_at";
+
+/// Rows of a path and everything below it ($1 the path, $2 path + '/', $3 path + '0').
+const SUBTREE: &str = "(path = $1 OR (path >= $2 AND path < $3))";
+
+const LEFTOVER_COLUMNS: &str =
+    "SELECT path, kind, dest_key, dest_owned, dest_sha256, intent_sha256, version FROM entries";
+
+impl Manifest {
+    /// A file is being opened for writing: it waits for a copy again, and no worker may take it
+    /// (nor purge remove it) while `holder` holds it, until `until` unless renewed. A worker
+    /// copying it now loses its lease, so what it copied is never recorded as verified.
+    pub async fn hold_for_write(&self, path: &str, holder: &str, until: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE entries SET state = 'pending', reason = NULL, sha256 = NULL, attempts = 0, last_error = NULL, \
+             next_retry_at = NULL, lease_owner = $2, lease_expires_at = $3, priority = 0, purged_at = NULL, \
+             version = version + 1, updated_at = $4 WHERE path = $1 AND kind = 'file'",
+        )
+        .bind(path)
+        .bind(holder)
+        .bind(until)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Extends the holds of files still open for writing.
+    pub async fn renew_holds(&self, holder: &str, until: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE entries SET lease_expires_at = $2 WHERE lease_owner = $1 AND state = 'pending'",
+        )
+        .bind(holder)
+        .bind(until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Records paths as the local tree holds them now (created, written, truncated, chmod-ed
+    /// through the mount). Files wait for a copy, first in line when `priority`; a hold on them
+    /// ends.
+    pub async fn record_local(&self, rows: &[(&str, &LocalFacts)], priority: bool) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(path, facts)| local_row(path, facts, None, priority))
+            .collect();
+        sqlx::query(UPSERT_LOCAL)
+            .bind(serde_json::Value::Array(json).to_string())
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks paths removed through the mount, before they are removed. `keys` gives each path's
+    /// dest key: where a worker may be publishing a copy right now, the key is kept as a
+    /// leftover so that object is deleted too. Returns the rows marked and the leftovers.
+    pub async fn mark_deleted(&self, paths: &[(String, Option<String>)]) -> Result<Removed> {
+        if paths.is_empty() {
+            return Ok(Removed::default());
+        }
+        let json: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|(path, key)| serde_json::json!([path, key]))
+            .collect();
+        let rows = sqlx::query(
+            "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM json_each($1)) \
+             UPDATE entries SET \
+             dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
+             dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
+                 THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
+             state = 'deleted', reason = 'removed through the mount', lease_owner = NULL, lease_expires_at = NULL, \
+             priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
+             FROM d WHERE entries.path = d.path AND entries.state <> 'deleted' \
+             RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
+             entries.intent_sha256, entries.version",
+        )
+        .bind(serde_json::Value::Array(json).to_string())
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Removed {
+            rows: rows.iter().map(|r| (r.get(0), r.get(6))).collect(),
+            leftovers: leftovers_from(&rows)?,
+        })
+    }
+
+    /// Every row at `dir` and below it that still stands for something (not deleted or missing).
+    pub async fn subtree(&self, dir: &str) -> Result<Vec<(String, Kind, State)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT path, kind, state FROM entries WHERE {SUBTREE} AND state NOT IN ('deleted', 'missing') ORDER BY path"
+        ))
+        .bind(dir)
+        .bind(format!("{dir}/"))
+        .bind(format!("{dir}0"))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), parse_kind(r.get(1))?, parse_state(r.get(2))?)))
+            .collect()
+    }
+
+    /// Records a rename of `from` (and everything below it) to `to`, before the local rename:
+    /// the rows at the new paths wait for a copy from the renamed local files, the old rows
+    /// are deleted and their objects become leftovers. `keys` maps old paths to dest keys.
+    pub async fn rename_rows(
+        &self,
+        from: &str,
+        to: &str,
+        keys: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Leftover>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Write first: a transaction that reads before it writes fails on SQLite when another
+        // connection wrote in between (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
+        sqlx::query("UPDATE entries SET version = version WHERE path = $1")
+            .bind(from)
+            .execute(&mut *tx)
+            .await?;
+        let old = sqlx::query(&format!(
+            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, link_target FROM entries \
+             WHERE {SUBTREE} AND state NOT IN ('deleted', 'missing')"
+        ))
+        .bind(from)
+        .bind(format!("{from}/"))
+        .bind(format!("{from}0"))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut fresh = Vec::with_capacity(old.len());
+        let mut gone = Vec::with_capacity(old.len());
+        for row in &old {
+            let path: String = row.get(0);
+            let new_path = format!("{to}{}", &path[from.len()..]);
+            let facts = LocalFacts {
+                kind: parse_kind(row.get(1))?,
+                size: row.get::<i64, _>(4) as u64,
+                mtime_ns: row.get(5),
+                mode: row.get::<i64, _>(6) as u32,
+                uid: row.get::<i64, _>(7) as u32,
+                gid: row.get::<i64, _>(8) as u32,
+            };
+            // Links and special files are never copied: they keep what the scan said of them.
+            let kept = (!matches!(facts.kind, Kind::File | Kind::Dir))
+                .then(|| (parse_state(row.get(2)), row.get::<Option<String>, _>(3)));
+            let mut json = local_row(&new_path, &facts, row.get(9), true);
+            if let Some((Ok(state), reason)) = kept {
+                json[2] = state.as_str().into();
+                json[3] = reason.into();
+            }
+            fresh.push(json);
+            gone.push(serde_json::json!([path, keys(&path)]));
+        }
+        let mut leftovers = Vec::new();
+        if !gone.is_empty() {
+            let rows = sqlx::query(
+                "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM json_each($1)) \
+                 UPDATE entries SET \
+                 dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
+                 dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
+                     THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
+                 state = 'deleted', reason = 'renamed through the mount', lease_owner = NULL, \
+                 lease_expires_at = NULL, priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
+                 FROM d WHERE entries.path = d.path \
+                 RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
+                 entries.intent_sha256, entries.version",
+            )
+            .bind(serde_json::Value::Array(gone).to_string())
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            leftovers = leftovers_from(&rows)?;
+            sqlx::query(UPSERT_LOCAL)
+                .bind(serde_json::Value::Array(fresh).to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(leftovers)
+    }
+
+    /// Objects removals left to delete (after a crash, or while the dest was down).
+    pub async fn leftovers(&self) -> Result<Vec<Leftover>> {
+        let rows = sqlx::query(&format!(
+            "{LEFTOVER_COLUMNS} WHERE state = 'deleted' AND dest_key IS NOT NULL \
+             AND (dest_owned = 1 OR intent_sha256 IS NOT NULL) ORDER BY path"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        leftovers_from(&rows)
+    }
+
+    /// The leftover's object is gone (or was never ours): the row forgets it.
+    pub async fn leftover_cleared(&self, leftover: &Leftover) -> Result<()> {
+        sqlx::query(
+            "UPDATE entries SET dest_key = NULL, dest_etag = NULL, dest_owned = 0, dest_sha256 = NULL, \
+             intent_sha256 = NULL WHERE path = $1 AND state = 'deleted' AND version = $2",
+        )
+        .bind(&leftover.path)
+        .bind(leftover.version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A removal that never reached the local tree (the daemon died first): the row stands
+    /// again, waiting for a copy, and still knows the object at its key is ours.
+    pub async fn undelete(&self, path: &str, version: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE entries SET state = CASE WHEN kind = 'dir' THEN 'verified' WHEN kind = 'file' THEN 'pending' \
+             ELSE 'unsupported' END, reason = NULL, sha256 = NULL, attempts = 0, last_error = NULL, \
+             next_retry_at = NULL, priority = 0, version = version + 1, updated_at = $3 \
+             WHERE path = $1 AND state = 'deleted' AND version = $2",
+        )
+        .bind(path)
+        .bind(version)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Verified files that still have a local copy, in path order after `after`.
+    pub async fn purge_candidates(&self, after: &str, limit: usize) -> Result<Vec<PurgeCandidate>> {
+        let rows = sqlx::query(
+            "SELECT path, size, mtime_ns, sha256 FROM entries WHERE state = 'verified' AND kind = 'file' \
+             AND purged_at IS NULL AND path > $1 ORDER BY path LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PurgeCandidate {
+                path: r.get(0),
+                size: r.get::<i64, _>(1) as u64,
+                mtime_ns: r.get(2),
+                sha256: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Records that the local copy of a verified file is about to be removed, if the row still
+    /// says what purge checked. Returns the row's new version, None when it changed meanwhile.
+    pub async fn mark_purged(&self, file: &PurgeCandidate) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE entries SET purged_at = $4, version = version + 1, updated_at = $4 \
+             WHERE path = $1 AND kind = 'file' AND state = 'verified' AND size = $2 AND mtime_ns = $3 \
+             AND purged_at IS NULL RETURNING version",
+        )
+        .bind(&file.path)
+        .bind(file.size as i64)
+        .bind(file.mtime_ns)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Whether a purge marked at `version` still stands (nothing opened the file for writing,
+    /// renamed or removed it since).
+    pub async fn purge_stands(&self, path: &str, version: i64) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT 1 FROM entries WHERE path = $1 AND version = $2 AND state = 'verified' AND purged_at IS NOT NULL",
+        )
+        .bind(path)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// A purge that was given up: the local copy stays and is known again.
+    pub async fn unpurge(&self, path: &str) -> Result<()> {
+        sqlx::query("UPDATE entries SET purged_at = NULL WHERE path = $1")
+            .bind(path)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// How many verified files have no local copy any more.
+    pub async fn count_purged(&self) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM entries WHERE purged_at IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    /// Whether the row at `path` is a purged file (its only copy is at the dest).
+    pub async fn is_purged(&self, path: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM entries WHERE path = $1 AND purged_at IS NOT NULL")
+            .bind(path)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Paths of every dest-only file at `dir` or below (they must come back to the local tree
+    /// before the directory is renamed).
+    pub async fn purged_below(&self, dir: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query(&format!(
+            "SELECT path FROM entries WHERE {SUBTREE} AND purged_at IS NOT NULL AND state = 'verified' ORDER BY path"
+        ))
+        .bind(dir)
+        .bind(format!("{dir}/"))
+        .bind(format!("{dir}0"))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+fn local_row(
+    path: &str,
+    facts: &LocalFacts,
+    link_target: Option<String>,
+    priority: bool,
+) -> serde_json::Value {
+    let state = match facts.kind {
+        Kind::Dir => State::Verified,
+        _ => State::Pending,
+    };
+    serde_json::json!([
+        path,
+        facts.kind.as_str(),
+        state.as_str(),
+        serde_json::Value::Null,
+        facts.size,
+        facts.mtime_ns,
+        facts.mode,
+        facts.uid,
+        facts.gid,
+        link_target,
+        i64::from(priority && facts.kind == Kind::File)
+    ])
+}
+
+fn leftovers_from(rows: &[AnyRow]) -> Result<Vec<Leftover>> {
+    let mut found = Vec::new();
+    for row in rows {
+        let owned = row.get::<i64, _>(3) == 1;
+        let confirmed: Option<String> = row.get(4);
+        let intent: Option<String> = row.get(5);
+        let Some(dest_key) = row.get::<Option<String>, _>(2) else {
+            continue;
+        };
+        if !owned && intent.is_none() {
+            continue;
+        }
+        found.push(Leftover {
+            path: row.get(0),
+            kind: parse_kind(row.get(1))?,
+            dest_key,
+            owned_sha256: confirmed.filter(|_| owned).into_iter().chain(intent).collect(),
+            version: row.get(6),
+        });
+    }
+    Ok(found)
+}
