@@ -80,11 +80,17 @@ pub struct SourceTree {
 impl SourceTree {
     /// Opens the root directory; from then on it is reached through the descriptor.
     pub fn open(root: &Path) -> io::Result<Self> {
-        let dir = File::open(root)?;
+        Self::open_as(root, root)
+    }
+
+    /// Opens the directory at `reach` (e.g. a running daemon's `/proc/PID/fd/N`), known to the
+    /// operator as `root`.
+    pub fn open_as(reach: &Path, root: &Path) -> io::Result<Self> {
+        let dir = File::open(reach)?;
         if !dir.metadata()?.is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotADirectory,
-                format!("{} is not a directory", root.display()),
+                format!("{} is not a directory", reach.display()),
             ));
         }
         let fd: OwnedFd = dir.into();
@@ -217,9 +223,11 @@ impl SourceTree {
     }
 }
 
+/// A relative path for the `*at` calls; the root itself is ".".
 pub fn c_rel(rel: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
-    CString::new(rel.as_os_str().as_bytes())
+    let bytes = rel.as_os_str().as_bytes();
+    CString::new(if bytes.is_empty() { b"." } else { bytes })
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 

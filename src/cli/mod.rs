@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod mount;
 mod report;
+mod purge;
 mod sweep;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,8 @@ pub enum Command {
     /// Mount over the application's directory: serve every file from where it lives now, copy on
     /// read, and sweep the rest in the background.
     Mount(mount::MountArgs),
+    /// Delete local copies of files verified at the dest (a dry run unless --confirm).
+    Purge(purge::PurgeArgs),
     /// Run the whole migration on a generated sample tree in a temporary directory.
     Demo(demo::DemoArgs),
 }
@@ -220,6 +223,7 @@ pub fn main() -> ExitCode {
             Command::Batches(args) => report::batches(args).await,
             Command::Batch(args) => report::batch(args).await,
             Command::Mount(args) => mount::run(args).await,
+            Command::Purge(args) => purge::run(args).await,
             Command::Demo(args) => demo::run(args).await,
         }
     });
@@ -384,10 +388,7 @@ impl Target {
         if let Some(manifest) = existing {
             manifest.check_pair(&pair, false).await?;
         }
-        let source = Arc::new(
-            SourceTree::open(&source_dir)
-                .with_context(|| format!("cannot open source {}", source_dir.display()))?,
-        );
+        let source = Arc::new(open_source(&source_dir, existing).await?);
         Ok(Resolved {
             source,
             store,
@@ -395,6 +396,32 @@ impl Target {
             manifest_url,
         })
     }
+}
+
+/// Opens the source tree. When a cutoverfs daemon is mounted over it, the tree under the mount
+/// is reached through the daemon's own descriptor (recorded in the manifest): going through
+/// the mount would see the dest's files as local and change them as the application does.
+async fn open_source(source_dir: &Path, manifest: Option<&Manifest>) -> Result<SourceTree> {
+    let mounted = crate::fuse::mounted_type(source_dir)?
+        .is_some_and(|t| t == format!("fuse.{}", crate::fuse::SUBTYPE));
+    if !mounted {
+        return SourceTree::open(source_dir)
+            .with_context(|| format!("cannot open source {}", source_dir.display()));
+    }
+    let reach = match manifest {
+        Some(m) => m.mounted_source().await?,
+        None => None,
+    };
+    let usable = reach.as_deref().map(Path::new).filter(|p| p.is_dir());
+    let Some(reach) = usable else {
+        bail!(
+            "source {} is a cutoverfs mount, and the local tree under it cannot be reached from here \
+             (run this as root on the machine where the daemon runs, with the daemon's manifest)",
+            source_dir.display()
+        );
+    };
+    SourceTree::open_as(reach, source_dir)
+        .with_context(|| format!("cannot open the local tree under the mount on {}", source_dir.display()))
 }
 
 fn check_source(path: &Path) -> Result<PathBuf> {

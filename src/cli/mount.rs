@@ -97,6 +97,8 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if !args.no_sweep {
         resolved.store.prepare().await?;
     }
+    // Removals a crash interrupted are finished (or undone) before anything can change.
+    crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
     let wake = Arc::new(tokio::sync::Notify::new());
     let settings = MountSettings {
         mountpoint: mountpoint.clone(),
@@ -122,6 +124,10 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         manifest = %manifest.location(),
         "mount is live"
     );
+    let reach = format!("/proc/{}/fd/{}", std::process::id(), resolved.source.dir_fd());
+    if let Err(e) = manifest.record_mounted_source(Some(&reach)).await {
+        tracing::warn!(error = %e, "cannot record where the local tree is reachable; purge and sweep will refuse this source while it is mounted");
+    }
     say_ready();
 
     let (stop_all, stop) = tokio::sync::watch::channel(false);
@@ -183,6 +189,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         Ok(Err(e)) => Err(anyhow::anyhow!("sweeper task failed: {e}")),
         Err(_) => Err(anyhow::anyhow!("the sweeper did not stop within 2 minutes")),
     };
+    let _ = manifest.record_mounted_source(None).await;
     manifest.close().await;
     result?;
     copied?;

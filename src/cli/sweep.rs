@@ -81,6 +81,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let stop = stop_on_signals();
     let node = node_id();
     manifest.close_abandoned_batches(&node).await?;
+    crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
     let scan = match scan_into_manifest(
         &manifest,
         resolved.source.clone(),

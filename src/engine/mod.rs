@@ -8,6 +8,8 @@
 pub mod filter;
 pub mod plan;
 pub mod progress;
+pub mod purge;
+pub mod repair;
 pub mod scan;
 pub mod sweep;
 

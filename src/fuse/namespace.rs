@@ -53,6 +53,9 @@ impl Namespace {
 
     /// Attributes of a path: the local file's, else the manifest's for what lives on at the dest.
     pub fn attr(&self, rel: &Path) -> io::Result<FileAttr> {
+        if rel.file_name().is_some_and(is_reserved) {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
         match self.source.stat_at(rel) {
             Ok(st) => Ok(attr_from_stat(&st)),
             Err(e) if is_absent(&e) => match self.entry(rel)? {
@@ -101,8 +104,11 @@ impl Namespace {
             Ok(dir) => {
                 for item in dir {
                     let item = item?;
-                    let Ok(meta) = item.metadata() else { continue };
                     let name = item.file_name();
+                    if is_reserved(&name) {
+                        continue;
+                    }
+                    let Ok(meta) = item.metadata() else { continue };
                     local_names.insert(name.clone());
                     listed.push(Listed {
                         name,
@@ -160,6 +166,12 @@ impl Namespace {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Names cutoverfs uses for an instant in the local tree (purge sets files aside under them).
+fn is_reserved(name: &OsStr) -> bool {
+    name.as_bytes()
+        .starts_with(crate::engine::purge::RESERVED_PREFIX.as_bytes())
 }
 
 fn is_absent(e: &io::Error) -> bool {

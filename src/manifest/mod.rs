@@ -396,6 +396,25 @@ impl Manifest {
         Ok(())
     }
 
+    /// Where a running mount daemon reaches the local tree hidden under its mount
+    /// (`/proc/PID/fd/N`), so other commands on that machine (purge, sweep) can too; None
+    /// clears it when the daemon stops.
+    pub async fn record_mounted_source(&self, path: Option<&str>) -> Result<()> {
+        match path {
+            Some(path) => self.set_meta("mounted_source", path).await,
+            None => {
+                sqlx::query("DELETE FROM meta WHERE key = 'mounted_source'")
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn mounted_source(&self) -> Result<Option<String>> {
+        self.meta("mounted_source").await
+    }
+
     /// The pair this manifest belongs to, if one was recorded.
     pub async fn pair(&self) -> Result<Option<Pair>> {
         match (self.meta("source").await?, self.meta("dest").await?) {

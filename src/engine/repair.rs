@@ -1,0 +1,69 @@
+//! Repairs what a crash between the steps of a removal or rename left behind (DESIGN §4.7).
+//!
+//! The mount records a removal before it touches the local tree, and deletes the dest object
+//! after. So a row marked `deleted` that still names an object of ours means one of two
+//! things: the local file is still there (the removal never happened: the row stands again),
+//! or it is gone (the removal happened: the object is deleted now). Runs before the mount goes
+//! live and before a sweep, when nothing else changes the tree.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::manifest::{Manifest, ManifestError};
+use crate::source::SourceTree;
+use crate::store::{Removal, Store};
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repaired {
+    /// Removals that never reached the local tree: the rows stand again.
+    pub restored: u64,
+    /// Dest objects of removed files, deleted now.
+    pub deleted: u64,
+    /// Objects left where they are: not ours, or the dest could not be reached (retried next
+    /// time).
+    pub left: u64,
+}
+
+pub async fn repair_removals(
+    manifest: &Manifest,
+    source: &Arc<SourceTree>,
+    store: &Arc<dyn Store>,
+) -> Result<Repaired, ManifestError> {
+    let mut done = Repaired::default();
+    let writer = manifest.id().to_string();
+    for leftover in manifest.leftovers().await? {
+        let local = source.stat_at(Path::new(&leftover.path));
+        if local.is_ok() {
+            if manifest.undelete(&leftover.path, leftover.version).await? {
+                done.restored += 1;
+            }
+            continue;
+        }
+        match store
+            .delete_owned(&leftover.dest_key, &leftover.owned_sha256, &writer)
+            .await
+        {
+            Ok(removal) => {
+                manifest.leftover_cleared(&leftover).await?;
+                match removal {
+                    Removal::Deleted => done.deleted += 1,
+                    Removal::Absent => {}
+                    Removal::NotOurs => done.left += 1,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %leftover.path, key = %leftover.dest_key, error = %e, "cannot delete the dest object of a removed file; retried next time");
+                done.left += 1;
+            }
+        }
+    }
+    if done != Repaired::default() {
+        tracing::info!(
+            restored = done.restored,
+            deleted = done.deleted,
+            left = done.left,
+            "repaired removals interrupted by a crash"
+        );
+    }
+    Ok(done)
+}
