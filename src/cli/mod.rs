@@ -7,8 +7,8 @@
 mod config;
 mod demo;
 mod mount;
-mod report;
 mod purge;
+mod report;
 mod sweep;
 
 use std::path::{Path, PathBuf};
@@ -420,8 +420,12 @@ async fn open_source(source_dir: &Path, manifest: Option<&Manifest>) -> Result<S
             source_dir.display()
         );
     };
-    SourceTree::open_as(reach, source_dir)
-        .with_context(|| format!("cannot open the local tree under the mount on {}", source_dir.display()))
+    SourceTree::open_as(reach, source_dir).with_context(|| {
+        format!(
+            "cannot open the local tree under the mount on {}",
+            source_dir.display()
+        )
+    })
 }
 
 fn check_source(path: &Path) -> Result<PathBuf> {

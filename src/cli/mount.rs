@@ -124,7 +124,11 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         manifest = %manifest.location(),
         "mount is live"
     );
-    let reach = format!("/proc/{}/fd/{}", std::process::id(), resolved.source.dir_fd());
+    let reach = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        resolved.source.dir_fd()
+    );
     if let Err(e) = manifest.record_mounted_source(Some(&reach)).await {
         tracing::warn!(error = %e, "cannot record where the local tree is reachable; purge and sweep will refuse this source while it is mounted");
     }

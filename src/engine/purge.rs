@@ -140,12 +140,14 @@ async fn purge_one(
     let Some(version) = manifest.mark_purged(file).await? else {
         return Ok(Err("the file changed in the manifest meanwhile".into()));
     };
+    crate::util::crash_point("purge:recorded");
     let rel = PathBuf::from(&file.path);
     let aside = aside_name(&rel);
     if let Err(e) = rename_no_replace(source, &rel, &aside) {
         manifest.unpurge(&file.path).await?;
         return Ok(Err(format!("cannot move the local copy aside: {e}")));
     }
+    crate::util::crash_point("purge:set-aside");
     let unchanged = source
         .stat_at(&aside)
         .map(|st| {
@@ -166,7 +168,9 @@ async fn purge_one(
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             let _ = unlink(source, &aside);
         }
-        Err(e) => tracing::error!(path = %file.path, aside = %aside.display(), error = %e, "cannot put the local copy back; it is at the name shown"),
+        Err(e) => {
+            tracing::error!(path = %file.path, aside = %aside.display(), error = %e, "cannot put the local copy back; it is at the name shown")
+        }
     }
     manifest.unpurge(&file.path).await?;
     Ok(Err("opened for writing or changed during the purge".into()))
@@ -176,7 +180,8 @@ fn aside_name(rel: &Path) -> PathBuf {
     let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
     let mut aside = format!("{RESERVED_PREFIX}purge-{}-", std::process::id()).into_bytes();
     aside.extend_from_slice(name);
-    let aside = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(aside));
+    let aside =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(aside));
     match rel.parent() {
         Some(parent) => parent.join(aside),
         None => aside,

@@ -139,6 +139,13 @@ impl<'a> Walker<'a> {
 
     fn classify(&self, dir: &str, entry: &std::fs::DirEntry) -> Option<Scanned> {
         let name = entry.file_name();
+        if std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str())
+            .starts_with(super::purge::RESERVED_PREFIX.as_bytes())
+        {
+            // A local copy a purge set aside for an instant (or left by a purge that was killed):
+            // its file is verified at the dest, it is not part of the tree.
+            return None;
+        }
         let (name_text, bad_name) = match name.to_str() {
             Some(text) => (text.to_string(), None),
             None => (name.to_string_lossy().into_owned(), Some(escaped(&name))),

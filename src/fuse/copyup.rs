@@ -41,10 +41,12 @@ pub fn copy_up(
     let mut offset = 0;
     while offset < entry.size {
         let len = CHUNK.min(entry.size - offset);
-        let data = rt.block_on(store.read_range(key, offset, len)).map_err(|e| {
-            tracing::error!(error = %e, "cannot read the dest copy back");
-            io::Error::from_raw_os_error(libc::EIO)
-        })?;
+        let data = rt
+            .block_on(store.read_range(key, offset, len))
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read the dest copy back");
+                io::Error::from_raw_os_error(libc::EIO)
+            })?;
         if data.is_empty() {
             break;
         }
@@ -80,8 +82,8 @@ fn restore_attributes(file: &std::fs::File, entry: &Entry) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid))?;
     file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
-    let mtime = std::time::UNIX_EPOCH
-        + std::time::Duration::from_nanos(entry.mtime_ns.max(0) as u64);
+    let mtime =
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(entry.mtime_ns.max(0) as u64);
     local::set_file_times(file, local::SetTime::Keep, local::SetTime::At(mtime))
 }
 

@@ -135,7 +135,13 @@ impl CutoverFs {
     pub(super) fn open_backing_file(&self, rel: &Path, write: bool) -> io::Result<File> {
         match self.ns.source().open_at(rel, libc::O_RDWR) {
             Ok(file) => Ok(file),
-            Err(e) if !write && matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS | libc::ETXTBSY | libc::EPERM)) => {
+            Err(e)
+                if !write
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES | libc::EROFS | libc::ETXTBSY | libc::EPERM)
+                    ) =>
+            {
                 self.ns.source().open_at(rel, libc::O_RDONLY)
             }
             Err(e) => Err(e),
@@ -439,7 +445,11 @@ impl Filesystem for CutoverFs {
         if let Some(opened) = opened {
             return match opened {
                 Ok((fh, backing)) => {
-                    let counter = if backing.is_some() { &self.stats.opens_local } else { &self.stats.opens_dest };
+                    let counter = if backing.is_some() {
+                        &self.stats.opens_local
+                    } else {
+                        &self.stats.opens_dest
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
                     reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
                 }
@@ -592,7 +602,14 @@ impl Filesystem for CutoverFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let Some(open) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -607,7 +624,14 @@ impl Filesystem for CutoverFs {
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self
             .path(ino)
             .and_then(|rel| super::local::sync_dir(self.ns.source(), &rel).map_err(Errno::from))
@@ -669,11 +693,26 @@ impl Filesystem for CutoverFs {
         self.make_node(req, parent, name, mode & !umask, rdev, reply)
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         self.make_dir(req, parent, name, mode & !umask, reply)
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         self.make_symlink(req, parent, link_name, target, reply)
     }
 
@@ -699,7 +738,14 @@ impl Filesystem for CutoverFs {
     }
 
     /// Hard links would give one file two keys at the dest; the mount does not make them.
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EPERM)
     }
 
@@ -721,7 +767,14 @@ impl Filesystem for CutoverFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let change = super::writes::AttrChange { mode, uid, gid, size, atime, mtime };
+        let change = super::writes::AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
         self.change_attrs(ino, change, fh, reply)
     }
 

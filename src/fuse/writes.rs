@@ -88,10 +88,11 @@ impl CutoverFs {
         self.records.flush();
         let recorded = self.ns.entry(rel).map_err(errno)?;
         if recorded.is_some_and(|e| e.kind == Kind::File) {
-            self.block_on(
-                self.manifest
-                    .hold_for_write(text, &self.holds.holder, self.holds.until()),
-            )
+            self.block_on(self.manifest.hold_for_write(
+                text,
+                &self.holds.holder,
+                self.holds.until(),
+            ))
             .map_err(|e| {
                 tracing::error!(path = text, error = %e, "cannot hold the file in the manifest");
                 Errno::EIO
@@ -130,7 +131,11 @@ impl CutoverFs {
                 .open_local_handle(ino, rel, flags & KEPT_OPEN_FLAGS, true, &backing_for, None)
                 .map_err(errno)?;
             if flags & libc::O_TRUNC != 0 {
-                if let Some(file) = self.files.get(fh).and_then(|o| o.file().map(|f| f.set_len(0))) {
+                if let Some(file) = self
+                    .files
+                    .get(fh)
+                    .and_then(|o| o.file().map(|f| f.set_len(0)))
+                {
                     file.map_err(errno)?;
                 }
             }
@@ -154,9 +159,7 @@ impl CutoverFs {
         let Ok(meta) = file.metadata() else { return };
         let attrs = Attrs::from_metadata(&meta);
         match self.ns.source().stat_at(&rel) {
-            Ok(st) if st.st_ino == attrs.ino && st.st_dev == attrs.dev => {
-                self.record(&rel, &attrs)
-            }
+            Ok(st) if st.st_ino == attrs.ino && st.st_dev == attrs.dev => self.record(&rel, &attrs),
             _ => {}
         }
     }
@@ -185,9 +188,14 @@ impl CutoverFs {
             let (file, new) =
                 match local::create(tree, &rel, libc::O_RDWR | libc::O_EXCL | keep, mode) {
                     Ok(file) => (file, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 =>
+                    {
                         self.hold(&rel)?;
-                        (local::create(tree, &rel, libc::O_RDWR | keep, mode).map_err(errno)?, false)
+                        (
+                            local::create(tree, &rel, libc::O_RDWR | keep, mode).map_err(errno)?,
+                            false,
+                        )
                     }
                     Err(e) => return Err(errno(e)),
                 };
@@ -312,7 +320,10 @@ impl CutoverFs {
     }
 
     pub(super) fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
-        match self.child(parent, name).and_then(|rel| self.remove_path(&rel, dir)) {
+        match self
+            .child(parent, name)
+            .and_then(|rel| self.remove_path(&rel, dir))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -340,6 +351,7 @@ impl CutoverFs {
             }
             None => Default::default(),
         };
+        crate::util::crash_point("remove:recorded");
         let tree = self.ns.source();
         let done = if dir {
             local::rmdir(tree, rel)
@@ -360,6 +372,7 @@ impl CutoverFs {
                 return Err(errno(e));
             }
         }
+        crate::util::crash_point("remove:local-done");
         self.inodes.forget(rel);
         if let Some(text) = rel.to_str() {
             self.ns.forget_entries(&[text.to_string()]);
@@ -447,6 +460,7 @@ impl CutoverFs {
             }
             _ => Vec::new(),
         };
+        crate::util::crash_point("rename:recorded");
         if let Err(e) = local::rename(self.ns.source(), from, to, flags.bits()) {
             if let (Some(f), Some(t)) = (from.to_str(), to.to_str()) {
                 let store = self.store.clone();
@@ -458,6 +472,7 @@ impl CutoverFs {
             self.ns.forget_all_entries();
             return Err(errno(e));
         }
+        crate::util::crash_point("rename:local-done");
         self.inodes.rename(from, to);
         self.ns.forget_all_entries();
         self.delete_leftovers(leftovers);

@@ -425,7 +425,11 @@ fn leftovers_from(rows: &[AnyRow]) -> Result<Vec<Leftover>> {
             path: row.get(0),
             kind: parse_kind(row.get(1))?,
             dest_key,
-            owned_sha256: confirmed.filter(|_| owned).into_iter().chain(intent).collect(),
+            owned_sha256: confirmed
+                .filter(|_| owned)
+                .into_iter()
+                .chain(intent)
+                .collect(),
             version: row.get(6),
         });
     }

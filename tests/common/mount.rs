@@ -143,6 +143,24 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// For a daemon that killed itself (a crash point): waits for it to be gone and returns
+    /// the stale mount it left, cleaned up when dropped.
+    pub fn crashed(mut self) -> StaleMount {
+        let started = Instant::now();
+        while self.try_exit().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the daemon did not die\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.owns_mount = false;
+        StaleMount(self.mountpoint.clone())
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

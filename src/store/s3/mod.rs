@@ -34,9 +34,7 @@ use aws_sdk_s3::Client;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::{
-    Preflight, PublishGuard, PutOutcome, PutRequest, Removal, Store, StoreError, Stored,
-};
+use super::{Preflight, PublishGuard, PutOutcome, PutRequest, Removal, Store, StoreError, Stored};
 
 /// User metadata names (sent as `x-amz-meta-<name>`).
 pub const META_WRITER: &str = "cutoverfs-writer";

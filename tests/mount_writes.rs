@@ -1,0 +1,514 @@
+//! Writes through the mount (issue 5, DESIGN §4, §6) on real FUSE mounts: POSIX operations land
+//! in the local tree first, written files are queued ahead of the sweep, a changed file is
+//! never served stale from the dest, purged files are brought back before they change, unlink
+//! and rename keep the local tree, the dest and the manifest together, and a crash between
+//! their steps, or during a stream of fsynced writes, loses nothing.
+
+mod common;
+
+use std::ffi::{CString, OsString};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::mount::{wait_until, Daemon};
+use common::*;
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// Mounts at `root/mnt` a source that stays reachable at `w.src`, so tests can look under
+/// the mount at what landed locally.
+fn mount_beside(w: &Work, extra: &[&str], env: &[(String, String)]) -> (PathBuf, Daemon) {
+    let mnt = w.root.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mut args = os(&[
+        "--source",
+        w.src.to_str().unwrap(),
+        "--dest",
+        &w.dest_url(),
+        "--manifest",
+        &w.manifest_url(),
+    ]);
+    args.extend(os(extra));
+    let daemon = Daemon::start_with_env(&mnt, &args, env);
+    (mnt, daemon)
+}
+
+fn errno_of<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
+    result.unwrap_err().raw_os_error().unwrap()
+}
+
+fn c(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+fn rename2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    let (from, to) = (c(from), c(to));
+    // SAFETY: two NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn verified(w: &Work) -> u64 {
+    state_count(&w.status(), "files", "verified")
+}
+
+fn nothing_left_to_copy(w: &Work) -> bool {
+    let status = w.status();
+    ["pending", "copying", "failed"]
+        .iter()
+        .all(|s| state_count(&status, "files", s) == 0)
+}
+
+/// The files (path → bytes) of a tree, for comparing the mounted view with the dest.
+fn file_bytes(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    files_of(&snapshot(root))
+        .into_keys()
+        .map(|rel| {
+            let bytes = fs::read(root.join(&rel)).unwrap();
+            (rel, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn posix_operations_behave_as_on_a_local_directory() {
+    let w = Work::new();
+    w.write("keep.txt", b"kept");
+    let (mnt, daemon) = mount_beside(&w, &["--no-sweep"], &[]);
+    daemon.wait_for_scan();
+
+    // create with O_EXCL, write, pwrite at an offset, read back
+    let path = mnt.join("new.bin");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&path)
+        .unwrap();
+    file.write_all(b"hello world").unwrap();
+    file.write_all_at(b"HELLO", 0).unwrap();
+    file.write_all_at(b"!", 20).unwrap();
+    file.sync_all().unwrap();
+    let mut back = vec![0u8; 21];
+    file.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(&back[..11], b"HELLO world");
+    assert_eq!(&back[11..20], &[0u8; 9], "a hole reads as zeros");
+    assert_eq!(
+        errno_of(OpenOptions::new().write(true).create_new(true).open(&path)),
+        libc::EEXIST
+    );
+    // ftruncate down and up, fallocate
+    file.set_len(5).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"HELLO");
+    file.set_len(8).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"HELLO\0\0\0");
+    // SAFETY: a descriptor we own.
+    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, 4096) };
+    assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+    assert_eq!(fs::metadata(&path).unwrap().len(), 4096);
+    drop(file);
+    assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
+
+    // O_APPEND appends, O_TRUNC truncates
+    let mut log = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(mnt.join("log.txt"))
+        .unwrap();
+    log.write_all(b"one\n").unwrap();
+    log.write_all(b"two\n").unwrap();
+    drop(log);
+    assert_eq!(fs::read(mnt.join("log.txt")).unwrap(), b"one\ntwo\n");
+    fs::write(mnt.join("log.txt"), b"fresh").unwrap();
+    assert_eq!(fs::read(mnt.join("log.txt")).unwrap(), b"fresh");
+
+    // directories
+    fs::create_dir(mnt.join("d")).unwrap();
+    fs::write(mnt.join("d/inside.txt"), b"in").unwrap();
+    assert_eq!(errno_of(fs::remove_dir(mnt.join("d"))), libc::ENOTEMPTY);
+    fs::rename(mnt.join("d"), mnt.join("e")).unwrap();
+    assert_eq!(fs::read(mnt.join("e/inside.txt")).unwrap(), b"in");
+    assert!(!mnt.join("d").exists());
+    fs::create_dir(mnt.join("empty")).unwrap();
+    fs::remove_dir(mnt.join("empty")).unwrap();
+    assert!(!mnt.join("empty").exists());
+
+    // rename over a file, RENAME_NOREPLACE, RENAME_EXCHANGE
+    fs::write(mnt.join("a.txt"), b"A").unwrap();
+    fs::write(mnt.join("b.txt"), b"B").unwrap();
+    assert_eq!(
+        errno_of(rename2(
+            &mnt.join("a.txt"),
+            &mnt.join("b.txt"),
+            libc::RENAME_NOREPLACE
+        )),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno_of(rename2(
+            &mnt.join("a.txt"),
+            &mnt.join("b.txt"),
+            libc::RENAME_EXCHANGE
+        )),
+        libc::EINVAL,
+        "RENAME_EXCHANGE is not offered"
+    );
+    fs::rename(mnt.join("a.txt"), mnt.join("b.txt")).unwrap();
+    assert_eq!(fs::read(mnt.join("b.txt")).unwrap(), b"A");
+    assert!(!mnt.join("a.txt").exists());
+    rename2(
+        &mnt.join("b.txt"),
+        &mnt.join("c.txt"),
+        libc::RENAME_NOREPLACE,
+    )
+    .unwrap();
+
+    // unlink
+    fs::remove_file(mnt.join("c.txt")).unwrap();
+    assert_eq!(errno_of(fs::read(mnt.join("c.txt"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::remove_file(mnt.join("c.txt"))), libc::ENOENT);
+
+    // chmod, chown, utimens
+    fs::set_permissions(mnt.join("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(mnt.join("keep.txt"), Some(1234), Some(4321)).unwrap();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    set_times(&mnt.join("keep.txt"), when, when);
+    let meta = fs::metadata(mnt.join("keep.txt")).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
+    assert_eq!(meta.mtime(), 1_600_000_000);
+
+    // symlinks work; hard links and xattrs are refused with their errno
+    std::os::unix::fs::symlink("keep.txt", mnt.join("link")).unwrap();
+    assert_eq!(
+        fs::read_link(mnt.join("link")).unwrap(),
+        Path::new("keep.txt")
+    );
+    assert_eq!(
+        errno_of(fs::hard_link(mnt.join("keep.txt"), mnt.join("hard"))),
+        libc::EPERM
+    );
+    let name = CString::new("user.test").unwrap();
+    let target = c(&mnt.join("keep.txt"));
+    // SAFETY: NUL-terminated strings and a 1-byte value.
+    let rc = unsafe { libc::setxattr(target.as_ptr(), name.as_ptr(), b"x".as_ptr().cast(), 1, 0) };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+
+    // Everything landed in the local tree under the mount, as seen through it.
+    let through_mount = snapshot(&mnt);
+    daemon.stop();
+    assert_eq!(snapshot(&w.src), through_mount);
+}
+
+#[test]
+fn written_files_are_queued_ahead_of_the_sweep_and_reach_the_dest() {
+    let w = Work::new();
+    small_tree(&w, 1000, 4, 2000, 4000, 11);
+    // A slow sweeper: the backlog takes far longer than the test waits.
+    let (mnt, daemon) = mount_beside(&w, &["--concurrency", "1", "--bwlimit", "64KiB"], &[]);
+    daemon.wait_for_scan();
+    fs::create_dir_all(mnt.join("uploads")).unwrap();
+    let content = pseudo_random(100_000, 5);
+    fs::write(mnt.join("uploads/new.jpg"), &content).unwrap();
+    let dest_copy = w.dest.join("uploads/new.jpg");
+    wait_until(Duration::from_secs(30), "the new file at the dest", || {
+        fs::read(&dest_copy).ok().as_deref() == Some(&content[..])
+    });
+    let status = w.status();
+    let waiting =
+        state_count(&status, "files", "pending") + state_count(&status, "files", "copying");
+    assert!(
+        waiting > 300,
+        "the written file must go before the backlog ({waiting} files still waiting)"
+    );
+    // Landed locally first.
+    assert_eq!(fs::read(w.src.join("uploads/new.jpg")).unwrap(), content);
+    daemon.stop();
+}
+
+#[test]
+fn a_file_changed_after_verification_is_never_served_stale() {
+    let w = Work::new();
+    w.write("photo.jpg", b"version one");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    wait_until(Duration::from_secs(30), "the first copy", || {
+        nothing_left_to_copy(&w) && verified(&w) == 1
+    });
+    assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
+    // A reader opened before the change shares the writer's file.
+    let reader = fs::File::open(mnt.join("photo.jpg")).unwrap();
+    let mut writer = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("photo.jpg"))
+        .unwrap();
+    writer.write_all(b"VERSION TWO").unwrap();
+    assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
+    let mut seen = vec![0u8; 11];
+    reader.read_exact_at(&mut seen, 0).unwrap();
+    assert_eq!(&seen, b"VERSION TWO");
+    // While open for writing, nothing copies it.
+    assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
+    drop(writer);
+    drop(reader);
+    assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
+    wait_until(
+        Duration::from_secs(30),
+        "the new version at the dest",
+        || {
+            fs::read(w.dest.join("photo.jpg")).ok().as_deref() == Some(&b"VERSION TWO"[..])
+                && nothing_left_to_copy(&w)
+        },
+    );
+    assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
+    daemon.stop();
+}
+
+/// Sweeps everything through the daemon, then purges the local copies while mounted.
+fn migrate_and_purge(w: &Work) {
+    wait_until(Duration::from_secs(60), "everything verified", || {
+        nothing_left_to_copy(w) && verified(w) > 0
+    });
+    w.cmd_manifest_only("purge", &["--confirm"]).assert_code(0);
+}
+
+#[test]
+fn purged_files_stay_visible_and_are_brought_back_before_they_change() {
+    let w = Work::new();
+    w.write("docs/a.txt", b"alpha");
+    w.write("docs/b.txt", b"bravo");
+    w.write("docs/c.txt", b"charlie");
+    w.write("d.txt", b"delta");
+    set_mode(&w.src.join("docs/a.txt"), 0o640);
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    daemon.wait_for_scan();
+    let before = snapshot(&mnt);
+    migrate_and_purge(&w);
+    for rel in ["docs/a.txt", "docs/b.txt", "docs/c.txt", "d.txt"] {
+        assert!(!w.src.join(rel).exists(), "{rel} must be purged locally");
+    }
+    assert_eq!(snapshot(&mnt), before, "purge must not change the view");
+
+    // Append: brought back first, then written locally.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("docs/a.txt"))
+        .unwrap();
+    f.write_all(b"+more").unwrap();
+    drop(f);
+    assert_eq!(fs::read(w.src.join("docs/a.txt")).unwrap(), b"alpha+more");
+    assert_eq!(
+        fs::metadata(w.src.join("docs/a.txt")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    // chmod and rename of purged files
+    fs::set_permissions(mnt.join("docs/b.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::read(w.src.join("docs/b.txt")).unwrap(), b"bravo");
+    fs::rename(mnt.join("docs"), mnt.join("papers")).unwrap();
+    assert_eq!(fs::read(mnt.join("papers/c.txt")).unwrap(), b"charlie");
+    assert_eq!(fs::read(w.src.join("papers/c.txt")).unwrap(), b"charlie");
+    // unlink of a purged file removes its dest object
+    fs::remove_file(mnt.join("d.txt")).unwrap();
+    assert!(!mnt.join("d.txt").exists());
+    wait_until(Duration::from_secs(60), "the changes copied", || {
+        nothing_left_to_copy(&w) && w.dest.join("papers/a.txt").exists()
+    });
+    assert!(!w.dest.join("d.txt").exists(), "our object must go");
+    assert!(!w.dest.join("docs/a.txt").exists(), "the old key must go");
+    assert_eq!(file_bytes(&mnt), file_bytes(&w.dest));
+    daemon.stop();
+}
+
+#[test]
+fn unlink_and_rename_never_touch_an_object_cutoverfs_did_not_write() {
+    let w = Work::new();
+    w.write("ours.txt", b"ours");
+    w.write("theirs.txt", b"local version");
+    // Someone else's object already sits at that key: a conflict, never replaced or deleted.
+    write_file(&w.dest.join("theirs.txt"), b"their version");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    wait_until(Duration::from_secs(30), "the sweep", || {
+        let status = w.status();
+        state_count(&status, "files", "conflict") == 1 && verified(&w) == 1
+    });
+    fs::rename(mnt.join("theirs.txt"), mnt.join("moved.txt")).unwrap();
+    fs::remove_file(mnt.join("ours.txt")).unwrap();
+    wait_until(Duration::from_secs(30), "the moved file copied", || {
+        w.dest.join("moved.txt").exists() && nothing_left_to_copy(&w)
+    });
+    assert_eq!(
+        fs::read(w.dest.join("theirs.txt")).unwrap(),
+        b"their version"
+    );
+    assert!(!w.dest.join("ours.txt").exists());
+    assert_eq!(
+        fs::read(w.dest.join("moved.txt")).unwrap(),
+        b"local version"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn a_crash_between_the_steps_of_unlink_or_rename_is_repaired_at_restart() {
+    for point in [
+        "remove:recorded",
+        "remove:local-done",
+        "rename:recorded",
+        "rename:local-done",
+    ] {
+        let w = Work::new();
+        w.write("dir/a.txt", b"alpha");
+        w.write("dir/b.txt", b"bravo");
+        w.write("c.txt", b"charlie");
+        let env = vec![("CUTOVERFS_CRASH_AT".to_string(), point.to_string())];
+        let (mnt, daemon) = mount_beside(&w, &[], &env);
+        wait_until(Duration::from_secs(30), "the first sweep", || {
+            nothing_left_to_copy(&w) && verified(&w) == 3
+        });
+        let done = if point.starts_with("remove") {
+            fs::remove_file(mnt.join("c.txt"))
+        } else {
+            fs::rename(mnt.join("dir"), mnt.join("moved"))
+        };
+        assert!(
+            done.is_err(),
+            "{point}: the daemon must have died mid-operation"
+        );
+        let stale = daemon.crashed();
+        drop(stale);
+
+        let daemon = Daemon::start(
+            &mnt,
+            &os(&[
+                "--source",
+                w.src.to_str().unwrap(),
+                "--dest",
+                &w.dest_url(),
+                "--manifest",
+                &w.manifest_url(),
+            ]),
+        );
+        daemon.wait_for_scan();
+        wait_until(Duration::from_secs(60), "the sweep after restart", || {
+            nothing_left_to_copy(&w)
+        });
+        let view = file_bytes(&mnt);
+        // The operation happened entirely or not at all, and nothing was lost.
+        let expected_names: Vec<&[&str]> = if point.starts_with("remove") {
+            vec![
+                &["c.txt", "dir/a.txt", "dir/b.txt"],
+                &["dir/a.txt", "dir/b.txt"],
+            ]
+        } else {
+            vec![
+                &["c.txt", "dir/a.txt", "dir/b.txt"],
+                &["c.txt", "moved/a.txt", "moved/b.txt"],
+            ]
+        };
+        let names: Vec<String> = view
+            .keys()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            expected_names
+                .iter()
+                .any(|e| e.iter().map(|s| s.to_string()).collect::<Vec<_>>() == names),
+            "{point}: unexpected tree {names:?}"
+        );
+        for (rel, bytes) in &view {
+            let want: &[u8] = match rel.file_name().unwrap().to_str().unwrap() {
+                "a.txt" => b"alpha",
+                "b.txt" => b"bravo",
+                _ => b"charlie",
+            };
+            assert_eq!(bytes, want, "{point}: {}", rel.display());
+        }
+        // No dest object the manifest does not stand for: the dest holds exactly the view.
+        assert_eq!(file_bytes(&w.dest), view, "{point}: dest and view differ");
+        daemon.stop();
+    }
+}
+
+#[test]
+fn kill_9_during_fsynced_writes_loses_no_acknowledged_byte() {
+    let w = Work::new();
+    w.write("seed.txt", b"seed");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    daemon.wait_for_scan();
+    let record = |i: u64| -> Vec<u8> {
+        let mut r = format!("record {i:08} ").into_bytes();
+        r.resize(4096, b'.' + (i % 40) as u8);
+        r
+    };
+    let path = mnt.join("journal.log");
+    let writer = std::thread::spawn(move || {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut acknowledged = 0u64;
+        for i in 0.. {
+            if file.write_all(&record(i)).is_err() || file.sync_data().is_err() {
+                break;
+            }
+            acknowledged = i + 1;
+        }
+        acknowledged
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let stale = daemon.kill9();
+    let acknowledged = writer.join().unwrap();
+    drop(stale);
+    assert!(acknowledged > 10, "only {acknowledged} records written");
+    let local = fs::read(w.src.join("journal.log")).unwrap();
+    assert!(
+        local.len() as u64 >= acknowledged * 4096,
+        "{} bytes on disk, {acknowledged} records acknowledged",
+        local.len()
+    );
+    for i in 0..acknowledged {
+        let at = (i * 4096) as usize;
+        assert_eq!(&local[at..at + 4096], &record(i)[..], "record {i}");
+    }
+    // After a restart the file is whole through the mount and reaches the dest.
+    let daemon = Daemon::start(
+        &mnt,
+        &os(&[
+            "--source",
+            w.src.to_str().unwrap(),
+            "--dest",
+            &w.dest_url(),
+            "--manifest",
+            &w.manifest_url(),
+        ]),
+    );
+    daemon.wait_for_scan();
+    assert_eq!(fs::read(mnt.join("journal.log")).unwrap(), local);
+    wait_until(Duration::from_secs(60), "the journal at the dest", || {
+        fs::read(w.dest.join("journal.log")).ok().as_deref() == Some(&local[..])
+    });
+    daemon.stop();
+}
