@@ -258,17 +258,27 @@ fn a_file_changed_after_verification_is_never_served_stale() {
         nothing_left_to_copy(&w) && verified(&w) == 1
     });
     assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
-    // A reader opened before the change shares the writer's file.
+    // A reader of the dest copy holds the file: a writer waits for it to close...
     let reader = fs::File::open(mnt.join("photo.jpg")).unwrap();
-    let mut writer = OpenOptions::new()
-        .write(true)
-        .open(mnt.join("photo.jpg"))
-        .unwrap();
-    writer.write_all(b"VERSION TWO").unwrap();
-    assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
+    let path = mnt.join("photo.jpg");
+    let writer = std::thread::spawn(move || {
+        let mut writer = OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all(b"VERSION TWO").unwrap();
+        writer
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "the writer must wait for the dest reader"
+    );
+    drop(reader);
+    let writer = writer.join().unwrap();
+    // ...and from then on every reader shares the writer's local file.
+    let reader = fs::File::open(mnt.join("photo.jpg")).unwrap();
     let mut seen = vec![0u8; 11];
     reader.read_exact_at(&mut seen, 0).unwrap();
     assert_eq!(&seen, b"VERSION TWO");
+    assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
     // While open for writing, nothing copies it.
     assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
     drop(writer);
@@ -283,6 +293,13 @@ fn a_file_changed_after_verification_is_never_served_stale() {
         },
     );
     assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
+    // A dest reader that stays open: the writer is refused after a short wait, not hung.
+    let reader = fs::File::open(mnt.join("photo.jpg")).unwrap();
+    let started = std::time::Instant::now();
+    let refused = OpenOptions::new().write(true).open(mnt.join("photo.jpg"));
+    assert_eq!(errno_of(refused), libc::ETXTBSY);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(reader);
     daemon.stop();
 }
 
@@ -510,5 +527,82 @@ fn kill_9_during_fsynced_writes_loses_no_acknowledged_byte() {
     wait_until(Duration::from_secs(60), "the journal at the dest", || {
         fs::read(w.dest.join("journal.log")).ok().as_deref() == Some(&local[..])
     });
+    daemon.stop();
+}
+
+#[test]
+fn on_s3_unlink_deletes_our_object_and_rename_moves_it_to_the_new_key() {
+    let server = common::s3::S3Server::in_process();
+    let w = Work::new();
+    let dest = server.dest_url("media");
+    w.write("keep.txt", b"keep");
+    w.write("old/name.txt", b"renamed content");
+    w.write("gone.txt", b"to be deleted");
+    let mut args = os(&[
+        "--source",
+        w.src.to_str().unwrap(),
+        "--dest",
+        &dest,
+        "--manifest",
+        &w.manifest_url(),
+    ]);
+    args.extend(os(&[]));
+    let mnt = w.root.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    wait_until(Duration::from_secs(30), "the first sweep", || {
+        nothing_left_to_copy(&w) && verified(&w) == 3
+    });
+    assert!(server.get("media/gone.txt").is_some());
+    fs::remove_file(mnt.join("gone.txt")).unwrap();
+    assert_eq!(
+        server.get("media/gone.txt"),
+        None,
+        "our object must go with the file"
+    );
+    fs::rename(mnt.join("old"), mnt.join("new")).unwrap();
+    assert_eq!(
+        server.get("media/old/name.txt"),
+        None,
+        "the old key must go"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the renamed file at its new key",
+        || server.get("media/new/name.txt").as_deref() == Some(&b"renamed content"[..]),
+    );
+    assert_eq!(
+        fs::read(mnt.join("new/name.txt")).unwrap(),
+        b"renamed content"
+    );
+    assert_eq!(server.get("media/keep.txt").as_deref(), Some(&b"keep"[..]));
+    daemon.stop();
+}
+
+#[test]
+fn files_removed_while_being_copied_leave_nothing_at_the_dest() {
+    let w = Work::new();
+    w.write("keep.txt", b"keep");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    daemon.wait_for_scan();
+    fs::create_dir(mnt.join("trash")).unwrap();
+    for i in 0..30 {
+        let path = mnt.join(format!("trash/f{i}"));
+        fs::write(&path, pseudo_random(65536, i)).unwrap();
+        std::thread::sleep(Duration::from_millis((i % 7) * 3));
+        fs::remove_file(&path).unwrap();
+    }
+    // Copies that raced with the removals are deleted by the daemon itself, soon.
+    wait_until(
+        Duration::from_secs(40),
+        "no removed file at the dest",
+        || {
+            nothing_left_to_copy(&w)
+                && fs::read_dir(w.dest.join("trash"))
+                    .map(|d| d.count() == 0)
+                    .unwrap_or(true)
+        },
+    );
+    assert_eq!(fs::read(w.dest.join("keep.txt")).unwrap(), b"keep");
     daemon.stop();
 }

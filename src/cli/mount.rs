@@ -67,6 +67,9 @@ pub struct MountArgs {
     pub progress_interval: Duration,
 }
 
+/// How often the daemon deletes dest objects that removals left behind.
+const LEFTOVER_CHECK: Duration = Duration::from_secs(10);
+
 /// The variable through which a daemon started in the background says it is mounted.
 const READY_FD: &str = "CUTOVERFS_READY_FD";
 
@@ -161,6 +164,23 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         bwlimit: args.bwlimit,
         on_verified: Some(on_verified),
     };
+    let cleaner = {
+        let (manifest, source, store) = (
+            manifest.clone(),
+            resolved.source.clone(),
+            resolved.store.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEFTOVER_CHECK).await;
+                if let Err(e) =
+                    crate::engine::repair::clean_leftovers_live(&manifest, &source, &store).await
+                {
+                    tracing::warn!(error = %e, "cannot check for dest objects of removed files");
+                }
+            }
+        })
+    };
     let background = {
         let (manifest, source, store, stop) = (
             manifest.clone(),
@@ -193,6 +213,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         Ok(Err(e)) => Err(anyhow::anyhow!("sweeper task failed: {e}")),
         Err(_) => Err(anyhow::anyhow!("the sweeper did not stop within 2 minutes")),
     };
+    cleaner.abort();
     let _ = manifest.record_mounted_source(None).await;
     manifest.close().await;
     result?;

@@ -67,3 +67,43 @@ pub async fn repair_removals(
     }
     Ok(done)
 }
+
+/// While the mount is live: deletes the dest objects of removed files whose local copy is gone
+/// (left by a copy that was published after its file was removed, or by a dest that was down at
+/// the removal). A row whose local file exists is left to the removal in progress, or to the
+/// next start. If the application re-created the file while its old object was being deleted,
+/// the new file is copied again.
+pub async fn clean_leftovers_live(
+    manifest: &Manifest,
+    source: &Arc<SourceTree>,
+    store: &Arc<dyn Store>,
+) -> Result<u64, ManifestError> {
+    let writer = manifest.id().to_string();
+    let mut deleted = 0;
+    for leftover in manifest.leftovers().await? {
+        if source.stat_at(Path::new(&leftover.path)).is_ok() {
+            continue;
+        }
+        let removal = store
+            .delete_owned(&leftover.dest_key, &leftover.owned_sha256, &writer)
+            .await;
+        match removal {
+            Ok(removal) => {
+                manifest.leftover_cleared(&leftover).await?;
+                if removal == Removal::Deleted {
+                    deleted += 1;
+                }
+                if manifest.recopy_if_recreated(&leftover.path).await? {
+                    tracing::info!(path = %leftover.path, "re-created while its old object was deleted; copying it again");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(path = %leftover.path, error = %e, "cannot delete a removed file's dest object yet");
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(objects = deleted, "deleted dest objects of removed files");
+    }
+    Ok(deleted)
+}

@@ -438,6 +438,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
     }
     let (updates, outcomes): (Vec<FileUpdate>, Vec<Outcome>) =
         results.into_iter().flatten().unzip();
+    let orphan_candidates: Vec<FileUpdate> = updates.clone();
     let applied = match shared.recorder.apply_many(updates).await {
         Ok(applied) => applied,
         Err(e) => {
@@ -445,6 +446,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
             vec![false; outcomes.len()]
         }
     };
+    remember_orphans(&shared.recorder, &orphan_candidates, &applied).await;
     files
         .iter()
         .zip(outcomes)
@@ -453,7 +455,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
             let outcome = if applied {
                 outcome
             } else {
-                tracing::warn!(path = %file.path, "lease lost before the outcome was recorded; another node owns this file now");
+                tracing::info!(path = %file.path, "lease lost before the outcome was recorded (the file was changed, removed or taken by another node); not counted");
                 Outcome::Abandoned
             };
             if !matches!(outcome, Outcome::Abandoned | Outcome::Deferred) {
@@ -462,6 +464,36 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
             outcome
         })
         .collect()
+}
+
+/// Objects this worker published whose outcome could not be recorded (the lease was taken back
+/// by a removal, rename or writer): the manifest learns they are ours, so a removed file's
+/// object is deleted and a changed file's object may be replaced.
+async fn remember_orphans(recorder: &Recorder, updates: &[FileUpdate], applied: &[bool]) {
+    let orphans: Vec<FileUpdate> = updates
+        .iter()
+        .zip(applied)
+        .filter_map(|(update, ok)| match update {
+            FileUpdate::Verified {
+                path,
+                sha256,
+                dest_key,
+                written_by_us: true,
+                ..
+            } if !ok => Some(FileUpdate::Orphaned {
+                path: path.clone(),
+                dest_key: dest_key.clone(),
+                sha256: sha256.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    if let Err(e) = recorder.apply_many(orphans).await {
+        tracing::error!(error = %e, "cannot record objects published after their lease was lost");
+    }
 }
 
 /// The manifest update and tally outcome for one file's put.

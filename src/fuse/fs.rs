@@ -160,73 +160,99 @@ impl CutoverFs {
         backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
         given: Option<File>,
     ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
+        if writable {
+            self.wait_for_dest_readers(ino)?;
+        }
         let passthrough = self.passthrough.load(Ordering::Relaxed);
-        self.files.open(ino, |mode, _fh| {
-            let use_backing = |backing: &Arc<fuser::BackingId>, file: &Arc<File>| {
+        self.files.open(ino, |mode, _fh| match mode {
+            Some(mode @ Mode::Passthrough { .. }) if !(writable && mode.excludes_writers()) => {
+                Ok(share(ino, mode, writable))
+            }
+            Some(Mode::Passthrough { .. }) => Err(io::Error::from_raw_os_error(libc::ETXTBSY)),
+            None if passthrough => {
+                let file = match given {
+                    Some(file) => file,
+                    None => self.open_backing_file(rel, writable)?,
+                };
+                Ok(self.first_passthrough(ino, file, true, writable, backing_for))
+            }
+            _ => {
+                let file = match given {
+                    Some(file) => file,
+                    None => self.ns.source().open_at(rel, flags)?,
+                };
                 let open = Open {
                     ino,
-                    handle: Handle::Passthrough { file: file.clone() },
+                    handle: Handle::Local(file),
                     writable,
                 };
-                let mode = Mode::Passthrough {
-                    backing: backing.clone(),
-                    file: file.clone(),
-                };
-                Ok((open, mode, Some(backing.clone())))
-            };
-            match mode {
-                Some(Mode::Passthrough { backing, file }) => use_backing(backing, file),
-                None if passthrough => {
-                    let file = match given {
-                        Some(file) => file,
-                        None => self.open_backing_file(rel, writable)?,
-                    };
-                    match backing_for(&file) {
-                        Ok(backing) => {
-                            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                            use_backing(&Arc::new(backing), &Arc::new(file))
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "passthrough refused; the daemon serves reads itself from now on");
-                            self.passthrough.store(false, Ordering::Relaxed);
-                            let open = Open { ino, handle: Handle::Local(file), writable };
-                            Ok((open, Mode::Daemon, None))
-                        }
-                    }
-                }
-                _ => {
-                    let file = match given {
-                        Some(file) => file,
-                        None => self.ns.source().open_at(rel, flags)?,
-                    };
-                    let open = Open { ino, handle: Handle::Local(file), writable };
-                    Ok((open, Mode::Daemon, None))
-                }
+                Ok((open, Mode::Daemon, None))
             }
         })
     }
 
-    /// Opens a read-only handle served by the daemon from `handle` (a dest file or object),
-    /// unless the inode is in passthrough mode: then it shares the local backing file.
-    fn open_daemon_handle(
+    /// Readers of a dest-backed inode are usually quick (a web server sends the file and closes
+    /// it): a writer waits for them a little before it is refused.
+    fn wait_for_dest_readers(&self, ino: u64) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        while self.files.excludes_writers(ino) {
+            if started.elapsed() > WRITER_WAIT {
+                tracing::warn!(ino, "a file read from the dest stayed open; refusing to open it for writing (ETXTBSY)");
+                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// The first open of an inode in passthrough mode: `file` becomes its backing file.
+    fn first_passthrough(
+        &self,
+        ino: u64,
+        file: File,
+        local: bool,
+        writable: bool,
+        backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
+    ) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
+        match backing_for(&file) {
+            Ok(backing) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                let mode = Mode::Passthrough {
+                    backing: Arc::new(backing),
+                    file: Arc::new(file),
+                    local,
+                };
+                share(ino, &mode, writable)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "passthrough refused; the daemon serves reads itself from now on");
+                self.passthrough.store(false, Ordering::Relaxed);
+                let open = Open {
+                    ino,
+                    handle: Handle::Local(file),
+                    writable,
+                };
+                (open, Mode::Daemon, None)
+            }
+        }
+    }
+
+    /// Opens a read-only handle on a dest copy: a dest file goes through the kernel when the
+    /// inode is free, a remote object is served by the daemon. An inode already in passthrough
+    /// mode is shared whatever its backing file (same bytes, or the newer local ones).
+    fn open_dest_handle(
         &self,
         ino: u64,
         handle: Handle,
+        backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
     ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
-        self.files.open(ino, |mode, _fh| match mode {
-            Some(Mode::Passthrough { backing, file }) => {
-                let open = Open {
-                    ino,
-                    handle: Handle::Passthrough { file: file.clone() },
-                    writable: false,
-                };
-                let mode = Mode::Passthrough {
-                    backing: backing.clone(),
-                    file: file.clone(),
-                };
-                Ok((open, mode, Some(backing.clone())))
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        self.files.open(ino, |mode, _fh| match (mode, handle) {
+            (Some(mode @ Mode::Passthrough { .. }), _) => Ok(share(ino, mode, false)),
+            (None, Handle::Local(file)) if passthrough => {
+                Ok(self.first_passthrough(ino, file, false, false, backing_for))
             }
-            _ => Ok((
+            (_, handle) => Ok((
                 Open {
                     ino,
                     handle,
@@ -259,6 +285,22 @@ impl CutoverFs {
                 .collect(),
         ))
     }
+}
+
+/// How long a writer waits for readers of the dest copy to close.
+const WRITER_WAIT: Duration = Duration::from_secs(2);
+
+/// A handle on an inode already in passthrough mode: it shares the backing file.
+fn share(ino: u64, mode: &Mode, writable: bool) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
+    let Mode::Passthrough { backing, file, .. } = mode else {
+        unreachable!("share is only called in passthrough mode");
+    };
+    let open = Open {
+        ino,
+        handle: Handle::Passthrough { file: file.clone() },
+        writable,
+    };
+    (open, mode.clone(), Some(backing.clone()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -425,7 +467,11 @@ impl Filesystem for CutoverFs {
         };
         let opened = match route {
             Route::DestFile(path) => match File::open(&path) {
-                Ok(file) => Some(self.open_daemon_handle(ino.0, Handle::Local(file))),
+                Ok(file) => Some(
+                    self.open_dest_handle(ino.0, Handle::Local(file), &|f: &File| {
+                        reply.open_backing(f)
+                    }),
+                ),
                 Err(e) => {
                     tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
                     None
@@ -438,19 +484,14 @@ impl Filesystem for CutoverFs {
                     file: Arc::new(file),
                     rel: rel.to_path_buf(),
                 };
-                Some(self.open_daemon_handle(ino.0, handle))
+                Some(self.open_dest_handle(ino.0, handle, &|f: &File| reply.open_backing(f)))
             }
             Route::Source => None,
         };
         if let Some(opened) = opened {
             return match opened {
                 Ok((fh, backing)) => {
-                    let counter = if backing.is_some() {
-                        &self.stats.opens_local
-                    } else {
-                        &self.stats.opens_dest
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
                     reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
                 }
                 Err(e) => reply.error(Errno::from(e)),

@@ -6,11 +6,14 @@
 //!
 //! - the local copy (source route, or any open for writing) → passthrough on the local file,
 //!   opened read-write so later writers share it;
-//! - a dest file or a remote object → served by the daemon (kernel page cache kept).
+//! - a `file://` dest file → passthrough on that file;
+//! - a remote object → served by the daemon (kernel page cache kept).
 //!
-//! While an inode is in passthrough mode, later opens read the local copy even if the file was
-//! verified meanwhile (same bytes); while it is daemon-served, writers are served by the
-//! daemon too.
+//! Later opens share what the first chose: readers of a file being written read the local copy,
+//! readers of a dest-backed file the dest copy. A writer cannot share a dest backing file (it
+//! must write the local copy), so it waits a moment for those readers to close (`writer_wait`)
+//! and is refused with ETXTBSY if they do not. A writer on a daemon-served inode is served by
+//! the daemon too.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -55,8 +58,17 @@ pub enum Mode {
     Passthrough {
         backing: Arc<BackingId>,
         file: Arc<File>,
+        /// The backing file is the local copy (not a dest file): writers may share it.
+        local: bool,
     },
     Daemon,
+}
+
+impl Mode {
+    /// A writer must not join: the inode reads a dest file through the kernel.
+    pub fn excludes_writers(&self) -> bool {
+        matches!(self, Mode::Passthrough { local: false, .. })
+    }
 }
 
 struct InodeIo {
@@ -120,6 +132,13 @@ impl OpenFiles {
             }
         }
         Some(open)
+    }
+
+    /// Whether `ino` currently reads a dest file through the kernel (no writer may join).
+    pub fn excludes_writers(&self, ino: u64) -> bool {
+        lock(&self.inodes)
+            .get(&ino)
+            .is_some_and(|io| io.mode.excludes_writers())
     }
 
     /// How many handles open for writing `ino` has.

@@ -175,6 +175,14 @@ pub enum FileUpdate {
         owner: String,
         reason: String,
     },
+    /// A copy was published after its lease was lost (the file was removed, renamed or opened
+    /// for writing meanwhile): the object at `dest_key` is ours, whatever the row says now. A
+    /// removed file's row makes it a leftover to delete; any other row may replace it.
+    Orphaned {
+        path: String,
+        dest_key: String,
+        sha256: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -1027,6 +1035,13 @@ fn single_update_query(
         FileUpdate::Missing { path, owner } => side_state(path, owner, "missing", "source file vanished", now),
         FileUpdate::Conflict { path, owner, reason } => side_state(path, owner, "conflict", reason, now),
         FileUpdate::Unsupported { path, owner, reason } => side_state(path, owner, "unsupported", reason, now),
+        FileUpdate::Orphaned { path, dest_key, sha256 } => sqlx::query(
+            "UPDATE entries SET intent_sha256 = COALESCE(intent_sha256, $3), dest_key = COALESCE(dest_key, $2), \
+             dest_owned = CASE WHEN state = 'deleted' THEN 1 ELSE dest_owned END WHERE path = $1",
+        )
+        .bind(path.as_str())
+        .bind(dest_key.as_str())
+        .bind(sha256.as_str()),
     })
 }
 

@@ -274,6 +274,22 @@ impl Manifest {
         Ok(())
     }
 
+    /// After a removed file's object was deleted: if the file was created again meanwhile and
+    /// counts as copied (or is being copied), it is copied again, since the object deleted may
+    /// have been its new copy. Returns whether it was.
+    pub async fn recopy_if_recreated(&self, path: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE entries SET state = 'pending', sha256 = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+             priority = 1, queued_at = $2, version = version + 1, updated_at = $2 \
+             WHERE path = $1 AND kind = 'file' AND state IN ('verified', 'copied', 'copying')",
+        )
+        .bind(path)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// A removal that never reached the local tree (the daemon died first): the row stands
     /// again, waiting for a copy, and still knows the object at its key is ours.
     pub async fn undelete(&self, path: &str, version: i64) -> Result<bool> {
