@@ -68,7 +68,7 @@ pub struct MountArgs {
 }
 
 /// How often the daemon deletes dest objects that removals left behind.
-const LEFTOVER_CHECK: Duration = Duration::from_secs(10);
+const LEFTOVER_CHECK: Duration = Duration::from_secs(3);
 
 /// The variable through which a daemon started in the background says it is mounted.
 const READY_FD: &str = "CUTOVERFS_READY_FD";

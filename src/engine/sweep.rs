@@ -95,6 +95,7 @@ const BATCHES_IN_FLIGHT: usize = 2;
 
 /// What every copy task shares.
 struct Shared {
+    manifest: Manifest,
     source: Arc<SourceTree>,
     store: Arc<dyn Store>,
     recorder: Recorder,
@@ -115,6 +116,7 @@ pub async fn run_sweep(
 ) -> Result<SweepReport, ManifestError> {
     let started = Instant::now();
     let shared = Arc::new(Shared {
+        manifest: manifest.clone(),
         source,
         store: store.clone(),
         recorder: Recorder::start(manifest.clone(), opts.on_verified.clone()),
@@ -446,7 +448,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
             vec![false; outcomes.len()]
         }
     };
-    remember_orphans(&shared.recorder, &orphan_candidates, &applied).await;
+    remember_orphans(shared, &orphan_candidates, &applied).await;
     files
         .iter()
         .zip(outcomes)
@@ -469,7 +471,7 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
 /// Objects this worker published whose outcome could not be recorded (the lease was taken back
 /// by a removal, rename or writer): the manifest learns they are ours, so a removed file's
 /// object is deleted and a changed file's object may be replaced.
-async fn remember_orphans(recorder: &Recorder, updates: &[FileUpdate], applied: &[bool]) {
+async fn remember_orphans(shared: &Shared, updates: &[FileUpdate], applied: &[bool]) {
     let orphans: Vec<FileUpdate> = updates
         .iter()
         .zip(applied)
@@ -491,8 +493,15 @@ async fn remember_orphans(recorder: &Recorder, updates: &[FileUpdate], applied: 
     if orphans.is_empty() {
         return;
     }
-    if let Err(e) = recorder.apply_many(orphans).await {
+    if let Err(e) = shared.recorder.apply_many(orphans).await {
         tracing::error!(error = %e, "cannot record objects published after their lease was lost");
+        return;
+    }
+    // Those of removed files go at once (the daemon's periodic check is the backstop).
+    if let Err(e) =
+        super::repair::clean_leftovers_live(&shared.manifest, &shared.source, &shared.store).await
+    {
+        tracing::warn!(error = %e, "cannot delete dest objects of removed files now; retried later");
     }
 }
 

@@ -43,7 +43,25 @@ pub fn create(tree: &SourceTree, rel: &Path, flags: i32, mode: u32) -> io::Resul
 pub fn mkdir(tree: &SourceTree, rel: &Path, mode: u32) -> io::Result<()> {
     let c = c_rel(rel)?;
     // SAFETY: as in `create`.
-    check(unsafe { libc::mkdirat(tree.dir_fd(), c.as_ptr(), mode as libc::mode_t) })
+    check(unsafe { libc::mkdirat(tree.dir_fd(), c.as_ptr(), mode as libc::mode_t) })?;
+    exact_mode(tree, rel, mode)
+}
+
+/// Gives something just made exactly the mode the caller asked for (with the caller's umask
+/// already applied): the daemon's own umask must not mask it again. A set-group-ID bit that a
+/// directory inherited from its parent stays.
+pub fn exact_mode(tree: &SourceTree, rel: &Path, mode: u32) -> io::Result<()> {
+    let st = tree.stat_at(rel)?;
+    let inherited = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        st.st_mode & libc::S_ISGID
+    } else {
+        0
+    };
+    let wanted = (mode & 0o7777) | inherited;
+    if st.st_mode & 0o7777 == wanted {
+        return Ok(());
+    }
+    chmod(tree, rel, wanted)
 }
 
 pub fn mknod(tree: &SourceTree, rel: &Path, mode: u32, rdev: u32) -> io::Result<()> {
@@ -56,7 +74,8 @@ pub fn mknod(tree: &SourceTree, rel: &Path, mode: u32, rdev: u32) -> io::Result<
             mode as libc::mode_t,
             rdev as libc::dev_t,
         )
-    })
+    })?;
+    exact_mode(tree, rel, mode)
 }
 
 pub fn symlink(tree: &SourceTree, target: &Path, rel: &Path) -> io::Result<()> {

@@ -201,6 +201,7 @@ impl CutoverFs {
                 };
             if new {
                 local::give_to(tree, &rel, req.uid(), req.gid()).map_err(errno)?;
+                local::exact_mode(tree, &rel, mode).map_err(errno)?;
             }
             let ino = self.inodes.number(&rel);
             let attr = self.attr_of(&rel)?;
@@ -282,6 +283,7 @@ impl CutoverFs {
             if regular {
                 local::create(tree, &rel, libc::O_WRONLY | libc::O_EXCL, mode & 0o7777)
                     .map_err(errno)?;
+                local::exact_mode(tree, &rel, mode).map_err(errno)?;
             } else {
                 local::mknod(tree, &rel, mode, rdev).map_err(errno)?;
             }
