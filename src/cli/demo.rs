@@ -101,14 +101,41 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     step("6. cutoverfs status");
     report::status(status_args).await?;
 
-    step("7. cutoverfs sweep again: nothing left to copy");
+    step("7. The application keeps working: an upload, a rename and a delete through the mount");
+    let upload = media.join("uploads/demo-upload.bin");
+    std::fs::create_dir_all(media.join("uploads")).context("mkdir through the mount")?;
+    std::fs::write(&upload, pseudo_random(256 * 1024, 77)).context("upload through the mount")?;
+    let renamed = media.join("uploads/demo-upload-renamed.bin");
+    std::fs::rename(&upload, &renamed).context("rename through the mount")?;
+    let doomed = media.join("uploads/demo-deleted.txt");
+    std::fs::write(&doomed, b"short-lived").context("write through the mount")?;
+    std::fs::remove_file(&doomed).context("unlink through the mount")?;
+    println!(
+        "   wrote, renamed and deleted files under {}: the data landed in the local tree first",
+        media.join("uploads").display()
+    );
+
+    step("8. cutoverfs sweep again: only what changed is copied");
     let second = sweep::run(sweep_args).await?;
 
-    step("8. Every file, as the application sees it, compared byte for byte with its copy");
-    let compared = compare_trees(&media, &private)?;
-    println!("   {compared} files identical in {}", private.display());
+    step("9. cutoverfs purge --confirm: the local copies of verified files are deleted");
+    let before_purge = compare_trees(&media, &private)?;
+    let purged = super::purge::run(super::purge::PurgeArgs {
+        target: target.clone(),
+        path: Vec::new(),
+        paranoid: false,
+        confirm: true,
+    })
+    .await?;
 
-    step("9. Unmount");
+    step("10. Every file, as the application sees it, compared byte for byte with its copy");
+    let compared = compare_trees(&media, &private)?;
+    println!(
+        "   {compared} files identical in {} (the same {before_purge} before the purge), now served from there",
+        private.display()
+    );
+
+    step("11. Unmount");
     let served = daemon.stop()?;
     println!("   {served}");
 
@@ -121,7 +148,8 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         std::fs::remove_dir_all(&base)
             .with_context(|| format!("cannot clean up {}", base.display()))?;
     }
-    let ok = first == exit::OK && second == exit::OK;
+    let ok =
+        first == exit::OK && second == exit::OK && purged == exit::OK && compared == before_purge;
     println!(
         "\nDemo {}",
         if ok {
