@@ -142,11 +142,18 @@ fn demo_runs_the_whole_cutover_and_cleans_up() {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert_eq!(identical, 56, "50 small + 3 fixed + 3 large files\n{run}");
+    assert_eq!(
+        identical, 57,
+        "50 small + 3 fixed + 3 large files + 1 uploaded through the mount\n{run}"
+    );
     assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}");
     assert!(
-        run.stdout.contains("Successfully copied:      0"),
-        "the second sweep copies nothing\n{run}"
+        run.stdout.contains("Successfully copied:      1"),
+        "the second sweep copies only the upload\n{run}"
+    );
+    assert!(
+        run.stdout.contains("Local copies deleted:     57"),
+        "purge deletes every local copy\n{run}"
     );
     assert!(!run.stdout.contains("FAILED"), "{run}");
     assert!(
