@@ -26,17 +26,26 @@ fn os(args: &[&str]) -> Vec<OsString> {
 fn mount_beside(w: &Work, extra: &[&str], env: &[(String, String)]) -> (PathBuf, Daemon) {
     let mnt = w.root.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
+    let daemon = Daemon::start_with_env(&mnt, &target_args(w, &w.dest_url(), extra), env);
+    (mnt, daemon)
+}
+
+/// The daemon again on the same mountpoint, source, dest and manifest (after a crash).
+fn restart(w: &Work, mnt: &Path) -> Daemon {
+    Daemon::start(mnt, &target_args(w, &w.dest_url(), &[]))
+}
+
+fn target_args(w: &Work, dest: &str, extra: &[&str]) -> Vec<OsString> {
     let mut args = os(&[
         "--source",
         w.src.to_str().unwrap(),
         "--dest",
-        &w.dest_url(),
+        dest,
         "--manifest",
         &w.manifest_url(),
     ]);
     args.extend(os(extra));
-    let daemon = Daemon::start_with_env(&mnt, &args, env);
-    (mnt, daemon)
+    args
 }
 
 fn errno_of<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
@@ -421,17 +430,7 @@ fn a_crash_between_the_steps_of_unlink_or_rename_is_repaired_at_restart() {
         let stale = daemon.crashed();
         drop(stale);
 
-        let daemon = Daemon::start(
-            &mnt,
-            &os(&[
-                "--source",
-                w.src.to_str().unwrap(),
-                "--dest",
-                &w.dest_url(),
-                "--manifest",
-                &w.manifest_url(),
-            ]),
-        );
+        let daemon = restart(&w, &mnt);
         daemon.wait_for_scan();
         wait_until(Duration::from_secs(60), "the sweep after restart", || {
             nothing_left_to_copy(&w)
@@ -516,17 +515,7 @@ fn kill_9_during_fsynced_writes_loses_no_acknowledged_byte() {
         assert_eq!(&local[at..at + 4096], &record(i)[..], "record {i}");
     }
     // After a restart the file is whole through the mount and reaches the dest.
-    let daemon = Daemon::start(
-        &mnt,
-        &os(&[
-            "--source",
-            w.src.to_str().unwrap(),
-            "--dest",
-            &w.dest_url(),
-            "--manifest",
-            &w.manifest_url(),
-        ]),
-    );
+    let daemon = restart(&w, &mnt);
     daemon.wait_for_scan();
     assert_eq!(fs::read(mnt.join("journal.log")).unwrap(), local);
     wait_until(Duration::from_secs(60), "the journal at the dest", || {
@@ -543,18 +532,9 @@ fn on_s3_unlink_deletes_our_object_and_rename_moves_it_to_the_new_key() {
     w.write("keep.txt", b"keep");
     w.write("old/name.txt", b"renamed content");
     w.write("gone.txt", b"to be deleted");
-    let mut args = os(&[
-        "--source",
-        w.src.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--manifest",
-        &w.manifest_url(),
-    ]);
-    args.extend(os(&[]));
     let mnt = w.root.join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    let daemon = Daemon::start_with_env(&mnt, &target_args(&w, &dest, &[]), &server.env());
     wait_until(Duration::from_secs(30), "the first sweep", || {
         nothing_left_to_copy(&w) && verified(&w) == 3
     });

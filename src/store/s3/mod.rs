@@ -408,6 +408,16 @@ pub(crate) enum Decision {
     CompareContent,
 }
 
+/// Whether cutoverfs wrote this object: it carries this manifest's mark, or its recorded hash
+/// is one cutoverfs wrote at this key before.
+fn is_ours(existing: &Existing, writer: &str, owned_sha256: &[String]) -> bool {
+    existing.metadata.get(META_WRITER).map(String::as_str) == Some(writer)
+        || existing
+            .metadata
+            .get(META_SHA256)
+            .is_some_and(|hash| owned_sha256.contains(hash))
+}
+
 /// The ownership rule (DESIGN §4.2): an object is ours if it carries our manifest id, or its
 /// recorded hash is one we wrote at this key before. Ours may be replaced; anything else only
 /// counts as done when it holds exactly the same bytes.
@@ -422,8 +432,7 @@ pub(crate) fn decide(
         return Decision::Create;
     };
     let recorded = existing.metadata.get(META_SHA256);
-    let ours = existing.metadata.get(META_WRITER).map(String::as_str) == Some(writer)
-        || recorded.is_some_and(|hash| owned_sha256.contains(hash));
+    let ours = is_ours(existing, writer, owned_sha256);
     let already = |ours| {
         Decision::Done(PutOutcome::AlreadyThere {
             sha256: sha256.hex.clone(),
@@ -590,7 +599,6 @@ impl Store for S3Store {
         answer.map_err(|e| self.remote("get", key, e))
     }
 
-    /// S3 has no directories; the manifest keeps them.
     async fn delete_owned(
         &self,
         key: &str,
@@ -604,12 +612,7 @@ impl Store for S3Store {
         let Some(existing) = existing else {
             return Ok(Removal::Absent);
         };
-        let ours = existing.metadata.get(META_WRITER).map(String::as_str) == Some(writer)
-            || existing
-                .metadata
-                .get(META_SHA256)
-                .is_some_and(|hash| owned_sha256.contains(hash));
-        if !ours {
+        if !is_ours(&existing, writer, owned_sha256) {
             return Ok(Removal::NotOurs);
         }
         self.delete(key)
@@ -618,6 +621,7 @@ impl Store for S3Store {
         Ok(Removal::Deleted)
     }
 
+    /// S3 has no directories; the manifest keeps them.
     async fn ensure_dir(&self, _rel: &str, _mode: u32) -> Result<(), StoreError> {
         Ok(())
     }
