@@ -24,10 +24,14 @@ from collections import OrderedDict, defaultdict
 def read_meta(path):
     """info, cases, targets, problems: {case: [(kind, contender, round, text)]} where kind is
     "failure" (the command failed), "invalid" (its upload did not match the source), "wrong" (a
-    mount served content other than the plain directory's) or "note" (something odd that did not
-    fail the run), and skipped: OrderedDict(case: (title, reason)) for cases that could not run."""
+    mount served content other than the plain directory's, or a write case's run left other
+    files or manifest rows than it should) or "note" (something odd that did not fail the run),
+    skipped: OrderedDict(case: (title, reason)) for cases that could not run, and pairs:
+    {case: {row: subject row}}, rows whose ratio is taken against another row than the case's
+    subject (the write cases' "+ syncfs" rows against "cutoverfs mount + syncfs")."""
     info, cases, targets, problems = {}, OrderedDict(), defaultdict(list), defaultdict(list)
     skipped = OrderedDict()
+    pairs = defaultdict(dict)
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             f = line.rstrip("\n").split("\t")
@@ -54,7 +58,9 @@ def read_meta(path):
                 problems[f[1]].append((f[0], f[2], f[3], f[4]))
             elif f[0] == "skipped" and len(f) >= 4:
                 skipped[f[1]] = (f[2], f[3])
-    return info, cases, targets, problems, skipped
+            elif f[0] == "pair" and len(f) >= 4:
+                pairs[f[1]][f[2]] = f[3]
+    return info, cases, targets, problems, skipped, pairs
 
 
 def read_results(path):
@@ -230,7 +236,8 @@ CONTENDER_NOTES = {
     # Mount cases: the case's read command (in its section) on DIR itself, on DIR under a
     # cutoverfs mount, or on MNT (a new directory) for the peers.
     "native (plain directory)": "the case's read command (given in its section) on DIR, the case's tree, "
-    "itself: no FUSE, the floor every mount is held to.",
+    "itself, or in the write cases (`mountwrite…`) its writes into a new empty directory: no FUSE, the floor "
+    "every mount is held to.",
     "cutoverfs mount": "`cutoverfs mount DIR --dest file:///RUN/dest --manifest sqlite:///RUN/m.db --no-sweep` "
     "(a new, empty dest and a new manifest for every run; defaults otherwise: `--attr-timeout 1s --fuse-threads 4`), "
     "which mounts over DIR itself (how the daemon is started: see \"Starting the daemon\" below); then, untimed, "
@@ -240,11 +247,24 @@ CONTENDER_NOTES = {
     "passthrough where the kernel offers it) and every first open of a file queues it for copy-on-read. In "
     "`mounts3` the dest is `s3://media/mounts3?endpoint=EP&region=garage&path_style=true` with the manifest of "
     "the untimed sweep that migrated the file, so the file is read from S3 (ranged GETs with a prefetcher, "
-    "256 MiB of read-ahead memory by default).",
+    "256 MiB of read-ahead memory by default). In the write cases (`mountwrite…`) DIR is a new empty "
+    "directory for every run, mounted the same way (so `--no-sweep`: the figures are the write path alone, "
+    "no copy to the dest runs during or after the writes), and the writes go to DIR; after the unmount the "
+    "manifest must hold every file written, `pending`, with its size.",
     "fuse-overlayfs": "`fuse-overlayfs -o lowerdir=DIR MNT` (Debian package, defaults; one lower layer "
     "and no upper layer, so read-only), the read command on MNT, then `umount MNT`. A new mount for every run.",
     "bindfs -r": "`bindfs -r DIR MNT` (Debian package, defaults: read-only), the read command on MNT, then "
     "`umount MNT`. A new mount for every run.",
+    # Write cases: the case's writes (its section) into a new empty directory per run.
+    "fuse-overlayfs (upper dir)": "`fuse-overlayfs -o lowerdir=RUN/lower,upperdir=RUN/tree,workdir=RUN/work RUN/mnt` "
+    "(Debian package, defaults; an empty lower layer, so every file is new in the upper directory RUN/tree, "
+    "on the same file system), the writes into RUN/mnt, then `umount`. A new mount for every run.",
+    "bindfs (read-write)": "`bindfs RUN/tree RUN/mnt` (Debian package, defaults, read-write), the writes into "
+    "RUN/mnt, then `umount`. A new mount for every run.",
+    "native (plain directory) with fsync per file": "the writes of `native (plain directory)` with an `fsync` of "
+    "every file before it is closed; its ratio is taken against `cutoverfs mount with fsync per file`.",
+    "cutoverfs mount with fsync per file": "the writes of `cutoverfs mount` with an `fsync` of every file before "
+    "it is closed (a FUSE_FSYNC request per file, answered by the daemon's `fsync` of the backing file).",
     "curl GET (one request)": "`curl -sS --fail -o /dev/null -w '%{size_download}' -H 'x-amz-content-sha256: "
     "UNSIGNED-PAYLOAD' --aws-sigv4 aws:amz:garage:s3 --user KEY:SECRET EP/media/mounts3/big.bin`: the object "
     "in one plain signed GET over one TCP connection (the byte count must be the file's size; Garage "
@@ -253,6 +273,15 @@ CONTENDER_NOTES = {
     "GETs, 5 at a time, written out in order).",
     "aws s3 cp - (to stdout)": "`aws --endpoint-url EP s3 cp s3://media/mounts3/big.bin - > /dev/null` "
     "(AWS CLI v1 defaults: ranged GETs of 8 MiB, 10 at a time, written out in order).",
+}
+
+# Rows derived from another row's runs, by the end of their label.
+SUFFIX_NOTES = {
+    " + syncfs": "`… + syncfs` (write cases): the same timed run as the row without the suffix, up to the end "
+    "of one `syncfs(2)` of the work dir's file system after the last close, called on the run's own "
+    "directory outside every mount: every FUSE contender's backing files are on that file system, so the "
+    "data written is on disk at the end for every row alike (a `syncfs` also flushes anything else dirty "
+    "on that file system, including cutoverfs' manifest). Its ratio is taken against `cutoverfs mount + syncfs`.",
 }
 
 COLUMN_TITLES = {
@@ -309,8 +338,9 @@ def evaluate_checked(target, case, medians, problems):
     measured, met = evaluate(target, case, medians)
     if any(kind == "invalid" and contender == target["subject"] for kind, contender, _, _ in problems):
         return f"{measured}, but {target['subject']} uploaded the wrong objects", False
-    if any(kind == "wrong" and contender == target["subject"] for kind, contender, _, _ in problems):
-        return f"{measured}, but {target['subject']} served the wrong content", False
+    if any(kind == "wrong" and contender in (target["subject"], target["subject"].removesuffix(" + syncfs"))
+           for kind, contender, _, _ in problems):
+        return f"{measured}, but {target['subject']} gave the wrong content", False
     return measured, met
 
 
@@ -327,11 +357,209 @@ def verdict(met):
     return "**not measured**" if met is None else "**met**" if met else "**not met**"
 
 
+GENERATED = ("Generated by `bench/run` (which calls `bench/report.py`); do not edit by hand. "
+             "Re-run to refresh every figure below. A run of only some cases (`BENCH_CASES`) rewrites only "
+             "their sections and rows, and each such section names the run it comes from.")
+
+
+# Partial runs. A run of only some of the cases (info "cases" differs from info "all_cases") does
+# not replace the whole report: its sections are merged into the existing one. Each of its case
+# sections replaces the section of the same case (or is added after the last case), starting
+# with a line naming its run; its rows of the targets table and its raw timings replace that
+# case's; contender notes and paragraphs of "What is compared" the old report lacks are added;
+# the header keeps describing the run that wrote it, plus a line listing the cases that come
+# from later runs. Without an earlier report (or one this code cannot parse) the full report of
+# the partial run is written.
+
+def split_sections(text):
+    """(preamble lines, [(heading line, body lines)]) split at "## " headings."""
+    pre, sections = [], []
+    for line in text.split("\n"):
+        if line.startswith("## "):
+            sections.append((line, []))
+        elif sections:
+            sections[-1][1].append(line)
+        else:
+            pre.append(line)
+    return pre, sections
+
+
+def case_of(heading):
+    """The case name of a "## Case `NAME`: ..." heading, else None."""
+    if heading.startswith("## Case `"):
+        return heading[len("## Case `"):].split("`", 1)[0]
+    return None
+
+
+def paragraphs(lines):
+    """Blocks of non-blank lines."""
+    out, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def join_paragraphs(paras):
+    lines = []
+    for p in paras:
+        lines += p + [""]
+    return lines
+
+
+def bullet_key(line):
+    """The contender label of a "- `LABEL`: ..." line, or the whole line for other bullets."""
+    if line.startswith("- `"):
+        return line[3:].split("`", 1)[0]
+    return line
+
+
+def merge_reports(old_text, new_text, run_cases, run_line):
+    old_pre, old_secs = split_sections(old_text)
+    new_pre, new_secs = split_sections(new_text)
+    old_titles = [h for h, _ in old_secs]
+    if "## Raw timings" not in old_titles or "## What is compared" not in old_titles:
+        return None
+    new_by_title = dict(new_secs)
+
+    # Header: the generator's line, and the list of cases that come from later runs.
+    later_tag = "- Cases from later runs of only some cases (their sections name the run): "
+    pre, later = [], []
+    for line in old_pre:
+        if line.startswith("Generated by `bench/run`"):
+            line = GENERATED
+        if line.startswith(later_tag):
+            later = [c.strip("`, ") for c in line[len(later_tag):].split(", ")]
+            continue
+        pre.append(line)
+    later += [c for c in run_cases if c not in later]
+    while pre and not pre[-1].strip():
+        pre.pop()
+    pre += [later_tag + ", ".join(f"`{c}`" for c in later), ""]
+
+    def stamped(body):
+        return ["", run_line] + (body if body and not body[0].strip() else [""] + body)
+
+    new_cases = OrderedDict((case_of(h), (h, stamped(b))) for h, b in new_secs if case_of(h) in run_cases)
+    out_secs, last_case_at = [], None
+    for heading, body in old_secs:
+        name = case_of(heading)
+        if name is not None and name in new_cases:
+            out_secs.append(new_cases.pop(name))  # the run's section where the old one was
+            last_case_at = len(out_secs)
+            continue
+        if heading == "## What is compared" and heading in new_by_title:
+            body = merge_compared(body, new_by_title[heading])
+        elif heading == "## Targets" and heading in new_by_title:
+            body = merge_targets(body, new_by_title[heading], run_cases)
+        elif heading == "## Raw timings" and heading in new_by_title:
+            body = merge_timings(body, new_by_title[heading], run_cases)
+        out_secs.append((heading, body))
+        if name is not None:
+            last_case_at = len(out_secs)
+    at = last_case_at if last_case_at is not None else len(out_secs) - 1  # before "Raw timings"
+    out_secs[at:at] = list(new_cases.values())
+
+    lines = list(pre)
+    for heading, body in out_secs:
+        lines.append(heading)
+        lines += body
+    return "\n".join(lines)
+
+
+def merge_compared(old_body, new_body):
+    """What is compared: the run's contender notes replace the old notes of the same contenders
+    (they may have grown) or are added; paragraphs the old report lacks are added."""
+    old_paras = paragraphs(old_body)
+    bullets = [p for p in old_paras if p[0].startswith("- ")]
+    have = {bullet_key(line) for p in bullets for line in p}
+    have_text = {"\n".join(p) for p in old_paras}
+    newer, add_bullets, add_paras = {}, [], []
+    for p in paragraphs(new_body):
+        if p[0].startswith("- "):
+            for line in p:
+                if bullet_key(line) in have:
+                    newer[bullet_key(line)] = line
+                else:
+                    add_bullets.append(line)
+        elif not any(t[:40] == "\n".join(p)[:40] for t in have_text):
+            # (a paragraph that starts as an old one does is the same text with this run's
+            # settings, e.g. its settle times: the run line of each section gives its command)
+            add_paras.append(p)
+    old_paras = [[newer.get(bullet_key(line), line) if p[0].startswith("- ") else line for line in p]
+                 for p in old_paras]
+    bullets = [p for p in old_paras if p[0].startswith("- ")]
+    last = bullets[-1] if bullets else None
+    paras = [p + add_bullets if p is last else p for p in old_paras]
+    if last is None and add_bullets:
+        paras.append(add_bullets)
+    return [""] + join_paragraphs(paras + add_paras)
+
+
+def merge_targets(old_body, new_body, run_cases):
+    """Targets table: the run's rows replace its cases' rows (or follow the last row)."""
+    def is_row(line):
+        cells = line.split(" | ")
+        return line.startswith("| ") and len(cells) >= 4 and cells[1] in run_cases
+    new_rows = [line for line in new_body if is_row(line)]
+    kept, at = [], None
+    for line in old_body:
+        if is_row(line):
+            at = len(kept) if at is None else at
+            continue
+        kept.append(line)
+    if at is None:
+        at = max((i + 1 for i, line in enumerate(kept) if line.startswith("|")), default=len(kept))
+    return kept[:at] + new_rows + kept[at:]
+
+
+def merge_timings(old_body, new_body, run_cases):
+    """Raw timings: the run's "- `case`" blocks replace the old ones or are added after them."""
+    def blocks(body):
+        head, items, tail = [], [], []
+        for line in body:
+            if line.startswith("- `"):
+                items.append([line])
+            elif line.startswith("  - ") and items:
+                items[-1].append(line)
+            elif items:
+                tail.append(line)
+            else:
+                head.append(line)
+        return head, items, tail
+    head, items, tail = blocks(old_body)
+    _, new_items, _ = blocks(new_body)
+    replacement = {it[0][3:].split("`", 1)[0]: it for it in new_items}
+    out, done = [], set()
+    for it in items:
+        name = it[0][3:].split("`", 1)[0]
+        if name in replacement:
+            out.append(replacement[name])
+            done.add(name)
+        elif name not in run_cases:
+            out.append(it)
+    out += [it for name, it in replacement.items() if name not in done]
+    return head + [line for it in out for line in it] + tail
+
+
+def write_text(output, text):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, output)
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit("usage: report.py BENCH_DIR OUTPUT.md")
     bench_dir, output = sys.argv[1], sys.argv[2]
-    info, cases, targets, problems, skipped = read_meta(os.path.join(bench_dir, "meta.tsv"))
+    info, cases, targets, problems, skipped, pairs = read_meta(os.path.join(bench_dir, "meta.tsv"))
     results = read_results(os.path.join(bench_dir, "results.csv"))
     loads = read_load(os.path.join(bench_dir, "load.csv"))
     box = machine(bench_dir)
@@ -341,8 +569,7 @@ def main():
     w = out.append
     w("# Benchmarks")
     w("")
-    w("Generated by `bench/run` (which calls `bench/report.py`); do not edit by hand. "
-      "Re-run to refresh every figure below.")
+    w(GENERATED)
     w("")
     w(f"- Command: `{info.get('command', 'bench/run')}` ({rounds} round(s) per case)")
     w(f"- Date: {info.get('started', '?')} to {info.get('finished', '?')}")
@@ -382,6 +609,9 @@ def main():
     for contender, note in CONTENDER_NOTES.items():
         if contender in present:
             w(f"- `{contender}`: {note}")
+    for suffix, note in SUFFIX_NOTES.items():
+        if any(c.endswith(suffix) for c in present):
+            w(f"- {note}")
     w("")
     w("Method: the sources are created once and read once before the timed rounds, so every contender "
       "reads from the page cache (the cold mount cases below drop it instead). In each round every contender runs once, each round starting one "
@@ -412,6 +642,19 @@ def main():
         if "mount_start" in info:
             w(f"Starting the daemon: {info['mount_start']}")
             w("")
+    if any(name.startswith("mountwrite") for name in list(cases) + list(skipped)):
+        w("The write cases (`mountwrite…`) time writes instead: the same Python process creates and writes the "
+          "same files into a new empty directory for every run, on the plain file system, through a cutoverfs "
+          "mount over that directory (`--no-sweep`, a new empty `file://` dest and a new manifest) and through two "
+          "peer FUSE file systems that can write (fuse-overlayfs with that directory as its upper layer, bindfs "
+          "read-write), each FUSE contender on a new mount made and removed outside the timing. The time is taken "
+          "inside the process and includes making the new directories. Each run gives two rows: up to the last "
+          "`close` (what an application waits for; much of the data may still be in the page cache) and, from the "
+          "same run, up to the end of one `syncfs` of the work dir's file system (the data on disk). Nothing is "
+          "deleted inside a case, and a case starts only after the pause that follows a mass deletion (below). "
+          "After the rounds every run's tree must hold exactly the names, sizes and bytes written, and after "
+          "each cutoverfs run its manifest must hold every file, pending, with its size.")
+        w("")
     if info.get("journal") == "ext4 without a journal":
         w("This file system is ext4 without a journal. In that mode ext4 does not reuse an inode freed less "
           "than 60 s ago (more while its inode table block is still dirty) and checks each such inode one by "
@@ -452,6 +695,8 @@ def main():
         header.append("cutoverfs ÷ this (throughput)")
         w("| " + " | ".join(header) + " |")
         w("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+        pair_of = {row: base for row, base in pairs.get(name, {}).items() if row in rows and base in rows}
+        pair_subjects = set(pair_of.values())
         failures = defaultdict(int)
         invalid = set()
         wrong = set()
@@ -466,7 +711,7 @@ def main():
             vals = [s for _, s in r if not math.isnan(s)]
             med = medians[contender]
             spread = f"{fmt_s(min(vals))}–{fmt_s(max(vals))}" if vals else "n/a"
-            label = f"**{contender}**" if contender == subject else contender
+            label = f"**{contender}**" if contender == subject or contender in pair_subjects else contender
             if failures[contender]:
                 label += f" (failed {failures[contender]} of {len(r)} rounds)"
             if contender in invalid:
@@ -475,8 +720,11 @@ def main():
                 label += " (wrong content, see below)"
             cells = [label, fmt_s(med) if vals else "failed", spread]
             cells += [fmt_rate(column_value(c, case, med)) for c in columns]
-            if contender == subject:
+            if contender == subject or contender in pair_subjects:
                 cells.append("(subject)")
+            elif contender in pair_of:
+                base = pair_of[contender]
+                cells.append(f"{fmt_ratio(med / medians[base])} against `{base}`")
             elif contender in case["peers"]:
                 cells.append(fmt_ratio(med / medians[subject]) if subject in medians else "n/a")
             else:
@@ -493,7 +741,8 @@ def main():
         seen = set()
         for kind, contender, rnd, text in problems.get(name, []):
             what = {"failure": "failed", "invalid": "uploaded the wrong objects",
-                    "wrong": "served the wrong content", "note": "noted"}[kind]
+                    "wrong": "wrote the wrong files or manifest rows" if name.startswith("mountwrite")
+                    else "served the wrong content", "note": "noted"}[kind]
             if (kind, contender, text) in seen:
                 continue
             same = [p[2] for p in problems[name] if p[0] == kind and p[1] == contender and p[3] == text]
@@ -550,11 +799,23 @@ def main():
             w(f"  - {contender}: " + ", ".join("failed" if math.isnan(s) else fmt_s(s) for _, s in sorted(r)))
     w("")
 
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(out))
-    os.replace(tmp, output)
+    text = "\n".join(out)
+    run_cases = info.get("cases", "").split()
+    partial = run_cases and "all_cases" in info and set(run_cases) != set(info["all_cases"].split())
+    if partial and os.path.exists(output):
+        with open(output, encoding="utf-8") as fh:
+            old = fh.read()
+        run_line = (f"From a run of only some cases: `{info.get('command', 'bench/run')}` ({rounds} round(s)), "
+                    f"{info.get('started', '?')} to {info.get('finished', '?')}, commit {info.get('commit', '?')}, "
+                    f"{info.get('cutoverfs', '')}; load average {info.get('load_start', '?')} at its start, "
+                    f"{info.get('load_end', '?')} at its end. The header above describes another run.")
+        merged = merge_reports(old, text, run_cases, run_line)
+        if merged is not None:
+            text = merged
+        else:
+            print(f"report.py: cannot merge into {output} (not a report of bench/run?); writing this run's report",
+                  file=sys.stderr)
+    write_text(output, text)
 
 
 if __name__ == "__main__":
