@@ -156,21 +156,6 @@ impl Manifest {
         })
     }
 
-    /// Every row at `dir` and below it that still stands for something (not deleted or missing).
-    pub async fn subtree(&self, dir: &str) -> Result<Vec<(String, Kind, State)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT path, kind, state FROM entries WHERE {SUBTREE} AND state NOT IN ('deleted', 'missing') ORDER BY path"
-        ))
-        .bind(dir)
-        .bind(format!("{dir}/"))
-        .bind(format!("{dir}0"))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.get(0), parse_kind(r.get(1))?, parse_state(r.get(2))?)))
-            .collect()
-    }
-
     /// Records a rename of `from` (and everything below it) to `to`, before the local rename:
     /// the rows at the new paths wait for a copy from the renamed local files, the old rows
     /// are deleted and their objects become leftovers. `keys` maps old paths to dest keys.
@@ -365,24 +350,6 @@ impl Manifest {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    /// How many verified files have no local copy any more.
-    pub async fn count_purged(&self) -> Result<u64> {
-        let n: i64 = sqlx::query("SELECT COUNT(*) FROM entries WHERE purged_at IS NOT NULL")
-            .fetch_one(&self.pool)
-            .await?
-            .get(0);
-        Ok(n as u64)
-    }
-
-    /// Whether the row at `path` is a purged file (its only copy is at the dest).
-    pub async fn is_purged(&self, path: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM entries WHERE path = $1 AND purged_at IS NOT NULL")
-            .bind(path)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
     }
 
     /// Paths of every dest-only file at `dir` or below (they must come back to the local tree
