@@ -13,7 +13,14 @@ use clap::CommandFactory;
 use super::Cli;
 
 /// Options that sit before the subcommand and take a value.
-const GLOBAL_WITH_VALUE: [&str; 2] = ["--log-level", "--config"];
+const GLOBAL_WITH_VALUE: [&str; 6] = [
+    "--log-level",
+    "--config",
+    "--log-file",
+    "--log-format",
+    "--log-max-size",
+    "--log-max-files",
+];
 
 /// The command line with the config file's settings put in front of the command's own flags,
 /// so those win. Unchanged when no `--config` is given.

@@ -6,6 +6,7 @@
 
 mod config;
 mod demo;
+mod logs;
 mod mount;
 mod purge;
 mod report;
@@ -50,9 +51,28 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "CUTOVERFS_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Also write logs to this file (appended), as plain text.
+    /// Also write logs to this file (appended); rotated by size (see --log-max-size).
     #[arg(long, global = true, value_name = "PATH", env = "CUTOVERFS_LOG_FILE")]
     pub log_file: Option<PathBuf>,
+
+    /// Log lines as text or as JSON objects (one per line), on stderr and in --log-file.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        env = "CUTOVERFS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: logs::LogFormat,
+
+    /// Once --log-file passes this size it becomes PATH.1 (PATH.1 becomes PATH.2, ...).
+    #[arg(long, global = true, value_name = "SIZE", default_value = "100MiB", value_parser = parse_size)]
+    pub log_max_size: u64,
+
+    /// Rotated log files kept besides --log-file; older ones are deleted.
+    #[arg(long, global = true, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub log_max_files: u16,
 
     #[command(subcommand)]
     pub command: Command,
@@ -201,7 +221,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    if let Err(e) = init_logging(&cli.log_level, cli.log_file.as_deref()) {
+    let log_settings = logs::LogSettings {
+        level: &cli.log_level,
+        format: cli.log_format,
+        file: cli.log_file.as_deref(),
+        max_size: cli.log_max_size,
+        max_files: cli.log_max_files as usize,
+    };
+    if let Err(e) = logs::init(&log_settings) {
         eprintln!("cutoverfs: error: {e:#}");
         return ExitCode::from(exit::ERROR);
     }
@@ -230,7 +257,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("cutoverfs: error: {e:#}");
+            eprintln!("cutoverfs: error: {}", logs::redact_url(&format!("{e:#}")));
             ExitCode::from(exit::ERROR)
         }
     }
@@ -297,42 +324,6 @@ fn end_quietly_when_stdout_closes() {
             on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
         );
     }
-}
-
-fn init_logging(level: &str, log_file: Option<&Path>) -> Result<()> {
-    use tracing_subscriber::fmt::writer::MakeWriterExt;
-    use tracing_subscriber::EnvFilter;
-    let filter = if level.contains('=') || level.contains(',') {
-        EnvFilter::try_new(level)
-    } else {
-        // The AWS credential chain warns about every provider it tries and skips (IMDS on a
-        // machine that is not EC2); what matters reaches us as an error.
-        EnvFilter::try_new(format!(
-            "warn,aws_config=error,fuser=error,cutoverfs={level}"
-        ))
-    }
-    .unwrap_or_else(|_| EnvFilter::new("warn,aws_config=error,fuser=error,cutoverfs=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match log_file {
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder
-                .with_writer(std::sync::Mutex::new(file).and(std::io::stderr))
-                .with_ansi(false)
-                .init();
-        }
-        None => builder
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
-    Ok(())
 }
 
 /// A checked source, dest and manifest location, ready to use.

@@ -123,8 +123,8 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     tracing::info!(
         mountpoint = %mountpoint.display(),
         source = %resolved.pair.source,
-        dest = %resolved.pair.dest,
-        manifest = %manifest.location(),
+        dest = %super::logs::redact_url(&resolved.pair.dest),
+        manifest = %super::logs::redact_url(manifest.location()),
         "mount is live"
     );
     let reach = format!(

@@ -249,6 +249,13 @@ impl S3Settings {
 
 fn check_endpoint(text: &str) -> Result<String, String> {
     let url = url::Url::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // Not repeated: the text holds a credential.
+        return Err(
+            "an endpoint takes no user or password; give credentials through the AWS environment or profile"
+                .into(),
+        );
+    }
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(format!(
             "{text:?}: expected http://HOST[:PORT] or https://HOST[:PORT]"
