@@ -6,6 +6,7 @@
 
 mod config;
 mod demo;
+mod log;
 mod logs;
 mod mount;
 mod purge;
@@ -97,6 +98,25 @@ pub enum Command {
     Purge(purge::PurgeArgs),
     /// Run the whole migration on a generated sample tree in a temporary directory.
     Demo(demo::DemoArgs),
+    /// The audit trail: every state change of every path, oldest first.
+    Log(log::LogArgs),
+}
+
+impl Command {
+    /// The name the audit trail records for changes this command makes.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Sweep(_) => "sweep",
+            Command::Plan(_) => "plan",
+            Command::Status(_) => "status",
+            Command::Batches(_) => "batches",
+            Command::Batch(_) => "batch",
+            Command::Mount(_) => "mount",
+            Command::Purge(_) => "purge",
+            Command::Demo(_) => "demo",
+            Command::Log(_) => "log",
+        }
+    }
 }
 
 /// Where the migration is: every command that reads or changes it takes these.
@@ -242,6 +262,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    crate::manifest::set_actor(&crate::engine::process_node(), cli.command.name());
     let result = runtime.block_on(async {
         match cli.command {
             Command::Sweep(args) => sweep::run(args).await,
@@ -252,6 +273,7 @@ pub fn main() -> ExitCode {
             Command::Mount(args) => mount::run(args).await,
             Command::Purge(args) => purge::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Log(args) => log::run(args).await,
         }
     });
     match result {

@@ -15,7 +15,7 @@ use clap::Args;
 use super::{exit, parse_size, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::scan::{scan_into_manifest, ScanError};
 use crate::engine::sweep::{run_sweep, SweepOptions};
-use crate::engine::{node_id, Progress};
+use crate::engine::{node_id, process_node, Progress};
 use crate::fuse::{MountSettings, Parts};
 use crate::manifest::Manifest;
 use crate::store::Preflight;
@@ -148,7 +148,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
             }
         });
     }
-    let node = node_id();
+    let node = process_node();
     let opts = SweepOptions {
         concurrency: args.concurrency as usize,
         batch_size: 200,

@@ -9,7 +9,7 @@ use super::{exit, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::plan::{make_plan, Fate};
 use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
-use crate::engine::{node_id, PathFilter, Progress};
+use crate::engine::{process_node, PathFilter, Progress};
 use crate::manifest::{Manifest, State};
 use crate::store::Preflight;
 use crate::util::{human_bytes, human_duration};
@@ -79,7 +79,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         &filter,
     );
     let stop = stop_on_signals();
-    let node = node_id();
+    let node = process_node();
     manifest.close_abandoned_batches(&node).await?;
     crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
     let scan = match scan_into_manifest(

@@ -16,7 +16,14 @@ pub mod sweep;
 pub use filter::PathFilter;
 pub use progress::Progress;
 
-/// A name for this process in leases and batches: host, pid and start time.
+/// The name this process's sweeper uses in leases and batches, and the node of the changes it
+/// records in the audit trail: the same string, so the trail tells who held each lease.
+pub fn process_node() -> String {
+    static NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NODE.get_or_init(node_id).clone()
+}
+
+/// A name for a lease holder in this process: host, pid and the time it was made.
 pub fn node_id() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.

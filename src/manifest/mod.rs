@@ -9,10 +9,12 @@
 //! Write transactions hold writes only; reads happen before them and writes are guarded by the
 //! row's `version` or lease, so two writers never need to upgrade a read lock.
 
+mod audit;
 mod namespace;
 mod state;
 mod writes;
 
+pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use namespace::Entry;
 pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
@@ -273,6 +275,9 @@ impl Manifest {
             .bind(random_id())
             .execute(&manifest.pool)
             .await?;
+        // Connections opened before the audit table existed record nothing: start afresh.
+        manifest.pool.close().await;
+        let manifest = Self::connect(url, false).await?;
         manifest.load_id().await
     }
 
@@ -339,6 +344,7 @@ impl Manifest {
                     // in memory instead of re-reading pages through syscalls.
                     conn.execute("PRAGMA cache_size = -131072").await?;
                     conn.execute("PRAGMA temp_store = MEMORY").await?;
+                    audit::install_sqlite(conn).await?;
                     Ok(())
                 })
             })
