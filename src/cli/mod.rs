@@ -4,9 +4,9 @@
 //! state the manifest's; a command only wires them together. Bad input is refused here, before
 //! anything is created or written (DESIGN §4.8).
 
+mod audit_log;
 mod config;
 mod demo;
-mod log;
 mod logs;
 mod mount;
 mod purge;
@@ -99,7 +99,7 @@ pub enum Command {
     /// Run the whole migration on a generated sample tree in a temporary directory.
     Demo(demo::DemoArgs),
     /// The audit trail: every state change of every path, oldest first.
-    Log(log::LogArgs),
+    Log(audit_log::LogArgs),
 }
 
 impl Command {
@@ -273,7 +273,7 @@ pub fn main() -> ExitCode {
             Command::Mount(args) => mount::run(args).await,
             Command::Purge(args) => purge::run(args).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Log(args) => log::run(args).await,
+            Command::Log(args) => audit_log::run(args).await,
         }
     });
     match result {
