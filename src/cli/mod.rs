@@ -129,8 +129,9 @@ pub struct Target {
     /// (default: the one recorded in the manifest).
     #[arg(long, value_name = "URL")]
     pub dest: Option<String>,
-    /// The manifest database: sqlite:///PATH.
-    #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", default_value = DEFAULT_MANIFEST)]
+    /// The manifest database: sqlite:///PATH, or postgres://USER:PASSWORD@HOST:PORT/DB for a
+    /// manifest shared by several nodes.
+    #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", hide_env_values = true, default_value = DEFAULT_MANIFEST)]
     pub manifest: String,
     #[command(flatten)]
     pub s3: S3Args,
@@ -475,7 +476,9 @@ fn refuse_nesting(source: &Path, dest: Option<&Path>, manifest: &ManifestUrl) ->
             );
         }
     }
-    let ManifestUrl::Sqlite(db) = manifest;
+    let ManifestUrl::Sqlite(db) = manifest else {
+        return Ok(());
+    };
     let db = canonical_path(db).unwrap_or_else(|_| db.clone());
     if db.starts_with(source) {
         bail!(

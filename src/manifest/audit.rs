@@ -124,6 +124,18 @@ pub(super) async fn install_sqlite(conn: &mut AnyConnection) -> Result<(), sqlx:
     Ok(())
 }
 
+/// Makes a new PostgreSQL connection record changes: the trigger of migration 0004 reads the
+/// actor from these session settings.
+pub(super) async fn install_postgres(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    let actor = actor();
+    sqlx::query("SELECT set_config('cutoverfs.node', $1, false), set_config('cutoverfs.command', $2, false)")
+        .bind(actor.node)
+        .bind(actor.command)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Which changes `Manifest::audit` returns.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {

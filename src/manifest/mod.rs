@@ -3,8 +3,9 @@
 //! Owns: the schema (versioned migrations under `migrations/`), every SQL statement, leases and
 //! the source/dest pair a manifest belongs to. It may not touch files or the dest: callers act,
 //! the manifest records. Everything goes through `sqlx`'s `Any` driver with SQL that SQLite and
-//! PostgreSQL both accept (`$n` placeholders, `ON CONFLICT`, `RETURNING`), so another engine
-//! plugs in here without changing a caller.
+//! PostgreSQL both accept (`$n` placeholders, `ON CONFLICT`, `RETURNING`); the only
+//! engine-specific pieces are the migrations, the JSON list functions of bulk statements
+//! (`Engine::sql`) and lease claiming (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
 //!
 //! Write transactions hold writes only; reads happen before them and writes are guarded by the
 //! row's `version` or lease, so two writers never need to upgrade a read lock.
@@ -29,9 +30,83 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 /// Where the manifest lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum ManifestUrl {
     Sqlite(PathBuf),
+    /// The full connection URL, password included: never print it, print `self` (redacted).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for ManifestUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ManifestUrl({self})")
+    }
+}
+
+/// The database engine behind a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    /// Spells the JSON list functions of a bulk statement for this engine: `JSON_ROWS($n)` is
+    /// a table of JSON arrays (column `value`, fields read with `->>`), `JSON_TEXTS($n)` one
+    /// of strings, both from one JSON text parameter.
+    fn sql(self, sql: &str) -> String {
+        let (rows, texts) = match self {
+            Engine::Sqlite => ("json_each(", "json_each("),
+            Engine::Postgres => (
+                "json_array_elements(CAST(",
+                "json_array_elements_text(CAST(",
+            ),
+        };
+        let mut out = String::with_capacity(sql.len() + 32);
+        let mut rest = sql;
+        while let Some(at) = rest.find("JSON_") {
+            out.push_str(&rest[..at]);
+            let tail = &rest[at..];
+            let (func, after) = if let Some(after) = tail.strip_prefix("JSON_ROWS(") {
+                (rows, after)
+            } else if let Some(after) = tail.strip_prefix("JSON_TEXTS(") {
+                (texts, after)
+            } else {
+                out.push_str("JSON_");
+                rest = &tail[5..];
+                continue;
+            };
+            let close = after
+                .find(')')
+                .expect("JSON_ list marker has a closing parenthesis");
+            out.push_str(func);
+            out.push_str(&after[..close]);
+            if self == Engine::Postgres {
+                out.push_str(" AS json))");
+            } else {
+                out.push(')');
+            }
+            rest = &after[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// The URL with its password replaced, for messages and logs.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        // Unparseable: keep the scheme only, the rest may hold a password.
+        Err(_) => match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://(unparseable)"),
+            None => "(unparseable)".to_string(),
+        },
+    }
 }
 
 pub const DEFAULT_MANIFEST: &str = "sqlite:///var/lib/cutoverfs/manifest.db";
@@ -55,14 +130,38 @@ impl FromStr for ManifestUrl {
             return Ok(ManifestUrl::Sqlite(PathBuf::from(rest)));
         }
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Err(bad(
-                "PostgreSQL manifests are not available in this version; use sqlite:///PATH",
-            ));
+            let bad = |why: &str| ManifestError::BadUrl {
+                url: redact(s),
+                why: why.to_string(),
+            };
+            let parsed = url::Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+            if parsed.path().trim_start_matches('/').is_empty() {
+                return Err(bad(
+                    "name the database, as in postgres://USER:PASSWORD@HOST:5432/DATABASE",
+                ));
+            }
+            if parsed.host_str().is_none_or(str::is_empty)
+                && !parsed.query_pairs().any(|(k, _)| k == "host")
+            {
+                return Err(bad("name the host, as in postgres://USER:PASSWORD@HOST:5432/DATABASE (or ?host=/SOCKET/DIR)"));
+            }
+            return Ok(ManifestUrl::Postgres(s.to_string()));
         }
         if s.starts_with('/') {
             return Ok(ManifestUrl::Sqlite(PathBuf::from(s)));
         }
-        Err(bad("expected sqlite:///ABSOLUTE/PATH or an absolute path"))
+        Err(bad(
+            "expected sqlite:///ABSOLUTE/PATH, an absolute path or postgres://USER:PASSWORD@HOST/DATABASE",
+        ))
+    }
+}
+
+impl ManifestUrl {
+    pub fn engine(&self) -> Engine {
+        match self {
+            ManifestUrl::Sqlite(_) => Engine::Sqlite,
+            ManifestUrl::Postgres(_) => Engine::Postgres,
+        }
     }
 }
 
@@ -70,6 +169,7 @@ impl std::fmt::Display for ManifestUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ManifestUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            ManifestUrl::Postgres(url) => f.write_str(&redact(url)),
         }
     }
 }
@@ -252,25 +352,44 @@ pub struct Manifest {
     pool: AnyPool,
     location: String,
     id: String,
+    engine: Engine,
 }
 
+/// How long a query waits for a connection to PostgreSQL before it fails (and the caller
+/// decides whether to pause and retry): long enough for a restart, short enough to report.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Manifest {
-    /// Opens the manifest, creating it (mode 0600, parent 0700) and applying migrations.
+    /// Opens the manifest, creating it (SQLite: mode 0600, parent 0700) and applying
+    /// migrations.
     pub async fn open(url: &ManifestUrl) -> Result<Manifest> {
-        let ManifestUrl::Sqlite(path) = url;
         let location = url.to_string();
-        create_private_file(path).map_err(|source| ManifestError::Open {
-            location: location.clone(),
-            source,
-        })?;
-        // Two processes creating the same manifest at once would both migrate.
-        let lock = schema_lock(path, libc::LOCK_EX, &location).await?;
-        let manifest = Self::connect(url, false).await?;
-        let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
-            .run(&manifest.pool)
-            .await;
-        drop(lock);
-        migrated.map_err(|source| ManifestError::Migrate { location, source })?;
+        let manifest = match url {
+            ManifestUrl::Sqlite(path) => {
+                create_private_file(path).map_err(|source| ManifestError::Open {
+                    location: location.clone(),
+                    source,
+                })?;
+                // Two processes creating the same manifest at once would both migrate.
+                let lock = schema_lock(path, libc::LOCK_EX, &location).await?;
+                let manifest = Self::connect(url, false).await?;
+                let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
+                    .run(&manifest.pool)
+                    .await;
+                drop(lock);
+                migrated.map_err(|source| ManifestError::Migrate { location, source })?;
+                manifest
+            }
+            ManifestUrl::Postgres(_) => {
+                // sqlx holds an advisory lock while it migrates: nodes starting at once wait.
+                let manifest = Self::connect(url, false).await?;
+                sqlx::migrate!("src/manifest/migrations/postgres")
+                    .run(&manifest.pool)
+                    .await
+                    .map_err(|source| ManifestError::Migrate { location, source })?;
+                manifest
+            }
+        };
         sqlx::query("INSERT INTO meta (key, value) VALUES ('id', $1) ON CONFLICT (key) DO NOTHING")
             .bind(random_id())
             .execute(&manifest.pool)
@@ -288,17 +407,39 @@ impl Manifest {
 
     /// Opens an existing manifest without creating or changing anything (plans, dry runs,
     /// reports). None when there is none yet, including an empty file left by a crash before
-    /// its schema was written. Close it with `close()` so SQLite removes its WAL files.
+    /// its schema was written, or a PostgreSQL database without the schema. Close it with
+    /// `close()` so SQLite removes its WAL files.
     pub async fn open_existing(url: &ManifestUrl) -> Result<Option<Manifest>> {
-        let ManifestUrl::Sqlite(path) = url;
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.len() > 0 => {}
-            _ => return Ok(None),
-        }
-        // Wait for a process that is creating this manifest right now to finish its schema.
-        let _schema_checked = schema_lock(path, libc::LOCK_SH, &url.to_string()).await?;
-        let manifest = Self::connect(url, false).await?;
-        let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
+        let (manifest, migrator) = match url {
+            ManifestUrl::Sqlite(path) => {
+                match std::fs::metadata(path) {
+                    Ok(meta) if meta.len() > 0 => {}
+                    _ => return Ok(None),
+                }
+                // Wait for a process that is creating this manifest right now to finish its
+                // schema.
+                let _schema_checked = schema_lock(path, libc::LOCK_SH, &url.to_string()).await?;
+                (
+                    Self::connect(url, false).await?,
+                    sqlx::migrate!("src/manifest/migrations/sqlite"),
+                )
+            }
+            ManifestUrl::Postgres(_) => {
+                let manifest = Self::connect(url, false).await?;
+                let exists: bool = sqlx::query(
+                    "SELECT COUNT(*) > 0 FROM information_schema.tables \
+                     WHERE table_name = '_sqlx_migrations' AND table_schema = current_schema()",
+                )
+                .fetch_one(&manifest.pool)
+                .await?
+                .get(0);
+                if !exists {
+                    manifest.close().await;
+                    return Ok(None);
+                }
+                (manifest, sqlx::migrate!("src/manifest/migrations/postgres"))
+            }
+        };
         let applied: i64 =
             sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
                 .fetch_one(&manifest.pool)
@@ -323,42 +464,62 @@ impl Manifest {
     /// SQLite connection cannot remove the WAL files it creates on close.
     async fn connect(url: &ManifestUrl, read_only: bool) -> Result<Manifest> {
         sqlx::any::install_default_drivers();
-        let ManifestUrl::Sqlite(path) = url;
         let location = url.to_string();
-        let conn_url = format!("sqlite://{}?mode=rw", path.display());
-        let options =
-            AnyConnectOptions::from_str(&conn_url).map_err(|source| ManifestError::Connect {
-                location: location.clone(),
-                source,
-            })?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(4)
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if !read_only {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                    }
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA busy_timeout = 30000").await?;
-                    // A million rows with their indexes are a few hundred MiB: keep the hot part
-                    // in memory instead of re-reading pages through syscalls.
-                    conn.execute("PRAGMA cache_size = -131072").await?;
-                    conn.execute("PRAGMA temp_store = MEMORY").await?;
-                    audit::install_sqlite(conn).await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(|source| ManifestError::Connect {
-                location: location.clone(),
-                source,
-            })?;
+        let connect_error = |source| ManifestError::Connect {
+            location: location.clone(),
+            source,
+        };
+        let pool = match url {
+            ManifestUrl::Sqlite(path) => {
+                let conn_url = format!("sqlite://{}?mode=rw", path.display());
+                let options = AnyConnectOptions::from_str(&conn_url).map_err(connect_error)?;
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            if !read_only {
+                                conn.execute("PRAGMA journal_mode = WAL").await?;
+                            }
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            conn.execute("PRAGMA busy_timeout = 30000").await?;
+                            // A million rows with their indexes are a few hundred MiB: keep the
+                            // hot part in memory instead of re-reading pages through syscalls.
+                            conn.execute("PRAGMA cache_size = -131072").await?;
+                            conn.execute("PRAGMA temp_store = MEMORY").await?;
+                            audit::install_sqlite(conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_error)?
+            }
+            ManifestUrl::Postgres(conn_url) => {
+                let options = AnyConnectOptions::from_str(conn_url).map_err(connect_error)?;
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                    .after_connect(|conn, _meta| Box::pin(audit::install_postgres(conn)))
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_error)?
+            }
+        };
         Ok(Manifest {
             pool,
             location,
             id: String::new(),
+            engine: url.engine(),
         })
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The statement spelled for this manifest's engine (see `Engine::sql`).
+    fn sql(&self, sql: &str) -> String {
+        self.engine.sql(sql)
     }
 
     pub fn location(&self) -> &str {
@@ -482,10 +643,10 @@ impl Manifest {
         if paths.is_empty() {
             return Ok(found);
         }
-        let rows = sqlx::query(
+        let rows = sqlx::query(&self.sql(
             "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, version, dest_owned FROM entries \
-             WHERE path IN (SELECT value FROM json_each($1))",
-        )
+             WHERE path IN (SELECT value FROM JSON_TEXTS($1))",
+        ))
         .bind(json_list(paths))
         .fetch_all(&self.pool)
         .await?;
@@ -504,12 +665,21 @@ impl Manifest {
         seen: &[&str],
         changes: &[(&Scanned, ScanChange, i64)],
     ) -> Result<()> {
+        retry_conflicts(|| self.record_scan_once(scan_id, seen, changes)).await
+    }
+
+    async fn record_scan_once(
+        &self,
+        scan_id: i64,
+        seen: &[&str],
+        changes: &[(&Scanned, ScanChange, i64)],
+    ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         if !seen.is_empty() {
-            sqlx::query(
-                "UPDATE entries SET seen_scan = $1, purged_at = NULL WHERE path IN (SELECT value FROM json_each($2))",
-            )
+            sqlx::query(&self.sql(
+                "UPDATE entries SET seen_scan = $1, purged_at = NULL WHERE path IN (SELECT value FROM JSON_TEXTS($2))",
+            ))
             .bind(scan_id)
             .bind(json_list(seen))
             .execute(&mut *tx)
@@ -542,7 +712,7 @@ impl Manifest {
             if rows.is_empty() {
                 continue;
             }
-            sqlx::query(if fresh { UPSERT_FRESH } else { UPSERT_ATTRS })
+            sqlx::query(&self.sql(if fresh { UPSERT_FRESH } else { UPSERT_ATTRS }))
                 .bind(serde_json::Value::Array(rows).to_string())
                 .bind(scan_id)
                 .bind(now)
@@ -571,11 +741,11 @@ impl Manifest {
         if paths.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
+        let done = sqlx::query(&self.sql(
             "UPDATE entries SET state = 'missing', reason = 'source file vanished', lease_owner = NULL, \
              version = version + 1, updated_at = $1 WHERE state NOT IN ('missing', 'deleted', 'copying') \
-             AND path IN (SELECT value FROM json_each($2))",
-        )
+             AND path IN (SELECT value FROM JSON_TEXTS($2))",
+        ))
         .bind(now_ms())
         .bind(json_list(paths))
         .execute(&self.pool)
@@ -623,14 +793,23 @@ impl Manifest {
     ) -> Result<Vec<Claimed>> {
         let now = now_ms();
         // The listed paths drive the statement (primary-key lookups), whatever the table's size.
+        // On PostgreSQL, rows another node is claiming right now are skipped instead of waited
+        // for (a writer holds SQLite whole, so there is nothing to skip there).
+        let chosen = match self.engine {
+            Engine::Sqlite => "SELECT value AS path FROM JSON_TEXTS($5)".to_string(),
+            Engine::Postgres => format!(
+                "SELECT entries.path FROM entries WHERE entries.path IN (SELECT value FROM JSON_TEXTS($5)) \
+                 AND {CLAIMABLE} FOR UPDATE SKIP LOCKED"
+            ),
+        };
         let sql = format!(
-            "WITH c AS MATERIALIZED (SELECT value AS path FROM json_each($5)) \
+            "WITH c AS MATERIALIZED ({chosen}) \
              UPDATE entries SET state = 'copying', lease_owner = $2, lease_expires_at = $3, batch_id = $4, \
              attempts = attempts + 1, copy_started_at = $1, priority = 0, version = version + 1, updated_at = $1 \
              FROM c WHERE entries.path = c.path AND {CLAIMABLE} \
              RETURNING entries.path, size, mtime_ns, attempts, dest_owned, dest_sha256, intent_sha256"
         );
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&self.sql(&sql))
             .bind(now)
             .bind(owner)
             .bind(now + lease.as_millis() as i64)
@@ -691,6 +870,10 @@ impl Manifest {
     /// Records the outcomes of several copies in one transaction. Each update only applies while
     /// its lease is still held; the result says, per update, whether it did.
     pub async fn apply(&self, updates: &[FileUpdate]) -> Result<Vec<bool>> {
+        retry_conflicts(|| self.apply_once(updates)).await
+    }
+
+    async fn apply_once(&self, updates: &[FileUpdate]) -> Result<Vec<bool>> {
         let now = now_ms();
         let mut applied = vec![false; updates.len()];
         let mut tx = self.pool.begin().await?;
@@ -702,7 +885,7 @@ impl Manifest {
         if !verified.is_empty() {
             let rows =
                 serde_json::Value::Array(verified.iter().map(|(_, json)| json.clone()).collect());
-            let done: std::collections::HashSet<String> = sqlx::query(VERIFY_MANY)
+            let done: std::collections::HashSet<String> = sqlx::query(&self.sql(VERIFY_MANY))
                 .bind(rows.to_string())
                 .bind(now)
                 .fetch_all(&mut *tx)
@@ -900,6 +1083,34 @@ async fn schema_lock(path: &Path, kind: libc::c_int, location: &str) -> Result<s
     })
 }
 
+/// Runs a transaction again when PostgreSQL aborted it for a deadlock or a serialization
+/// failure: two nodes scanning the same tree lock the same rows in different orders, and the
+/// database resolves that by aborting one of them, which then simply goes again.
+async fn retry_conflicts<T, F, Fut>(mut run: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0u64;
+    loop {
+        match run().await {
+            Err(ManifestError::Sql(e)) if tries < 8 && is_conflict(&e) => {
+                tries += 1;
+                tracing::debug!(error = %e, tries, "transaction aborted by a concurrent one; retrying");
+                let jitter = u64::from(rand::random::<u8>());
+                tokio::time::sleep(Duration::from_millis(10 * tries + jitter % 50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 fn random_id() -> String {
     let mut bytes = [0u8; 16];
     if std::fs::File::open("/dev/urandom")
@@ -945,9 +1156,9 @@ fn json_list<S: AsRef<str>>(items: &[S]) -> String {
 
 const SCAN_INSERT: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
      link_target, seen_scan, version, created_at, updated_at, queued_at) \
-     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, \
-     r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9, $2, r.value ->> 10, $3, $3, $3 \
-     FROM json_each($1) AS r WHERE true \
+     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, CAST(r.value ->> 4 AS BIGINT), CAST(r.value ->> 5 AS BIGINT), \
+     CAST(r.value ->> 6 AS BIGINT), CAST(r.value ->> 7 AS BIGINT), CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, $2, \
+     CAST(r.value ->> 10 AS BIGINT), $3, $3, $3 FROM JSON_ROWS($1) AS r WHERE true \
      ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
      size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
      gid = excluded.gid, link_target = excluded.link_target, seen_scan = excluded.seen_scan, \
@@ -967,8 +1178,9 @@ const UPSERT_ATTRS: &str =
 
 /// Marks many copies verified at once, each guarded by its lease.
 const VERIFY_MANY: &str = "WITH v AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS sha256, \
-     value ->> 2 AS size, value ->> 3 AS mtime_ns, value ->> 4 AS mime, value ->> 5 AS dest_key, \
-     value ->> 6 AS dest_etag, value ->> 7 AS ours, value ->> 8 AS owner FROM json_each($1)) \
+     CAST(value ->> 2 AS BIGINT) AS size, CAST(value ->> 3 AS BIGINT) AS mtime_ns, value ->> 4 AS mime, \
+     value ->> 5 AS dest_key, value ->> 6 AS dest_etag, CAST(value ->> 7 AS BIGINT) AS ours, \
+     value ->> 8 AS owner FROM JSON_ROWS($1)) \
      UPDATE entries SET state = 'verified', reason = NULL, last_error = NULL, next_retry_at = NULL, \
      sha256 = v.sha256, size = v.size, mtime_ns = v.mtime_ns, mime = v.mime, dest_key = v.dest_key, \
      dest_etag = v.dest_etag, \
@@ -1125,4 +1337,48 @@ fn recorded_from_row(row: &AnyRow) -> Result<Recorded> {
         version: row.get(9),
         dest_owned: row.get::<i64, _>(10) == 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_urls_parse_and_never_show_their_password() {
+        for url in [
+            "postgres://app:s3cret@db.example:5432/cutover",
+            "postgresql://app:s3cret@db.example/cutover?sslmode=require",
+        ] {
+            let parsed: ManifestUrl = url.parse().unwrap();
+            assert_eq!(parsed, ManifestUrl::Postgres(url.to_string()));
+            assert_eq!(parsed.engine(), Engine::Postgres);
+            let shown = format!("{parsed} {parsed:?}");
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("app:REDACTED@db.example"), "{shown}");
+        }
+        for bad in [
+            "postgres://app:s3cret@db.example:5432/",
+            "postgres://app:s3cret@:5432/db",
+            "postgres://app:s3cret@db.example:notaport/db",
+        ] {
+            let err = bad.parse::<ManifestUrl>().unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.starts_with("bad manifest URL"), "{err}");
+        }
+    }
+
+    #[test]
+    fn json_list_markers_are_spelled_per_engine() {
+        let sql =
+            "SELECT value FROM JSON_TEXTS($2) UNION SELECT value ->> 0 FROM JSON_ROWS($1) AS r";
+        assert_eq!(
+            Engine::Sqlite.sql(sql),
+            "SELECT value FROM json_each($2) UNION SELECT value ->> 0 FROM json_each($1) AS r"
+        );
+        assert_eq!(
+            Engine::Postgres.sql(sql),
+            "SELECT value FROM json_array_elements_text(CAST($2 AS json)) UNION \
+             SELECT value ->> 0 FROM json_array_elements(CAST($1 AS json)) AS r"
+        );
+    }
 }

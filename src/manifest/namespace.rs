@@ -54,6 +54,16 @@ const CHILDREN_OF_ROOT: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path <> '' ORDER BY path LIMIT $2"
 );
+// The next page after a full one ($1 its last path): PostgreSQL text holds no NUL, so "the
+// smallest path after it" cannot be spelled as `last || '\0'`.
+const CHILDREN_BELOW_AFTER: &str = concatcp!(
+    SELECT_ENTRY,
+    " WHERE path > $1 AND path < $2 ORDER BY path LIMIT $3"
+);
+const CHILDREN_OF_ROOT_AFTER: &str = concatcp!(
+    SELECT_ENTRY,
+    " WHERE path > $1 AND path <> '' ORDER BY path LIMIT $2"
+);
 
 /// Rows read per query when listing a directory.
 const CHILDREN_PAGE: i64 = 512;
@@ -79,9 +89,10 @@ impl Manifest {
         // '0' is the byte after '/': everything below `dir` sorts before `dir` + "0".
         let end = (!dir.is_empty()).then(|| format!("{dir}0"));
         let mut from = prefix.clone();
+        let mut after_from = false;
         let mut found = Vec::new();
         loop {
-            let rows = self.rows_from(&from, end.as_deref()).await?;
+            let rows = self.rows_from(&from, after_from, end.as_deref()).await?;
             let full_page = rows.len() as i64 == CHILDREN_PAGE;
             let mut next = None;
             for row in &rows {
@@ -98,10 +109,13 @@ impl Manifest {
                 }
             }
             match (next, rows.last()) {
-                (Some(jump), _) => from = jump,
+                (Some(jump), _) => {
+                    from = jump;
+                    after_from = false;
+                }
                 (None, Some(last)) if full_page => {
-                    // Paths hold no NUL: the smallest path after `last`.
-                    from = format!("{}\0", last.get::<String, _>(0));
+                    from = last.get::<String, _>(0);
+                    after_from = true;
                 }
                 _ => break,
             }
@@ -109,10 +123,12 @@ impl Manifest {
         Ok(found)
     }
 
-    async fn rows_from(&self, from: &str, end: Option<&str>) -> Result<Vec<AnyRow>> {
-        let query = match end {
-            Some(end) => sqlx::query(CHILDREN_BELOW).bind(from).bind(end),
-            None => sqlx::query(CHILDREN_OF_ROOT).bind(from),
+    async fn rows_from(&self, from: &str, after: bool, end: Option<&str>) -> Result<Vec<AnyRow>> {
+        let query = match (end, after) {
+            (Some(end), false) => sqlx::query(CHILDREN_BELOW).bind(from).bind(end),
+            (Some(end), true) => sqlx::query(CHILDREN_BELOW_AFTER).bind(from).bind(end),
+            (None, false) => sqlx::query(CHILDREN_OF_ROOT).bind(from),
+            (None, true) => sqlx::query(CHILDREN_OF_ROOT_AFTER).bind(from),
         };
         Ok(query.bind(CHILDREN_PAGE).fetch_all(&self.pool).await?)
     }
@@ -123,10 +139,10 @@ impl Manifest {
         if paths.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
+        let done = sqlx::query(&self.sql(
             "UPDATE entries SET priority = 1, queued_at = $1 \
-             WHERE path IN (SELECT value FROM json_each($2)) AND kind = 'file' AND state = 'pending' AND priority = 0",
-        )
+             WHERE path IN (SELECT value FROM JSON_TEXTS($2)) AND kind = 'file' AND state = 'pending' AND priority = 0",
+        ))
         .bind(now_ms())
         .bind(json_list(paths))
         .execute(&self.pool)

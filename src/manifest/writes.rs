@@ -56,9 +56,10 @@ pub struct PurgeCandidate {
 /// the next copy may replace our own object there and nothing else.
 const UPSERT_LOCAL: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
      link_target, seen_scan, version, created_at, updated_at, queued_at, priority) \
-     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, \
-     r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9, 0, 0, $2, $2, $2, r.value ->> 10 \
-     FROM json_each($1) AS r WHERE true \
+     SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, CAST(r.value ->> 4 AS BIGINT), \
+     CAST(r.value ->> 5 AS BIGINT), CAST(r.value ->> 6 AS BIGINT), CAST(r.value ->> 7 AS BIGINT), \
+     CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, 0, 0, $2, $2, $2, CAST(r.value ->> 10 AS BIGINT) \
+     FROM JSON_ROWS($1) AS r WHERE true \
      ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
      size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
      gid = excluded.gid, link_target = excluded.link_target, sha256 = NULL, mime = NULL, attempts = 0, \
@@ -115,7 +116,7 @@ impl Manifest {
             .iter()
             .map(|(path, facts)| local_row(path, facts, None, priority))
             .collect();
-        sqlx::query(UPSERT_LOCAL)
+        sqlx::query(&self.sql(UPSERT_LOCAL))
             .bind(serde_json::Value::Array(json).to_string())
             .bind(now_ms())
             .execute(&self.pool)
@@ -134,8 +135,8 @@ impl Manifest {
             .iter()
             .map(|(path, key)| serde_json::json!([path, key]))
             .collect();
-        let rows = sqlx::query(
-            "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM json_each($1)) \
+        let rows = sqlx::query(&self.sql(
+            "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
              UPDATE entries SET \
              dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
              dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
@@ -145,7 +146,7 @@ impl Manifest {
              FROM d WHERE entries.path = d.path AND entries.state <> 'deleted' \
              RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
              entries.intent_sha256, entries.version",
-        )
+        ))
         .bind(serde_json::Value::Array(json).to_string())
         .bind(now_ms())
         .fetch_all(&self.pool)
@@ -160,6 +161,15 @@ impl Manifest {
     /// the rows at the new paths wait for a copy from the renamed local files, the old rows
     /// are deleted and their objects become leftovers. `keys` maps old paths to dest keys.
     pub async fn rename_rows(
+        &self,
+        from: &str,
+        to: &str,
+        keys: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Leftover>> {
+        super::retry_conflicts(|| self.rename_rows_once(from, to, keys)).await
+    }
+
+    async fn rename_rows_once(
         &self,
         from: &str,
         to: &str,
@@ -208,8 +218,8 @@ impl Manifest {
         }
         let mut leftovers = Vec::new();
         if !gone.is_empty() {
-            let rows = sqlx::query(
-                "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM json_each($1)) \
+            let rows = sqlx::query(&self.sql(
+                "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
                  UPDATE entries SET \
                  dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
                  dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
@@ -219,13 +229,13 @@ impl Manifest {
                  FROM d WHERE entries.path = d.path \
                  RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
                  entries.intent_sha256, entries.version",
-            )
+            ))
             .bind(serde_json::Value::Array(gone).to_string())
             .bind(now)
             .fetch_all(&mut *tx)
             .await?;
             leftovers = leftovers_from(&rows)?;
-            sqlx::query(UPSERT_LOCAL)
+            sqlx::query(&self.sql(UPSERT_LOCAL))
                 .bind(serde_json::Value::Array(fresh).to_string())
                 .bind(now)
                 .execute(&mut *tx)

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mount;
+pub mod pg;
 pub mod s3;
 
 use std::collections::BTreeMap;
@@ -162,13 +163,59 @@ pub fn wait_capturing(mut child: Child, started: Instant, timeout: Duration) -> 
     }
 }
 
+/// The manifest engine a test's `Work` uses; `both_engines!` runs a test once with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+thread_local! {
+    static ENGINE: std::cell::Cell<Engine> = const { std::cell::Cell::new(Engine::Sqlite) };
+}
+
+/// Runs `body` with every `Work::new()` on this thread using `engine`'s manifest.
+pub fn with_engine(engine: Engine, body: impl FnOnce()) {
+    ENGINE.with(|e| e.set(engine));
+    body();
+    ENGINE.with(|e| e.set(Engine::Sqlite));
+}
+
+/// Turns each `fn name() { .. }` into two tests, `name::sqlite` and `name::postgres`, whose
+/// `Work`s use a SQLite manifest and a fresh database on the test binary's PostgreSQL cluster.
+#[macro_export]
+macro_rules! both_engines {
+    ($($(#[$meta:meta])* fn $name:ident() $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                fn body() $body
+                $(#[$meta])*
+                #[test]
+                fn sqlite() {
+                    $crate::common::with_engine($crate::common::Engine::Sqlite, body)
+                }
+                $(#[$meta])*
+                #[test]
+                fn postgres() {
+                    $crate::common::with_engine($crate::common::Engine::Postgres, body)
+                }
+            }
+        )*
+    };
+}
+
 /// One test's private workspace: `src/` (created), a dest path and a manifest path (not created).
+/// With the PostgreSQL engine, the manifest is a fresh database (`pg_url`) and `manifest` is
+/// an unused path.
 pub struct Work {
     pub tmp: tempfile::TempDir,
     pub root: PathBuf,
     pub src: PathBuf,
     pub dest: PathBuf,
     pub manifest: PathBuf,
+    pub pg_url: Option<String>,
 }
 
 impl Work {
@@ -181,12 +228,23 @@ impl Work {
         let root = fs::canonicalize(tmp.path()).unwrap();
         let src = root.join("src");
         fs::create_dir(&src).unwrap();
+        let pg_url = (ENGINE.with(|e| e.get()) == Engine::Postgres)
+            .then(|| pg::PgCluster::shared().create_database());
         Work {
             dest: root.join("dest"),
             manifest: root.join("state").join("manifest.db"),
             src,
             root,
             tmp,
+            pg_url,
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        if self.pg_url.is_some() {
+            Engine::Postgres
+        } else {
+            Engine::Sqlite
         }
     }
 
@@ -195,7 +253,10 @@ impl Work {
     }
 
     pub fn manifest_url(&self) -> String {
-        format!("sqlite://{}", self.manifest.display())
+        match &self.pg_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.manifest.display()),
+        }
     }
 
     /// Writes `content` at `rel` below the source, creating parent directories.
