@@ -12,6 +12,7 @@ mod mount;
 mod purge;
 mod report;
 mod sweep;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,6 +95,8 @@ pub enum Command {
     /// Mount over the application's directory: serve every file from where it lives now, copy on
     /// read, and sweep the rest in the background.
     Mount(mount::MountArgs),
+    /// Re-check every file at the dest against the manifest and its local copy (--deep re-reads).
+    Verify(verify::VerifyArgs),
     /// Delete local copies of files verified at the dest (a dry run unless --confirm).
     Purge(purge::PurgeArgs),
     /// Run the whole migration on a generated sample tree in a temporary directory.
@@ -273,6 +276,7 @@ pub fn main() -> ExitCode {
             Command::Batch(args) => report::batch(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::Purge(args) => purge::run(args).await,
+            Command::Verify(args) => verify::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Log(args) => audit_log::run(args).await,
         }

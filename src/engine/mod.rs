@@ -12,6 +12,7 @@ pub mod purge;
 pub mod repair;
 pub mod scan;
 pub mod sweep;
+pub mod verify;
 
 pub use filter::PathFilter;
 pub use progress::Progress;

@@ -13,10 +13,12 @@
 mod audit;
 mod namespace;
 mod state;
+mod verify;
 mod writes;
 
 pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use namespace::Entry;
+pub use verify::{AtDest, DATA_AT_RISK};
 pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
 pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::durable::SyncGroup;
-use super::{blocking, Preflight, Removal};
+use super::{blocking, ObjectFacts, Preflight, Removal};
 use super::{
     canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
 };
@@ -255,6 +255,33 @@ impl Store for LocalStore {
                     target: key,
                     source: Arc::new(source),
                 })
+        })
+        .await
+    }
+
+    async fn inspect(&self, key: &str, deep: bool) -> Result<Option<ObjectFacts>, StoreError> {
+        let target = self.target(key);
+        self.io(move || {
+            let meta = match std::fs::symlink_metadata(&target) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(dest_err("stat", &target)(e)),
+            };
+            let recorded_sha256 = owner_mark(&target)
+                .and_then(|mark| mark.split_once(':').map(|(_, sha)| sha.to_string()));
+            let (size, read_sha256) = if deep && meta.is_file() {
+                match hash_existing(&target).map_err(dest_err("read", &target))? {
+                    Some((size, sha)) => (size, Some(sha)),
+                    None => (meta.size(), None),
+                }
+            } else {
+                (meta.size(), None)
+            };
+            Ok(Some(ObjectFacts {
+                size,
+                recorded_sha256,
+                read_sha256,
+            }))
         })
         .await
     }

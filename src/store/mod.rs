@@ -224,6 +224,11 @@ pub trait Store: Send + Sync {
         writer: &str,
     ) -> Result<Removal, StoreError>;
 
+    /// What is at `key` now, for `verify`: its size, the content hash recorded on it when
+    /// cutoverfs wrote it, and with `deep` the SHA-256 of its bytes read in full. None when
+    /// nothing is there.
+    async fn inspect(&self, key: &str, deep: bool) -> Result<Option<ObjectFacts>, StoreError>;
+
     /// Up to `len` bytes of the object at `key` from `offset` (fewer only at its end).
     async fn read_range(
         &self,
@@ -231,6 +236,16 @@ pub trait Store: Send + Sync {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, StoreError>;
+}
+
+/// What `Store::inspect` found at a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectFacts {
+    pub size: u64,
+    /// The SHA-256 cutoverfs recorded on the object (S3 metadata, a local xattr), if any.
+    pub recorded_sha256: Option<String>,
+    /// The SHA-256 of the bytes read back (deep inspections only).
+    pub read_sha256: Option<String>,
 }
 
 /// What `delete_owned` did.

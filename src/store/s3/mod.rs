@@ -34,7 +34,10 @@ use aws_sdk_s3::Client;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::{Preflight, PublishGuard, PutOutcome, PutRequest, Removal, Store, StoreError, Stored};
+use super::{
+    ObjectFacts, Preflight, PublishGuard, PutOutcome, PutRequest, Removal, Store, StoreError,
+    Stored,
+};
 
 /// User metadata names (sent as `x-amz-meta-<name>`).
 pub const META_WRITER: &str = "cutoverfs-writer";
@@ -597,6 +600,30 @@ impl Store for S3Store {
         }
         .await;
         answer.map_err(|e| self.remote("get", key, e))
+    }
+
+    async fn inspect(&self, key: &str, deep: bool) -> Result<Option<ObjectFacts>, StoreError> {
+        let Some(existing) = self
+            .head(key)
+            .await
+            .map_err(|e| self.remote("head", key, e))?
+        else {
+            return Ok(None);
+        };
+        let read_sha256 = if deep {
+            Some(
+                self.hash_object(key)
+                    .await
+                    .map_err(|e| self.remote("read", key, e))?,
+            )
+        } else {
+            None
+        };
+        Ok(Some(ObjectFacts {
+            size: existing.size,
+            recorded_sha256: existing.metadata.get(META_SHA256).cloned(),
+            read_sha256,
+        }))
     }
 
     async fn delete_owned(
