@@ -116,6 +116,7 @@ impl Command {
             Command::Batch(_) => "batch",
             Command::Mount(_) => "mount",
             Command::Purge(_) => "purge",
+            Command::Verify(_) => "verify",
             Command::Demo(_) => "demo",
             Command::Log(_) => "log",
         }
