@@ -288,7 +288,16 @@ fn a_file_changed_after_verification_is_never_served_stale() {
     reader.read_exact_at(&mut seen, 0).unwrap();
     assert_eq!(&seen, b"VERSION TWO");
     assert_eq!(fs::read(mnt.join("photo.jpg")).unwrap(), b"VERSION TWO");
-    // While open for writing, nothing copies it.
+    // While open for writing, nothing copies it, not even a pass the sweeper makes for another
+    // upload meanwhile (the held file is pending, and in path order after that upload).
+    assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
+    fs::write(mnt.join("another.jpg"), b"another upload").unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the other upload at the dest",
+        || fs::read(w.dest.join("another.jpg")).ok().as_deref() == Some(&b"another upload"[..]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fs::read(w.dest.join("photo.jpg")).unwrap(), b"version one");
     drop(writer);
     drop(reader);

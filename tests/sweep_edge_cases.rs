@@ -139,6 +139,24 @@ both_engines! {
     }
 }
 
+/// A directory removed or renamed through the mount stays at a `file://` dest as an empty
+/// directory; a file later given that name takes its place. A directory that still holds
+/// anything is a conflict and stays as it was.
+#[test]
+fn an_empty_dest_directory_gives_way_to_a_file_of_its_name() {
+    let w = Work::new();
+    w.write("a/photo", b"a file now");
+    w.write("a/album", b"a file too");
+    fs::create_dir_all(w.dest.join("a/photo")).unwrap();
+    let theirs = write_file(&w.dest.join("a/album/kept.txt"), b"theirs");
+    let run = w.sweep(&[]);
+    run.assert_code(1);
+    assert_eq!(run.count("Successfully copied"), 1, "{run}");
+    assert_eq!(run.count("Conflicts"), 1, "{run}");
+    assert_eq!(fs::read(w.dest.join("a/photo")).unwrap(), b"a file now");
+    assert_eq!(fs::read(&theirs).unwrap(), b"theirs");
+}
+
 #[test]
 fn later_commands_may_leave_out_source_and_dest_or_spell_them_differently() {
     let w = Work::new();

@@ -104,6 +104,36 @@ struct Shared {
     stop: watch::Receiver<bool>,
     health: DestHealth,
     throttle: Option<Throttle>,
+    busy: Busy,
+}
+
+/// Paths this run is copying now. A file changed through the mount while its copy is in flight
+/// goes back to pending and could be claimed again by this same run; the first copy's outcome
+/// would then pass the lease check of the second claim (same owner, state `copying`) and record
+/// the old content as verified. So a run never claims a path it is still copying.
+#[derive(Clone, Default)]
+struct Busy(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Busy {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn free(&self, paths: Vec<String>) -> Vec<String> {
+        let busy = self.lock();
+        paths.into_iter().filter(|p| !busy.contains(p)).collect()
+    }
+
+    fn take(&self, claimed: &[Claimed]) {
+        self.lock().extend(claimed.iter().map(|c| c.path.clone()));
+    }
+
+    fn done(&self, paths: &[String]) {
+        let mut busy = self.lock();
+        for path in paths {
+            busy.remove(path);
+        }
+    }
 }
 
 pub async fn run_sweep(
@@ -125,6 +155,7 @@ pub async fn run_sweep(
         stop: stop.clone(),
         health: DestHealth::new(opts.dest_timeout),
         throttle: opts.bwlimit.map(Throttle::new),
+        busy: Busy::default(),
     });
     let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
     let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -149,7 +180,8 @@ pub async fn run_sweep(
                     _ = stop.wait_for(|s| *s) => {}
                 }
             }
-            let (batch_id, claimed) = claim_batch(manifest, opts, &mut cursor).await?;
+            let (batch_id, claimed) =
+                claim_batch(manifest, opts, &mut cursor, &shared.busy).await?;
             if claimed.is_empty() {
                 if let Some(id) = batch_id {
                     manifest
@@ -295,7 +327,9 @@ async fn dispatch_batch(
         let shared = shared.clone();
         groups.spawn(
             async move {
+                let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
                 let outcomes = copy_group(files, &shared).await;
+                shared.busy.done(&paths);
                 drop(slots);
                 outcomes
             }
@@ -310,19 +344,23 @@ async fn claim_batch(
     manifest: &Manifest,
     opts: &SweepOptions,
     cursor: &mut String,
+    busy: &Busy,
 ) -> Result<(Option<i64>, Vec<Claimed>), ManifestError> {
     let mut claimed = Vec::new();
     let mut batch_id = None;
     // Files the application opened before they were copied go first (copy-on-read).
-    let urgent: Vec<String> = manifest
-        .prioritized(opts.batch_size)
-        .await?
-        .into_iter()
-        .filter(|path| opts.filter.matches(path))
-        .collect();
+    let urgent: Vec<String> = busy.free(
+        manifest
+            .prioritized(opts.batch_size)
+            .await?
+            .into_iter()
+            .filter(|path| opts.filter.matches(path))
+            .collect(),
+    );
     if !urgent.is_empty() {
         let id = *batch_id.insert(manifest.open_batch(&opts.node, &opts.command).await?);
         claimed.extend(manifest.claim(&urgent, &opts.node, opts.lease, id).await?);
+        busy.take(&claimed);
         if !claimed.is_empty() {
             return Ok((batch_id, claimed));
         }
@@ -340,7 +378,8 @@ async fn claim_batch(
             continue;
         };
         *cursor = last.clone();
-        let wanted: Vec<String> = page
+        let wanted: Vec<String> = busy
+            .free(page)
             .into_iter()
             .filter(|path| opts.filter.matches(path))
             .take(opts.batch_size - claimed.len())
@@ -352,7 +391,9 @@ async fn claim_batch(
             Some(id) => id,
             None => *batch_id.insert(manifest.open_batch(&opts.node, &opts.command).await?),
         };
-        claimed.extend(manifest.claim(&wanted, &opts.node, opts.lease, id).await?);
+        let more = manifest.claim(&wanted, &opts.node, opts.lease, id).await?;
+        busy.take(&more);
+        claimed.extend(more);
     }
     Ok((batch_id, claimed))
 }
@@ -700,6 +741,7 @@ impl Recorder {
                                 })
                                 .collect();
                             if !verified.is_empty() {
+                                tracing::debug!(?verified, "recorded verified");
                                 (hook.0)(&verified);
                             }
                         }

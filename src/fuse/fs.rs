@@ -114,6 +114,7 @@ impl CutoverFs {
         let Some(entry) = entry else {
             return Ok(Route::Source);
         };
+        tracing::debug!(path = %rel.display(), state = ?entry.state, size = entry.size, "route");
         if entry.in_dest() && !self.dest_health.is_down() {
             let key = entry.dest_key.clone().unwrap_or_default();
             return Ok(match self.store.local_file(&key) {

@@ -26,6 +26,11 @@ pub struct Namespace {
     manifest: Manifest,
     rt: tokio::runtime::Handle,
     entries: moka::sync::Cache<PathBuf, Option<Arc<Entry>>>,
+    /// Bumped by every forget. A row read from the manifest is cached only if no forget ran
+    /// while it was read: a forget means the row may have changed since, and caching the older
+    /// read would bring back what the forget dropped (a file held for writing served from the
+    /// dest).
+    generation: std::sync::RwLock<u64>,
 }
 
 /// One name in a directory listing, with its attributes (inode number left to the caller).
@@ -44,6 +49,7 @@ impl Namespace {
                 .max_capacity(ENTRY_CACHE_ROWS)
                 .time_to_live(ENTRY_TTL)
                 .build(),
+            generation: std::sync::RwLock::new(0),
         }
     }
 
@@ -74,17 +80,39 @@ impl Namespace {
         if let Some(cached) = self.entries.get(rel) {
             return Ok(cached);
         }
+        let read_at = self.generation();
         let row = self
             .rt
             .block_on(self.manifest.entry(text))
             .map_err(|e| manifest_error(rel, e))?
             .map(Arc::new);
-        self.entries.insert(rel.to_path_buf(), row.clone());
+        self.cache_rows(read_at, [(rel.to_path_buf(), row.clone())]);
         Ok(row)
+    }
+
+    fn generation(&self) -> u64 {
+        *self.generation.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Caches rows read when the generation was `read_at`, unless a forget ran since.
+    fn cache_rows(
+        &self,
+        read_at: u64,
+        rows: impl IntoIterator<Item = (PathBuf, Option<Arc<Entry>>)>,
+    ) {
+        let generation = self.generation.read().unwrap_or_else(|e| e.into_inner());
+        if *generation != read_at {
+            return;
+        }
+        for (path, row) in rows {
+            self.entries.insert(path, row);
+        }
     }
 
     /// Drops cached rows (their state just changed).
     pub fn forget_entries(&self, paths: &[String]) {
+        let mut generation = self.generation.write().unwrap_or_else(|e| e.into_inner());
+        *generation += 1;
         for path in paths {
             self.entries.invalidate(Path::new(path));
         }
@@ -92,6 +120,8 @@ impl Namespace {
 
     /// Drops every cached row (a directory was renamed: rows below it moved).
     pub fn forget_all_entries(&self) {
+        let mut generation = self.generation.write().unwrap_or_else(|e| e.into_inner());
+        *generation += 1;
         self.entries.invalidate_all();
     }
 
@@ -120,11 +150,13 @@ impl Namespace {
             Err(e) => return Err(e),
         }
         if let Some(dir) = rel.to_str() {
+            let read_at = self.generation();
             let rows = self
                 .rt
                 .block_on(self.manifest.children(dir))
                 .map_err(|e| manifest_error(rel, e))?;
             let mut unrecorded = local_names.clone();
+            let mut read = Vec::with_capacity(rows.len() + unrecorded.len());
             for row in rows {
                 let path = PathBuf::from(&row.path);
                 if let Some(name) = path.file_name() {
@@ -138,11 +170,14 @@ impl Namespace {
                         attr: attr_from_entry(&row),
                     });
                 }
-                self.entries.insert(path, Some(Arc::new(row)));
+                read.push((path, Some(Arc::new(row))));
             }
-            for name in unrecorded {
-                self.entries.insert(child_path(rel, &name), None);
-            }
+            read.extend(
+                unrecorded
+                    .into_iter()
+                    .map(|name| (child_path(rel, &name), None)),
+            );
+            self.cache_rows(read_at, read);
         }
         if rel.as_os_str().is_empty() && local_names.is_empty() && listed.is_empty() {
             // An empty or unreadable root still lists.

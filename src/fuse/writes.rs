@@ -87,6 +87,7 @@ impl CutoverFs {
         };
         self.records.flush();
         let recorded = self.ns.entry(rel).map_err(errno)?;
+        tracing::debug!(path = text, state = ?recorded.as_ref().map(|e| e.state), "hold");
         if recorded.is_some_and(|e| e.kind == Kind::File) {
             self.block_on(self.manifest.hold_for_write(
                 text,

@@ -335,7 +335,10 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-const CLAIMABLE: &str = "entries.kind = 'file' AND (entries.state = 'pending' \
+// A pending row with a live lease is held by a writer (`hold_for_write`): copying it now would
+// copy a file in the middle of being written and record it verified.
+const CLAIMABLE: &str = "entries.kind = 'file' AND ((entries.state = 'pending' \
+     AND (entries.lease_expires_at IS NULL OR entries.lease_expires_at < $1)) \
      OR (entries.state = 'failed' AND entries.next_retry_at IS NOT NULL AND entries.next_retry_at <= $1) \
      OR (entries.state = 'copying' AND entries.lease_expires_at < $1))";
 
@@ -1171,7 +1174,8 @@ const UPSERT_FRESH: &str = const_format::concatcp!(
     SCAN_INSERT,
     ", sha256 = NULL, mime = NULL, attempts = 0, last_error = NULL, next_retry_at = NULL, lease_owner = NULL, \
      lease_expires_at = NULL, copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, \
-     queued_at = excluded.queued_at WHERE entries.version = excluded.version"
+     queued_at = excluded.queued_at WHERE entries.version = excluded.version \
+     AND (entries.state <> 'pending' OR entries.lease_expires_at IS NULL OR entries.lease_expires_at < $3)"
 );
 
 /// A scanned change of attributes only (mode, owner): the state and copy record stay.

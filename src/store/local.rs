@@ -627,7 +627,15 @@ fn publish(
     writer: &str,
 ) -> Result<(PutOutcome, Staged), StoreError> {
     let target = staged.target.clone();
-    match link_no_replace(&staged.file, staged.temp_name.as_deref(), &target) {
+    let mut linked = link_no_replace(&staged.file, staged.temp_name.as_deref(), &target);
+    if linked
+        .as_ref()
+        .is_err_and(|e| e.kind() == io::ErrorKind::AlreadyExists)
+        && remove_empty_dir(&target)
+    {
+        linked = link_no_replace(&staged.file, staged.temp_name.as_deref(), &target);
+    }
+    match linked {
         Ok(()) => {
             if staged.other_fs {
                 fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
@@ -683,6 +691,15 @@ fn publish(
         },
         staged,
     ))
+}
+
+/// Removes `path` if it is an empty directory. A directory renamed or removed through the mount
+/// stays at the dest as an empty directory (directories are not owned objects); a file the
+/// application later creates under that name must not be a conflict forever. An empty
+/// directory holds nothing to lose, and the kernel refuses to remove one that is not empty.
+fn remove_empty_dir(path: &Path) -> bool {
+    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    is_dir && std::fs::remove_dir(path).is_ok()
 }
 
 /// Makes the staged file visible at `target` unless something is already there.
