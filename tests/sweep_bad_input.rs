@@ -183,7 +183,11 @@ fn malformed_manifest_urls_are_refused() {
     let w = workspace_with_files();
     for (url, says) in [
         ("sqlite://relative/manifest.db", "absolute"),
-        ("postgres://db.example/cutover", "PostgreSQL"),
+        // A PostgreSQL manifest that cannot be reached: the error names it, nothing is created.
+        (
+            "postgres://db.example.invalid/cutover",
+            "db.example.invalid",
+        ),
         ("mysql://x/y", "sqlite"),
         ("relative.db", "sqlite"),
     ] {

@@ -24,14 +24,14 @@ fn help_lists_the_available_commands_only() {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect();
     for wanted in [
-        "sweep", "plan", "status", "batches", "batch", "mount", "purge", "demo",
+        "sweep", "plan", "status", "batches", "batch", "mount", "purge", "verify", "log", "demo",
     ] {
         assert!(
             commands.iter().any(|c| c == wanted),
             "{wanted} not in the command list {commands:?}\n{run}"
         );
     }
-    for absent in ["verify", "rollback"] {
+    for absent in ["rollback"] {
         assert!(
             !commands.iter().any(|c| c == absent),
             "{absent} is listed but not implemented\n{run}"
