@@ -524,16 +524,24 @@ pub async fn with_optional_manifest<T>(
 }
 
 /// SIGINT/SIGTERM set the flag once; a second signal ends the process at once.
+///
+/// The handlers are in place when this returns (not later, in the spawned task): a daemon
+/// calls it before it reports ready, so a stop that follows READY=1 at once still unmounts
+/// instead of killing the process and leaving a stale mount.
 pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM/SIGINT; they will end the process at once");
+            return rx;
+        }
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
         for round in 0.. {
             tokio::select! {
                 _ = term.recv() => {}

@@ -118,6 +118,8 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         store: resolved.store.clone(),
         wake_sweeper: wake.clone(),
     };
+    // From here a stop must unmount; a signal during mounting is acted on right after.
+    let mut signals = stop_on_signals();
     let mount_now = tokio::task::block_in_place(|| crate::fuse::mount(parts, &settings));
     let (mut mounted, on_verified) = mount_now?;
     tracing::info!(
@@ -140,7 +142,6 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     let (stop_all, stop) = tokio::sync::watch::channel(false);
     let stop_all = Arc::new(stop_all);
     {
-        let mut signals = stop_on_signals();
         let stop_all = stop_all.clone();
         tokio::spawn(async move {
             if signals.wait_for(|s| *s).await.is_ok() {
