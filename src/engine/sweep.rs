@@ -409,8 +409,9 @@ async fn wait_for_wake(wake: &tokio::sync::Notify, stop: &watch::Receiver<bool>)
     }
 }
 
-/// Nothing claimable now: waits for retries coming due or leases of other nodes; false when
-/// nothing in scope is left to wait for.
+/// Nothing claimable now: waits for retries coming due, leases of other nodes, or pending files
+/// another node is claiming this instant (PostgreSQL skips rows locked by a claim in flight);
+/// false when nothing in scope is left to wait for.
 async fn wait_for_more_work(
     manifest: &Manifest,
     opts: &SweepOptions,

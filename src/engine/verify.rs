@@ -130,10 +130,15 @@ pub async fn verify(
                 }
             }
             if *stop.borrow() {
-                return Ok(report);
+                break;
             }
         }
+        if *stop.borrow() {
+            break;
+        }
     }
+    // Files are checked concurrently: report them in path order, the same on every run.
+    report.findings.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(report)
 }
 

@@ -918,9 +918,12 @@ impl Manifest {
     pub async fn waiting(&self, owner: &str) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(
             "SELECT path, next_retry_at FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL \
-             UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' AND lease_owner <> $1",
+             UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' AND lease_owner <> $1 \
+             UNION ALL SELECT path, $2 FROM entries WHERE state = 'pending' AND kind = 'file' \
+             AND (lease_expires_at IS NULL OR lease_expires_at < $2)",
         )
         .bind(owner)
+        .bind(now_ms())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
