@@ -8,10 +8,11 @@
 //!    step the trees (listing, sizes, content, modes, owners) and each operation's outcome
 //!    (success or errno, and the bytes read) must be equal; after a sweeper step the `file://`
 //!    dest holds exactly the model's files. Failures shrink to a minimal sequence.
-//! 2. (Not here yet.) The concurrency half of this test (64 threads writing, appending to shared
-//!    logs, reading, renaming while the sweeper races them; commit 9aa2ede) still fails in about
-//!    one run in eight: a writer of a file that steady readers keep open from the `file://` dest
-//!    gets ETXTBSY (docs/SEMANTICS.md, known problems). It comes back with that fix.
+//! 2. Concurrency: 64 threads writing their own files in fsynced chunks, appending fixed-size
+//!    records to shared logs that all of them read, reading legacy files, deleting, truncating,
+//!    chmodding and renaming, while the daemon's sweeper races them; the tree must end equal to
+//!    the same run on a plain directory (shared logs compared as multisets of records), and the
+//!    dest equal to it once the sweeper has caught up.
 //!
 //! The application's operations run with umask `CUTOVERFS_MODEL_UMASK` (default 002, as many
 //! application containers have), the daemon with the usual 022 of a service: a file the
@@ -679,4 +680,299 @@ proptest! {
         private_umask();
         run_case(&setup, &ops)?;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency.
+
+const THREADS: usize = 64;
+const SHARED: usize = 4;
+const LEGACY: usize = 16;
+const CHUNKS: u64 = 6;
+/// One appended record: fixed size, so that O_APPEND writes never interleave inside one.
+const RECORD: usize = 64;
+
+fn record(thread: usize, seq: u64) -> Vec<u8> {
+    let mut r = format!("thread {thread:02} record {seq:02} ").into_bytes();
+    r.resize(RECORD - 1, b'.');
+    r.push(b'\n');
+    r
+}
+
+fn legacy_content(i: usize) -> Vec<u8> {
+    pseudo_random(20_000 + i * 9_000, 500 + i as u64)
+}
+
+/// The tree every run starts from: legacy files the threads read, old files they delete,
+/// shared logs they append to (with records already in them), and the directories they write
+/// into.
+fn legacy_tree(root: &Path) {
+    for i in 0..LEGACY {
+        write_file(
+            &root.join(format!("legacy/l{i:02}.bin")),
+            &legacy_content(i),
+        );
+    }
+    for i in 0..SHARED {
+        let old: Vec<u8> = (0..10).flat_map(|seq| record(99, seq)).collect();
+        write_file(&root.join(format!("shared/s{i}.log")), &old);
+    }
+    for t in 0..THREADS {
+        write_file(
+            &root.join(format!("old/o{t:02}.bin")),
+            &pseudo_random(30_000, 900 + t as u64),
+        );
+    }
+    for d in 0..4 {
+        fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+    }
+    fs::create_dir_all(root.join("done")).unwrap();
+}
+
+/// Complete records of a shared log (a read may end inside a record being appended).
+fn records_of(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    bytes
+        .chunks(RECORD)
+        .filter(|r| r.len() == RECORD)
+        .map(|r| {
+            if r.starts_with(b"thread ") && r.ends_with(b".\n") {
+                Ok(r.to_vec())
+            } else {
+                Err(format!("malformed record {:?}", String::from_utf8_lossy(r)))
+            }
+        })
+        .collect()
+}
+
+/// One thread's work below `root`: a temporary file written first and removed later, an old
+/// (legacy) file removed early, its own file written in fsynced chunks, a record appended to a
+/// shared log after each chunk, reads of shared logs and legacy files, then a rewrite, a
+/// truncate or a chmod for some, and a rename into the shared `done/`.
+fn worker(root: &Path, t: usize) -> Result<(), String> {
+    let ctx = |what: &str, e: std::io::Error| format!("thread {t}: {what}: {e}");
+    let mut rng = XorShift::new(t as u64 + 1);
+    // A temporary file, closed now (so the sweeper takes it) and removed after the chunks.
+    let temp = root.join(format!("d{}/tmp-{t:02}.part", t % 4));
+    fs::write(&temp, pseudo_random(30_000, t as u64 + 7)).map_err(|e| ctx("write temp", e))?;
+    let own = root.join(format!("d{}/own-{t:02}.bin", t % 4));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&own)
+        .map_err(|e| ctx("create", e))?;
+    let mut written = 0u64;
+    for chunk in 0..CHUNKS {
+        let len = rng.range(1, 40_000) as usize;
+        file.write_all(&pseudo_random(len, t as u64 * 1000 + chunk))
+            .map_err(|e| ctx("write", e))?;
+        written += len as u64;
+        file.sync_all().map_err(|e| ctx("fsync", e))?;
+        let size = fs::metadata(&own).map_err(|e| ctx("stat own", e))?.len();
+        if size != written {
+            return Err(format!(
+                "thread {t}: own file is {size} bytes after writing {written}"
+            ));
+        }
+        let shared = root.join(format!("shared/s{}.log", (t + chunk as usize) % SHARED));
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&shared)
+            .and_then(|mut f| f.write_all(&record(t, chunk)))
+            .map_err(|e| ctx("append", e))?;
+        let log = fs::read(root.join(format!("shared/s{}.log", chunk as usize % SHARED)))
+            .map_err(|e| ctx("read shared", e))?;
+        records_of(&log).map_err(|e| format!("thread {t}: {e}"))?;
+        if chunk == 1 {
+            // An old upload the application deletes while the sweeper is migrating the tree.
+            fs::remove_file(root.join(format!("old/o{t:02}.bin")))
+                .map_err(|e| ctx("unlink an old file", e))?;
+        }
+        let l = (t + chunk as usize) % LEGACY;
+        let legacy = fs::read(root.join(format!("legacy/l{l:02}.bin")))
+            .map_err(|e| ctx("read legacy", e))?;
+        if legacy != legacy_content(l) {
+            return Err(format!(
+                "thread {t}: legacy/l{l:02}.bin read back wrong ({} bytes)",
+                legacy.len()
+            ));
+        }
+    }
+    drop(file);
+    fs::remove_file(&temp).map_err(|e| ctx("unlink temp", e))?;
+    if t % 3 == 0 {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&own)
+            .map_err(|e| ctx("reopen", e))?;
+        file.write_all_at(&pseudo_random(5000, t as u64), 100)
+            .map_err(|e| ctx("pwrite", e))?;
+        file.sync_data().map_err(|e| ctx("fdatasync", e))?;
+    }
+    if t % 5 == 0 {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&own)
+            .and_then(|f| f.set_len(written / 2))
+            .map_err(|e| ctx("truncate", e))?;
+    }
+    if t % 2 == 0 {
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o640))
+            .map_err(|e| ctx("chmod", e))?;
+    }
+    // Read another thread's file (it may be anywhere in its life; only errors count).
+    let other = root.join(format!("d{}/own-{:02}.bin", (t + 1) % 4, (t + 1) % THREADS));
+    match fs::read(&other) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ctx("read another thread's file", e)),
+    }
+    fs::rename(&own, root.join(format!("done/own-{t:02}.bin"))).map_err(|e| ctx("rename", e))?;
+    Ok(())
+}
+
+/// Runs the 64 workers against `root`; the errors they met.
+fn run_workers(root: &Path) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| s.spawn(move || worker(root, t)))
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a worker panicked".into()))
+                    .err()
+            })
+            .collect()
+    })
+}
+
+/// The records of each shared log, sorted (appends from different threads come in any order).
+fn shared_records(root: &Path) -> BTreeMap<String, Result<Vec<Vec<u8>>, String>> {
+    (0..SHARED)
+        .map(|i| {
+            let name = format!("shared/s{i}.log");
+            let records = fs::read(root.join(&name))
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    if bytes.len() % RECORD != 0 {
+                        return Err(format!("{} bytes: not whole records", bytes.len()));
+                    }
+                    records_of(&bytes)
+                })
+                .map(|mut r| {
+                    r.sort();
+                    r
+                });
+            (name, records)
+        })
+        .collect()
+}
+
+/// A tree without the shared logs (compared by `shared_records`).
+fn without_shared(tree: Tree) -> Tree {
+    tree.into_iter()
+        .filter(|(p, _)| !p.starts_with("shared/"))
+        .collect()
+}
+
+#[test]
+fn concurrent_writers_through_the_mount_end_like_on_a_plain_directory() {
+    let w = Work::new();
+    let plain = w.root.join("plain");
+    legacy_tree(&w.src);
+    legacy_tree(&plain);
+    let daemon = Daemon::start(&w.src, &mount_args(&w));
+
+    let started = Instant::now();
+    let errors = run_workers(&w.src);
+    let through_mount = started.elapsed();
+    assert!(
+        errors.is_empty(),
+        "through the mount ({} errors):\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+    let errors = run_workers(&plain);
+    assert!(
+        errors.is_empty(),
+        "on the plain directory:\n{}",
+        errors.join("\n")
+    );
+    eprintln!(
+        "64 workers: {through_mount:.2?} through the mount, {:.2?} in all",
+        started.elapsed()
+    );
+
+    let diff = tree_diff(&without_shared(tree(&plain)), &without_shared(tree(&w.src)));
+    assert!(
+        diff.is_empty(),
+        "the mount differs from the plain directory (want = plain):\n  {}",
+        diff.join("\n  ")
+    );
+    let (want, got) = (shared_records(&plain), shared_records(&w.src));
+    for (name, want) in &want {
+        let want = want.as_ref().unwrap();
+        let got = &got[name];
+        assert!(
+            got.as_ref() == Ok(want),
+            "{name}: {} records on the plain directory, through the mount: {:?}",
+            want.len(),
+            got.as_ref().map(|r| r.len())
+        );
+    }
+
+    // The sweeper raced the writers; once it has caught up, the dest is the tree.
+    let files = only_files(&tree(&w.src));
+    let settled = Instant::now();
+    loop {
+        let status = w.status();
+        let busy = files_in(&status, &["pending", "copying", "copied", "failed"]);
+        let diff = tree_diff(&files, &dest_files(&w.dest));
+        if busy == 0 && diff.is_empty() {
+            break;
+        }
+        assert!(
+            settled.elapsed() < Duration::from_secs(90),
+            "the sweeper did not catch up: {busy} files pending/copying/copied/failed; the dest differs from the tree (want = tree):\n  {}\nstatus: {} problems: {}",
+            diff.join("\n  "),
+            status["files"],
+            status["problems"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "sweeper caught up {:.2?} after the writers",
+        settled.elapsed()
+    );
+    let status = w.status();
+    assert_eq!(
+        state_count(&status, "files", "verified"),
+        files.len() as u64,
+        "every file verified: {status:#}"
+    );
+
+    let log = daemon.stop();
+    assert!(!is_mounted(&w.src), "a mount is left after SIGTERM");
+    eprintln!(
+        "the daemon's sweeper: {} copies verified, {} outcomes dropped (file changed or held meanwhile)",
+        log.matches("copied and verified").count(),
+        log.matches("lease lost").count()
+    );
+    // Unmounted, the local tree is what the application saw; a sweep finds nothing to do.
+    let diff = tree_diff(&files, &only_files(&tree(&w.src)));
+    assert!(
+        diff.is_empty(),
+        "the local tree after unmounting:\n  {}",
+        diff.join("\n  ")
+    );
+    let sweep = w.sweep(&[]);
+    sweep.assert_code(0);
+    assert_eq!(sweep.count("Successfully copied"), 0, "{sweep}");
+    let diff = tree_diff(&files, &dest_files(&w.dest));
+    assert!(
+        diff.is_empty(),
+        "the dest after a last sweep:\n  {}",
+        diff.join("\n  ")
+    );
 }

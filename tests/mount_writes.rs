@@ -423,7 +423,9 @@ fn a_crash_between_the_steps_of_unlink_or_rename_is_repaired_at_restart() {
         w.write("dir/b.txt", b"bravo");
         w.write("c.txt", b"charlie");
         let env = vec![("CUTOVERFS_CRASH_AT".to_string(), point.to_string())];
-        let (mnt, daemon) = mount_beside(&w, &[], &env);
+        // A rename holds the files at their new names until the local tree is renamed: after
+        // a crash in between, the hold lasts its lease.
+        let (mnt, daemon) = mount_beside(&w, &["--lease-timeout", "2s"], &env);
         wait_until(Duration::from_secs(30), "the first sweep", || {
             nothing_left_to_copy(&w) && verified(&w) == 3
         });

@@ -38,7 +38,19 @@ pub(super) enum Route {
     Remote { key: String, size: u64 },
 }
 
-pub struct CutoverFs {
+/// The file system as the kernel sees it: a handle on the shared state, so that an open that
+/// must wait (see `open.rs`) can finish on another thread without holding a FUSE thread.
+pub struct CutoverFs(Arc<FsState>);
+
+impl std::ops::Deref for CutoverFs {
+    type Target = FsState;
+    fn deref(&self) -> &FsState {
+        &self.0
+    }
+}
+
+/// Everything the request handlers share.
+pub struct FsState {
     pub(super) ns: Arc<Namespace>,
     pub(super) inodes: Inodes,
     pub(super) store: Arc<dyn Store>,
@@ -76,7 +88,13 @@ pub(super) struct FsParts {
 
 impl CutoverFs {
     pub(super) fn new(parts: FsParts) -> CutoverFs {
-        CutoverFs {
+        CutoverFs(Arc::new(FsState::new(parts)))
+    }
+}
+
+impl FsState {
+    fn new(parts: FsParts) -> FsState {
+        FsState {
             ns: parts.ns,
             inodes: Inodes::new(),
             store: parts.store,
@@ -161,24 +179,51 @@ impl CutoverFs {
         backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
         given: Option<File>,
     ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
-        if writable {
-            self.wait_for_dest_readers(ino)?;
+        let _turn = writable.then(|| self.files.writer_waiting(ino));
+        let started = std::time::Instant::now();
+        let mut given = given;
+        loop {
+            let opened =
+                self.try_open_local_handle(ino, rel, flags, writable, backing_for, &mut given);
+            match opened {
+                Err(e) if is_dest_readers_busy(&e) => {
+                    // Readers of the dest copy hold the inode: the writer waits for them a
+                    // little (new readers queue behind it meanwhile), then gives up.
+                    if started.elapsed() > WRITER_WAIT {
+                        tracing::warn!(ino, "a file read from the dest stayed open; refusing to open it for writing (ETXTBSY)");
+                        return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                opened => return opened,
+            }
         }
+    }
+
+    fn try_open_local_handle(
+        &self,
+        ino: u64,
+        rel: &Path,
+        flags: i32,
+        writable: bool,
+        backing_for: &dyn Fn(&File) -> io::Result<fuser::BackingId>,
+        given: &mut Option<File>,
+    ) -> io::Result<(u64, Option<Arc<fuser::BackingId>>)> {
         let passthrough = self.passthrough.load(Ordering::Relaxed);
         self.files.open(ino, |mode, _fh| match mode {
             Some(mode @ Mode::Passthrough { .. }) if !(writable && mode.excludes_writers()) => {
                 Ok(share(ino, mode, writable))
             }
-            Some(Mode::Passthrough { .. }) => Err(io::Error::from_raw_os_error(libc::ETXTBSY)),
+            Some(Mode::Passthrough { .. }) => Err(io::Error::other(DestReadersBusy)),
             None if passthrough => {
-                let file = match given {
+                let file = match given.take() {
                     Some(file) => file,
                     None => self.open_backing_file(rel, writable)?,
                 };
                 Ok(self.first_passthrough(ino, file, true, writable, backing_for))
             }
             _ => {
-                let file = match given {
+                let file = match given.take() {
                     Some(file) => file,
                     None => self.ns.source().open_at(rel, flags)?,
                 };
@@ -192,18 +237,12 @@ impl CutoverFs {
         })
     }
 
-    /// Readers of a dest-backed inode are usually quick (a web server sends the file and closes
-    /// it): a writer waits for them a little before it is refused.
-    fn wait_for_dest_readers(&self, ino: u64) -> io::Result<()> {
+    /// New readers wait while a writer waits for the inode (it waits at most `WRITER_WAIT`).
+    fn wait_for_waiting_writers(&self, ino: u64) {
         let started = std::time::Instant::now();
-        while self.files.excludes_writers(ino) {
-            if started.elapsed() > WRITER_WAIT {
-                tracing::warn!(ino, "a file read from the dest stayed open; refusing to open it for writing (ETXTBSY)");
-                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        while self.files.has_waiting_writer(ino) && started.elapsed() < 2 * WRITER_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(())
     }
 
     /// The first open of an inode in passthrough mode: `file` becomes its backing file.
@@ -265,6 +304,63 @@ impl CutoverFs {
         })
     }
 
+    /// A read-only open: from the dest when the file is verified there, else the local copy.
+    fn open_for_read(&self, ino: u64, rel: &Path, reply: ReplyOpen) {
+        let route = match self.route(rel) {
+            Ok(route) => route,
+            Err(e) => return reply.error(e),
+        };
+        let opened = match route {
+            Route::DestFile(path) => match File::open(&path) {
+                Ok(file) => Some(
+                    self.open_dest_handle(ino, Handle::Local(file), &|f: &File| {
+                        reply.open_backing(f)
+                    }),
+                ),
+                Err(e) => {
+                    tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
+                    None
+                }
+            },
+            Route::Remote { key, size } => {
+                let file =
+                    RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
+                let handle = Handle::Remote {
+                    file: Arc::new(file),
+                    rel: rel.to_path_buf(),
+                };
+                Some(self.open_dest_handle(ino, handle, &|f: &File| reply.open_backing(f)))
+            }
+            Route::Source => None,
+        };
+        if let Some(opened) = opened {
+            return match opened {
+                Ok((fh, backing)) => {
+                    self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
+                    reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Err(e) => reply.error(Errno::from(e)),
+            };
+        }
+        let backing_for = |file: &File| reply.open_backing(file);
+        match self.open_local_handle(ino, rel, libc::O_RDONLY, false, &backing_for, None) {
+            Ok((fh, backing)) => {
+                self.stats.opens_local.fetch_add(1, Ordering::Relaxed);
+                reply_opened(reply, fh, backing, FopenFlags::empty())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if self.ns.attr(rel).is_err() {
+                    // Renamed or removed since the kernel looked it up: as if the open came
+                    // after that.
+                    return reply.error(Errno::ENOENT);
+                }
+                tracing::error!(path = %rel.display(), "neither the dest nor a local copy can serve this file");
+                reply.error(Errno::EIO)
+            }
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    }
+
     pub(super) fn reply_entry(&self, path: &Path, reply: ReplyEntry) {
         match self.attr_of(path) {
             Ok(attr) => reply.entry(&self.ttl, &attr, Generation(0)),
@@ -290,6 +386,16 @@ impl CutoverFs {
 
 /// How long a writer waits for readers of the dest copy to close.
 const WRITER_WAIT: Duration = Duration::from_secs(2);
+
+/// A writer met readers of the dest copy on the inode it wants to open.
+#[derive(Debug, thiserror::Error)]
+#[error("readers of the dest copy hold the file")]
+struct DestReadersBusy;
+
+fn is_dest_readers_busy(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<DestReadersBusy>())
+}
 
 /// A handle on an inode already in passthrough mode: it shares the backing file.
 fn share(ino: u64, mode: &Mode, writable: bool) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
@@ -453,62 +559,35 @@ impl Filesystem for CutoverFs {
         reply.ok();
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let rel = match self.path(ino) {
             Ok(rel) => rel,
             Err(e) => return reply.error(e),
         };
-        let _span = tracing::debug_span!("open", path = %rel.display()).entered();
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
-            return self.open_for_write(req, ino.0, &rel, flags.0, reply);
-        }
-        let route = match self.route(&rel) {
-            Ok(route) => route,
-            Err(e) => return reply.error(e),
-        };
-        let opened = match route {
-            Route::DestFile(path) => match File::open(&path) {
-                Ok(file) => Some(
-                    self.open_dest_handle(ino.0, Handle::Local(file), &|f: &File| {
-                        reply.open_backing(f)
-                    }),
-                ),
-                Err(e) => {
-                    tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
-                    None
-                }
-            },
-            Route::Remote { key, size } => {
-                let file =
-                    RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
-                let handle = Handle::Remote {
-                    file: Arc::new(file),
-                    rel: rel.to_path_buf(),
-                };
-                Some(self.open_dest_handle(ino.0, handle, &|f: &File| reply.open_backing(f)))
-            }
-            Route::Source => None,
-        };
-        if let Some(opened) = opened {
-            return match opened {
-                Ok((fh, backing)) => {
-                    self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
-                    reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
-                }
-                Err(e) => reply.error(Errno::from(e)),
-            };
-        }
-        let backing_for = |file: &File| reply.open_backing(file);
-        match self.open_local_handle(ino.0, &rel, libc::O_RDONLY, false, &backing_for, None) {
-            Ok((fh, backing)) => {
-                self.stats.opens_local.fetch_add(1, Ordering::Relaxed);
-                reply_opened(reply, fh, backing, FopenFlags::empty())
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                tracing::error!(path = %rel.display(), "neither the dest nor a local copy can serve this file");
-                reply.error(Errno::EIO)
-            }
-            Err(e) => reply.error(Errno::from(e)),
+        let ino = ino.0;
+        let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if writing && self.files.excludes_writers(ino) {
+            // Readers of the dest copy hold the inode: wait for them off the FUSE threads.
+            self.files.writer_starts_waiting(ino);
+            let fs = self.0.clone();
+            self.rt.spawn_blocking(move || {
+                let _span = tracing::debug_span!("open", path = %rel.display()).entered();
+                fs.open_for_write(ino, &rel, flags.0, reply);
+                fs.files.writer_stops_waiting(ino);
+            });
+        } else if writing {
+            let _span = tracing::debug_span!("open", path = %rel.display()).entered();
+            self.open_for_write(ino, &rel, flags.0, reply);
+        } else if self.files.has_waiting_writer(ino) {
+            let fs = self.0.clone();
+            self.rt.spawn_blocking(move || {
+                let _span = tracing::debug_span!("open", path = %rel.display()).entered();
+                fs.wait_for_waiting_writers(ino);
+                fs.open_for_read(ino, &rel, reply);
+            });
+        } else {
+            let _span = tracing::debug_span!("open", path = %rel.display()).entered();
+            self.open_for_read(ino, &rel, reply);
         }
     }
 

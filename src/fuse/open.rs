@@ -12,8 +12,10 @@
 //! Later opens share what the first chose: readers of a file being written read the local copy,
 //! readers of a dest-backed file the dest copy. A writer cannot share a dest backing file (it
 //! must write the local copy), so it waits a moment for those readers to close (`writer_wait`)
-//! and is refused with ETXTBSY if they do not. A writer on a daemon-served inode is served by
-//! the daemon too.
+//! and is refused with ETXTBSY if they do not. While a writer waits, new readers of that inode
+//! wait behind it (on a blocking thread, never a FUSE thread), or a steady stream of readers
+//! would keep the writer out for ever; once the writer is in, they share the local copy. A
+//! writer on a daemon-served inode is served by the daemon too.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -80,7 +82,21 @@ struct InodeIo {
 pub struct OpenFiles {
     handles: Mutex<HashMap<u64, Arc<Open>>>,
     inodes: Mutex<HashMap<u64, InodeIo>>,
+    /// Writers waiting for the dest readers of an inode to leave, by inode.
+    waiting_writers: Mutex<HashMap<u64, usize>>,
     next: std::sync::atomic::AtomicU64,
+}
+
+/// A writer's place in the queue of an inode: new readers wait while it is held.
+pub struct WaitingWriter<'a> {
+    files: &'a OpenFiles,
+    ino: u64,
+}
+
+impl Drop for WaitingWriter<'_> {
+    fn drop(&mut self) {
+        self.files.writer_stops_waiting(self.ino);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +155,45 @@ impl OpenFiles {
         lock(&self.inodes)
             .get(&ino)
             .is_some_and(|io| io.mode.excludes_writers())
+    }
+
+    /// Marks a writer waiting on `ino` until the returned guard is dropped.
+    pub fn writer_waiting(&self, ino: u64) -> WaitingWriter<'_> {
+        self.writer_starts_waiting(ino);
+        WaitingWriter { files: self, ino }
+    }
+
+    /// Marks a writer waiting on `ino` until `writer_stops_waiting` (for a writer whose open
+    /// goes on on another thread).
+    pub fn writer_starts_waiting(&self, ino: u64) {
+        *lock(&self.waiting_writers).entry(ino).or_default() += 1;
+    }
+
+    pub fn writer_stops_waiting(&self, ino: u64) {
+        let mut waiting = lock(&self.waiting_writers);
+        if let Some(n) = waiting.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&ino);
+            }
+        }
+    }
+
+    /// Whether a writer waits to open `ino` (new readers queue behind it).
+    pub fn has_waiting_writer(&self, ino: u64) -> bool {
+        lock(&self.waiting_writers).contains_key(&ino)
+    }
+
+    /// The inodes that have a handle open for writing.
+    pub fn written_inodes(&self) -> Vec<u64> {
+        let mut inodes: Vec<u64> = lock(&self.handles)
+            .values()
+            .filter(|o| o.writable)
+            .map(|o| o.ino)
+            .collect();
+        inodes.sort_unstable();
+        inodes.dedup();
+        inodes
     }
 
     /// How many handles open for writing `ino` has.

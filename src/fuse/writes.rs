@@ -19,7 +19,7 @@ use fuser::{
 };
 
 use super::copyup::copy_up;
-use super::fs::{reply_opened, CutoverFs};
+use super::fs::{reply_opened, FsState};
 use super::local::{self, SetTime};
 use super::namespace::{child_path, is_bad_name};
 use crate::manifest::{Kind, Leftover};
@@ -50,7 +50,7 @@ fn set_time(time: Option<TimeOrNow>) -> SetTime {
     }
 }
 
-impl CutoverFs {
+impl FsState {
     fn child(&self, parent: INodeNo, name: &OsStr) -> Result<std::path::PathBuf, Errno> {
         if is_bad_name(name) {
             return Err(Errno::EINVAL);
@@ -117,14 +117,7 @@ impl CutoverFs {
         }
     }
 
-    pub(super) fn open_for_write(
-        &self,
-        _req: &Request,
-        ino: u64,
-        rel: &Path,
-        flags: i32,
-        reply: ReplyOpen,
-    ) {
+    pub(super) fn open_for_write(&self, ino: u64, rel: &Path, flags: i32, reply: ReplyOpen) {
         let opened = self.ensure_local(rel).and_then(|()| {
             self.hold(rel)?;
             let backing_for = |file: &File| reply.open_backing(file);
@@ -455,7 +448,8 @@ impl CutoverFs {
             (Some(f), Some(t)) => {
                 let store = self.store.clone();
                 let keys = move |path: &str| store.key_for(path).ok();
-                self.block_on(self.manifest.rename_rows(f, t, &keys))
+                let hold = Some((self.holds.holder.as_str(), self.holds.until()));
+                self.block_on(self.manifest.rename_rows(f, t, &keys, hold))
                     .map_err(|e| {
                         tracing::error!(from = f, to = t, error = %e, "cannot record the rename");
                         Errno::EIO
@@ -468,7 +462,7 @@ impl CutoverFs {
             if let (Some(f), Some(t)) = (from.to_str(), to.to_str()) {
                 let store = self.store.clone();
                 let keys = move |path: &str| store.key_for(path).ok();
-                if let Err(undo) = self.block_on(self.manifest.rename_rows(t, f, &keys)) {
+                if let Err(undo) = self.block_on(self.manifest.rename_rows(t, f, &keys, None)) {
                     tracing::error!(error = %undo, "cannot undo the recorded rename; the next scan repairs it");
                 }
             }
@@ -477,10 +471,34 @@ impl CutoverFs {
         }
         crate::util::crash_point("rename:local-done");
         self.inodes.rename(from, to);
+        self.release_renamed(to);
         self.ns.forget_all_entries();
         self.delete_leftovers(leftovers);
         self.records.wake();
         Ok(())
+    }
+
+    /// The renamed files are in place: the sweeper may take them, except those still open for
+    /// writing (their writers hold them until they close).
+    fn release_renamed(&self, to: &Path) {
+        let Some(text) = to.to_str() else { return };
+        let kept: Vec<String> = self
+            .files
+            .written_inodes()
+            .into_iter()
+            .filter_map(|ino| self.inodes.path(ino))
+            .filter(|p| p.starts_with(to))
+            .filter_map(|p| p.to_str().map(str::to_string))
+            .collect();
+        if let Err(e) = self.block_on(self.manifest.release_renamed(
+            text,
+            &self.holds.holder,
+            &kept,
+        )) {
+            // The daemon keeps renewing its holds: these files wait until they are written
+            // again or the daemon restarts.
+            tracing::warn!(path = text, error = %e, "cannot release the renamed files for copying");
+        }
     }
 
     /// Brings every dest-only file at or below `from` back to the local tree: a rename moves

@@ -160,13 +160,36 @@ impl Manifest {
     /// Records a rename of `from` (and everything below it) to `to`, before the local rename:
     /// the rows at the new paths wait for a copy from the renamed local files, the old rows
     /// are deleted and their objects become leftovers. `keys` maps old paths to dest keys.
+    ///
+    /// With `hold` (holder, until), the files at their new paths are held: the rename is
+    /// recorded before the local tree is renamed, and a sweeper claiming a new path in between
+    /// would find no file there and call it missing. `release_renamed` ends the hold.
     pub async fn rename_rows(
         &self,
         from: &str,
         to: &str,
         keys: &dyn Fn(&str) -> Option<String>,
+        hold: Option<(&str, i64)>,
     ) -> Result<Vec<Leftover>> {
-        super::retry_conflicts(|| self.rename_rows_once(from, to, keys)).await
+        super::retry_conflicts(|| self.rename_rows_once(from, to, keys, hold)).await
+    }
+
+    /// Ends the holds `rename_rows` put on the files now at or below `to`, except on `kept`
+    /// (files still open for writing: their writers' holds go on).
+    pub async fn release_renamed(&self, to: &str, holder: &str, kept: &[String]) -> Result<()> {
+        sqlx::query(&self.sql(&format!(
+            "UPDATE entries SET lease_owner = NULL, lease_expires_at = NULL WHERE {SUBTREE} \
+             AND kind = 'file' AND state = 'pending' AND lease_owner = $4 \
+             AND path NOT IN (SELECT value FROM JSON_TEXTS($5))"
+        )))
+        .bind(to)
+        .bind(format!("{to}/"))
+        .bind(format!("{to}0"))
+        .bind(holder)
+        .bind(serde_json::json!(kept).to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn rename_rows_once(
@@ -174,6 +197,7 @@ impl Manifest {
         from: &str,
         to: &str,
         keys: &dyn Fn(&str) -> Option<String>,
+        hold: Option<(&str, i64)>,
     ) -> Result<Vec<Leftover>> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -240,6 +264,19 @@ impl Manifest {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+            if let Some((holder, until)) = hold {
+                sqlx::query(&format!(
+                    "UPDATE entries SET lease_owner = $4, lease_expires_at = $5 WHERE {SUBTREE} \
+                     AND kind = 'file' AND state = 'pending'"
+                ))
+                .bind(to)
+                .bind(format!("{to}/"))
+                .bind(format!("{to}0"))
+                .bind(holder)
+                .bind(until)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(leftovers)
