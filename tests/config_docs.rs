@@ -70,13 +70,14 @@ fn subcommands(help: &str) -> Vec<String> {
     names
 }
 
-/// `[env: NAME=]` markers of a help text (wrapped lines joined first).
+/// `[env: NAME=]` (or `[env: NAME]` where the value is hidden) markers of a help text
+/// (wrapped lines joined first).
 fn env_vars(help: &str) -> BTreeSet<String> {
     let joined = help.split_whitespace().collect::<Vec<_>>().join(" ");
     joined
         .split("[env: ")
         .skip(1)
-        .filter_map(|rest| rest.split('=').next().map(str::to_string))
+        .filter_map(|rest| rest.split(['=', ']']).next().map(str::to_string))
         .collect()
 }
 

@@ -161,3 +161,31 @@ fn logs_hold_no_secret_and_no_file_content() {
         }
     }
 }
+
+/// `--help` names the environment variables it reads, but never their values: the manifest URL
+/// of a PostgreSQL manifest holds a password.
+#[test]
+fn help_never_shows_the_manifest_password_from_the_environment() {
+    let password = "HELPPASSWORD-3c9e";
+    for args in [&["--help"][..], &["sweep", "--help"], &["mount", "--help"]] {
+        let mut help = command();
+        help.env(
+            "CUTOVERFS_MANIFEST",
+            format!("postgres://cutover:{password}@db.example.invalid/cutover"),
+        )
+        .args(args);
+        let shown = run_command(&mut help);
+        shown.assert_code(0);
+        let text = format!("{}{}", shown.stdout, shown.stderr);
+        assert!(
+            !text.contains(password),
+            "{args:?} shows the password:\n{text}"
+        );
+        if args.len() > 1 {
+            assert!(
+                text.contains("CUTOVERFS_MANIFEST"),
+                "{args:?} no longer names the variable:\n{text}"
+            );
+        }
+    }
+}

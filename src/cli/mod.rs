@@ -135,7 +135,8 @@ pub struct Target {
     pub dest: Option<String>,
     /// The manifest database: sqlite:///PATH, or postgres://USER:PASSWORD@HOST:PORT/DB for a
     /// manifest shared by several nodes.
-    #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", default_value = DEFAULT_MANIFEST)]
+    // The value from the environment is never shown in --help: it may hold a password.
+    #[arg(long, value_name = "URL", env = "CUTOVERFS_MANIFEST", hide_env_values = true, default_value = DEFAULT_MANIFEST)]
     pub manifest: String,
     #[command(flatten)]
     pub s3: S3Args,
