@@ -547,6 +547,28 @@ def merge_timings(old_body, new_body, run_cases):
     return head + [line for it in out for line in it] + tail
 
 
+# Sections other tools write by hand into the report (bench/throttle's "## Throttles"): a run of
+# bench/run keeps them as they are, before "## Raw timings".
+KEPT_SECTIONS = ("## Throttles",)
+
+
+def keep_hand_sections(old_text, new_text):
+    _, old_secs = split_sections(old_text)
+    kept = [(h, b) for h, b in old_secs if h.startswith(KEPT_SECTIONS)]
+    pre, secs = split_sections(new_text)
+    present = {h for h, _ in secs}
+    kept = [(h, b) for h, b in kept if h not in present]
+    if not kept:
+        return new_text
+    at = next((i for i, (h, _) in enumerate(secs) if h == "## Raw timings"), len(secs))
+    secs[at:at] = kept
+    lines = list(pre)
+    for heading, body in secs:
+        lines.append(heading)
+        lines += body
+    return "\n".join(lines)
+
+
 def write_text(output, text):
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + ".tmp"
@@ -815,6 +837,9 @@ def main():
         else:
             print(f"report.py: cannot merge into {output} (not a report of bench/run?); writing this run's report",
                   file=sys.stderr)
+    if os.path.exists(output):
+        with open(output, encoding="utf-8") as fh:
+            text = keep_hand_sections(fh.read(), text)
     write_text(output, text)
 
 

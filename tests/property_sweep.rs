@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cutoverfs::engine::scan::scan_into_manifest;
 use cutoverfs::engine::sweep::{run_sweep, SweepOptions};
-use cutoverfs::engine::{PathFilter, Progress};
+use cutoverfs::engine::{Limits, LiveLimits, PathFilter, Progress};
 use cutoverfs::manifest::{Manifest, ManifestUrl, Pair, State};
 use cutoverfs::source::SourceTree;
 use cutoverfs::store::{open_store, DestUrl};
@@ -82,16 +82,19 @@ async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
         .unwrap();
     manifest.requeue_for_new_sweep().await.unwrap();
     let opts = SweepOptions {
-        concurrency: 4,
+        limits: LiveLimits::new(Limits {
+            concurrency: 4,
+            bwlimit: None,
+            max_ops: None,
+            filter: PathFilter::default(),
+        }),
         batch_size: 3,
         max_retries: 0,
         retry_delay: Duration::from_millis(1),
         lease: Duration::from_secs(30),
-        filter: PathFilter::default(),
         node: "proptest".into(),
         dest_timeout: Duration::from_secs(60),
         keep_running: None,
-        bwlimit: None,
         on_verified: None,
         command: "sweep".into(),
     };

@@ -86,6 +86,8 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         target: target.clone(),
         scope: Scope::default(),
         concurrency: None,
+        bwlimit: None,
+        max_ops: None,
         batch_size: 100,
         max_retries: 3,
         retry_delay: Duration::from_secs(1),

@@ -10,6 +10,7 @@ mod demo;
 mod logs;
 mod mount;
 mod purge;
+mod reload;
 mod report;
 mod sweep;
 mod verify;
@@ -318,12 +319,17 @@ fn invoked_as_mount_helper(argv: &[std::ffi::OsString]) -> bool {
 /// Parses the command line; a flag given twice takes its last value, so a flag on the command
 /// line beats the same setting from `--config` (put in front of it).
 fn parse_letting_later_flags_win(args: Vec<std::ffi::OsString>) -> Cli {
+    try_parse_letting_later_flags_win(args).unwrap_or_else(|e| e.exit())
+}
+
+/// The same, with an error instead of an exit (a reload must not end the daemon).
+fn try_parse_letting_later_flags_win(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
     use clap::{CommandFactory, FromArgMatches};
     let command = Cli::command()
         .args_override_self(true)
         .mut_subcommands(|sub| sub.args_override_self(true));
-    let matches = command.get_matches_from(args);
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let matches = command.try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches)
 }
 
 /// Like other command-line tools, end quietly when the reader of stdout goes away

@@ -15,7 +15,7 @@ use clap::Args;
 use super::{exit, parse_size, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::scan::{scan_into_manifest, ScanError};
 use crate::engine::sweep::{run_sweep, SweepOptions};
-use crate::engine::{node_id, process_node, Progress};
+use crate::engine::{node_id, process_node, Limits, LiveLimits, Progress};
 use crate::fuse::{MountSettings, Parts};
 use crate::manifest::Manifest;
 use crate::store::Preflight;
@@ -44,6 +44,11 @@ pub struct MountArgs {
     /// when not given. Reads by the application are never limited.
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub bwlimit: Option<u64>,
+    /// Write requests per second the sweeper sends to the dest, on average (S3 PUT class: 1 per
+    /// file, 2 + parts for a multipart upload; 1 per file to a file:// dest); unlimited when not
+    /// given.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ops: Option<u64>,
     /// Retries of a failed copy before the file is left as failed.
     #[arg(long, default_value_t = 5)]
     pub max_retries: u32,
@@ -82,7 +87,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if target.source.is_none() {
         target.source = Some(mountpoint.clone());
     }
-    let filter = args.scope.filter()?;
+    let limits = LiveLimits::new(live_limits(&args)?);
     // Everything is checked before anything is created or mounted.
     let resolved = with_optional_manifest(&target, async |existing| {
         let resolved = target.resolve(existing).await?;
@@ -120,6 +125,17 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     };
     // From here a stop must unmount; a signal during mounting is acted on right after.
     let mut signals = stop_on_signals();
+    super::reload::on_sighup(
+        limits.clone(),
+        other_settings(&args),
+        |command| match command {
+            super::Command::Mount(args) => Ok(super::reload::Reread {
+                limits: live_limits(&args)?,
+                others: other_settings(&args),
+            }),
+            _ => bail!("the config file no longer starts a mount"),
+        },
+    );
     let mount_now = tokio::task::block_in_place(|| crate::fuse::mount(parts, &settings));
     let (mut mounted, on_verified) = mount_now?;
     tracing::info!(
@@ -151,18 +167,16 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     }
     let node = process_node();
     let opts = SweepOptions {
-        concurrency: args.concurrency as usize,
+        limits,
         batch_size: 200,
         max_retries: args.max_retries,
         retry_delay: args.retry_delay,
         lease: args.lease_timeout,
-        filter,
         node,
         command: "mount".into(),
         // The daemon never gives up on the dest: copies pause while it is away.
         dest_timeout: Duration::from_secs(100 * 365 * 24 * 3600),
         keep_running: Some(wake),
-        bwlimit: args.bwlimit,
         on_verified: Some(on_verified),
     };
     let cleaner = {
@@ -221,6 +235,26 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     copied?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     Ok(exit::OK)
+}
+
+/// The settings SIGHUP re-reads (see `reload`).
+fn live_limits(args: &MountArgs) -> Result<Limits> {
+    Ok(Limits {
+        concurrency: args.concurrency as usize,
+        bwlimit: args.bwlimit,
+        max_ops: args.max_ops,
+        filter: args.scope.filter()?,
+    })
+}
+
+/// The other settings, to tell when a reload sees them changed (they need a restart).
+fn other_settings(args: &MountArgs) -> String {
+    let mut rest = args.clone();
+    rest.concurrency = 0;
+    rest.bwlimit = None;
+    rest.max_ops = None;
+    rest.scope = Scope::default();
+    format!("{rest:?}")
 }
 
 /// Scans the source into the manifest (the mount is already live), then sweeps until stopped.

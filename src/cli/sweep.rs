@@ -9,7 +9,7 @@ use super::{exit, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::plan::{make_plan, Fate};
 use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
-use crate::engine::{process_node, PathFilter, Progress};
+use crate::engine::{process_node, Limits, LiveLimits, PathFilter, Progress};
 use crate::manifest::{Manifest, State};
 use crate::store::Preflight;
 use crate::util::{human_bytes, human_duration};
@@ -24,6 +24,13 @@ pub struct SweepArgs {
     /// [default: 256 to a file:// dest, 512 to S3, where each file waits on a round trip].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub concurrency: Option<u32>,
+    /// Average read rate from the source, per second (e.g. 20MiB); unlimited when not given.
+    #[arg(long, value_name = "RATE", value_parser = super::parse_size)]
+    pub bwlimit: Option<u64>,
+    /// Write requests per second sent to the dest, on average (S3 PUT class: 1 per file, 2 +
+    /// parts for a multipart upload; 1 per file to a file:// dest); unlimited when not given.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ops: Option<u64>,
     /// Files per recorded batch.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
@@ -79,6 +86,19 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         &filter,
     );
     let stop = stop_on_signals();
+    let dest = resolved.pair.dest.clone();
+    let limits = LiveLimits::new(live_limits(&args, &dest)?);
+    super::reload::on_sighup(
+        limits.clone(),
+        other_settings(&args),
+        move |command| match command {
+            super::Command::Sweep(args) => Ok(super::reload::Reread {
+                limits: live_limits(&args, &dest)?,
+                others: other_settings(&args),
+            }),
+            _ => anyhow::bail!("the config file no longer starts a sweep"),
+        },
+    );
     let node = process_node();
     manifest.close_abandoned_batches(&node).await?;
     crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
@@ -110,19 +130,15 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let (todo_files, todo_bytes) = to_do(&manifest, &filter).await?;
     progress.set_totals(todo_files, todo_bytes);
     let opts = SweepOptions {
-        concurrency: args
-            .concurrency
-            .unwrap_or(default_concurrency(&resolved.pair.dest)) as usize,
+        limits,
         batch_size: args.batch_size as usize,
         max_retries: args.max_retries,
         retry_delay: args.retry_delay,
         lease: args.lease_timeout,
-        filter: filter.clone(),
         node,
         command: "sweep".into(),
         dest_timeout: args.dest_timeout,
         keep_running: None,
-        bwlimit: None,
         on_verified: None,
     };
     let report = run_sweep(
@@ -135,9 +151,31 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     )
     .await?;
     progress.finish();
+    // The scope in force at the end (SIGHUP may have changed it).
+    let filter = opts.limits.get().filter.clone();
     let code = print_summary(&manifest, &filter, &report, &scan, args.skip_missing).await?;
     manifest.close().await;
     Ok(code)
+}
+
+/// The settings SIGHUP re-reads (see `reload`).
+fn live_limits(args: &SweepArgs, dest: &str) -> Result<Limits> {
+    Ok(Limits {
+        concurrency: args.concurrency.unwrap_or(default_concurrency(dest)) as usize,
+        bwlimit: args.bwlimit,
+        max_ops: args.max_ops,
+        filter: args.scope.filter()?,
+    })
+}
+
+/// The other settings, to tell when a reload sees them changed (they need a restart).
+fn other_settings(args: &SweepArgs) -> String {
+    let mut rest = args.clone();
+    rest.concurrency = None;
+    rest.bwlimit = None;
+    rest.max_ops = None;
+    rest.scope = super::Scope::default();
+    format!("{rest:?}")
 }
 
 fn default_concurrency(dest: &str) -> u32 {

@@ -5,6 +5,7 @@
 //! decision in the `Manifest` before or right after acting on it (DESIGN §4.7). It never prints:
 //! commands turn its reports into output.
 
+pub mod control;
 pub mod filter;
 pub mod plan;
 pub mod progress;
@@ -14,6 +15,7 @@ pub mod scan;
 pub mod sweep;
 pub mod verify;
 
+pub use control::{Limits, LiveLimits};
 pub use filter::PathFilter;
 pub use progress::Progress;
 

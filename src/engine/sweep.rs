@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use super::control::LiveLimits;
 use super::filter::PathFilter;
 use super::progress::Progress;
 use crate::manifest::{now_ms, BatchTally, Claimed, FileUpdate, Manifest, ManifestError};
@@ -24,20 +25,18 @@ use crate::store::{
 
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
-    pub concurrency: usize,
+    /// Files in flight, throttles and scope: they may change while the sweep runs.
+    pub limits: Arc<LiveLimits>,
     pub batch_size: usize,
     pub max_retries: u32,
     pub retry_delay: Duration,
     pub lease: Duration,
-    pub filter: PathFilter,
     pub node: String,
     pub command: String,
     /// How long the dest may stay unavailable before the sweep stops (it resumes when re-run).
     pub dest_timeout: Duration,
     /// Inside the daemon: keep waiting for work (woken by copy-on-read) instead of finishing.
     pub keep_running: Option<Arc<tokio::sync::Notify>>,
-    /// Bytes per second read from the source at most, on average (`--bwlimit`).
-    pub bwlimit: Option<u64>,
     /// Told which paths were just recorded verified (the mount drops what it cached of them).
     pub on_verified: Option<VerifiedHook>,
 }
@@ -103,7 +102,6 @@ struct Shared {
     progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
     health: DestHealth,
-    throttle: Option<Throttle>,
     busy: Busy,
 }
 
@@ -154,11 +152,9 @@ pub async fn run_sweep(
         progress,
         stop: stop.clone(),
         health: DestHealth::new(opts.dest_timeout),
-        throttle: opts.bwlimit.map(Throttle::new),
         busy: Busy::default(),
     });
     let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
-    let in_flight = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut batches: JoinSet<Result<BatchTally, ManifestError>> = JoinSet::new();
     let mut report = SweepReport::default();
     let mut cursor = String::new();
@@ -199,7 +195,8 @@ pub async fn run_sweep(
                     match &opts.keep_running {
                         Some(wake) => {
                             if std::mem::take(&mut copied_since_idle) {
-                                create_directories(manifest, &store, &opts.filter).await;
+                                let filter = opts.limits.get().filter.clone();
+                                create_directories(manifest, &store, &filter).await;
                             }
                             wait_for_wake(wake, stop).await
                         }
@@ -210,7 +207,7 @@ pub async fn run_sweep(
             }
             let batch_id = batch_id.unwrap_or_default();
             copied_since_idle = true;
-            let files = dispatch_batch(claimed, &shared, &in_flight).await;
+            let files = dispatch_batch(claimed, &shared).await;
             let manifest = manifest.clone();
             let stop = stop.clone();
             batches.spawn(
@@ -256,7 +253,8 @@ pub async fn run_sweep(
     // Batches of runs that died are closed once their files have been taken over.
     manifest.close_abandoned_batches(&opts.node).await?;
     if !report.interrupted {
-        create_directories(manifest, &store, &opts.filter).await;
+        let filter = opts.limits.get().filter.clone();
+        create_directories(manifest, &store, &filter).await;
     }
     report.elapsed = started.elapsed();
     Ok(report)
@@ -286,43 +284,50 @@ const GROUP_BYTES: u64 = 32 << 20;
 const GROUPS_IN_FLIGHT: usize = 8;
 
 /// Splits a batch into groups and starts a task per group once enough of the `--concurrency`
-/// slots are free. Files not started because the run is stopping stay leased and are released
-/// when the sweep ends.
-async fn dispatch_batch(
-    claimed: Vec<Claimed>,
-    shared: &Arc<Shared>,
-    in_flight: &Arc<Semaphore>,
-) -> JoinSet<Vec<Outcome>> {
+/// slots are free and the throttles allow it. Files not started because the run is stopping
+/// stay leased and are released when the sweep ends; files a new scope (SIGHUP) leaves out are
+/// given back at once.
+async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>) -> JoinSet<Vec<Outcome>> {
     let mut groups = JoinSet::new();
-    let group_files = (shared.opts.concurrency / GROUPS_IN_FLIGHT).clamp(1, GROUP_FILES);
     let mut group: Vec<Claimed> = Vec::new();
     let mut group_bytes = 0;
+    let mut left_out = Vec::new();
     let mut claimed = claimed.into_iter().peekable();
     while let Some(file) = claimed.next() {
+        let limits = &shared.opts.limits;
+        if !limits.get().filter.matches(&file.path) {
+            left_out.push(file.path);
+            continue;
+        }
+        let (group_files, max_bytes) = limits.group_caps(
+            (limits.get().concurrency / GROUPS_IN_FLIGHT).clamp(1, GROUP_FILES),
+            GROUP_BYTES,
+        );
         group_bytes += file.size;
         group.push(file);
         let full = group.len() >= group_files
-            || group_bytes >= GROUP_BYTES
+            || group_bytes >= max_bytes
             || claimed
                 .peek()
-                .is_none_or(|next| group_bytes + next.size > GROUP_BYTES);
+                .is_none_or(|next| group_bytes + next.size > max_bytes);
         if !full {
             continue;
         }
         let files = std::mem::take(&mut group);
         group_bytes = 0;
-        let Ok(slots) = in_flight
-            .clone()
-            .acquire_many_owned(files.len() as u32)
-            .await
-        else {
-            break;
-        };
+        let slots = limits.slots(files.len()).await;
+        let bytes = files.iter().map(|f| f.size).sum();
+        let requests = files
+            .iter()
+            .map(|f| shared.store.put_requests(f.size).max(1))
+            .sum();
+        let mut stop = shared.stop.clone();
+        tokio::select! {
+            _ = limits.pace(bytes, requests) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
         if *shared.stop.borrow() {
             break;
-        }
-        if let Some(throttle) = &shared.throttle {
-            throttle.take(files.iter().map(|f| f.size).sum()).await;
         }
         let shared = shared.clone();
         groups.spawn(
@@ -336,7 +341,21 @@ async fn dispatch_batch(
             .instrument(tracing::info_span!("group")),
         );
     }
+    if !left_out.is_empty() {
+        give_back(shared, left_out).await;
+    }
     groups
+}
+
+/// Leases of claimed files the scope no longer takes: pending again, for a later scope.
+async fn give_back(shared: &Shared, paths: Vec<String>) {
+    match shared.manifest.release(&paths, &shared.opts.node).await {
+        Ok(n) => tracing::info!(files = n, "claimed files now out of scope given back"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot give back files now out of scope; their leases expire")
+        }
+    }
+    shared.busy.done(&paths);
 }
 
 /// Claims up to one batch of in-scope files, opening a batch record for them.
@@ -348,13 +367,14 @@ async fn claim_batch(
 ) -> Result<(Option<i64>, Vec<Claimed>), ManifestError> {
     let mut claimed = Vec::new();
     let mut batch_id = None;
+    let filter = opts.limits.get().filter.clone();
     // Files the application opened before they were copied go first (copy-on-read).
     let urgent: Vec<String> = busy.free(
         manifest
             .prioritized(opts.batch_size)
             .await?
             .into_iter()
-            .filter(|path| opts.filter.matches(path))
+            .filter(|path| filter.matches(path))
             .collect(),
     );
     if !urgent.is_empty() {
@@ -381,7 +401,7 @@ async fn claim_batch(
         let wanted: Vec<String> = busy
             .free(page)
             .into_iter()
-            .filter(|path| opts.filter.matches(path))
+            .filter(|path| filter.matches(path))
             .take(opts.batch_size - claimed.len())
             .collect();
         if wanted.is_empty() {
@@ -418,9 +438,10 @@ async fn wait_for_more_work(
     stop: &watch::Receiver<bool>,
 ) -> Result<bool, ManifestError> {
     let waiting = manifest.waiting(&opts.node).await?;
+    let filter = opts.limits.get().filter.clone();
     let next = waiting
         .iter()
-        .filter(|(path, _)| opts.filter.matches(path))
+        .filter(|(path, _)| filter.matches(path))
         .map(|(_, at)| *at)
         .min();
     let Some(next) = next else { return Ok(false) };
@@ -792,32 +813,6 @@ fn spawn_lease_renewer(
             }
         }
     })
-}
-
-/// `--bwlimit`: each group of files books its bytes on a shared clock running at the allowed
-/// rate and starts when its slot comes; the average rate holds, a burst is at most one group.
-struct Throttle {
-    bytes_per_sec: u64,
-    next_free: std::sync::Mutex<Instant>,
-}
-
-impl Throttle {
-    fn new(bytes_per_sec: u64) -> Throttle {
-        Throttle {
-            bytes_per_sec: bytes_per_sec.max(1),
-            next_free: std::sync::Mutex::new(Instant::now()),
-        }
-    }
-
-    async fn take(&self, bytes: u64) {
-        let start = {
-            let mut next_free = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-            let start = (*next_free).max(Instant::now());
-            *next_free = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
-            start
-        };
-        tokio::time::sleep_until(start.into()).await;
-    }
 }
 
 /// Gives every recorded directory in scope its place at the dest (a no-op where the dest has

@@ -872,6 +872,22 @@ impl Manifest {
         Ok(done.rows_affected())
     }
 
+    /// Gives back this owner's leases on `paths` (claimed, then left out before any copy
+    /// started): pending again, the attempt not counted.
+    pub async fn release(&self, paths: &[String], owner: &str) -> Result<u64> {
+        let done = sqlx::query(&self.sql(
+            "UPDATE entries SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, \
+             attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, version = version + 1, updated_at = $1 \
+             WHERE lease_owner = $2 AND state = 'copying' AND path IN (SELECT value FROM JSON_TEXTS($3))",
+        ))
+        .bind(now_ms())
+        .bind(owner)
+        .bind(json_list(paths))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Records the outcomes of several copies in one transaction. Each update only applies while
     /// its lease is still held; the result says, per update, whether it did.
     pub async fn apply(&self, updates: &[FileUpdate]) -> Result<Vec<bool>> {
