@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::filter::PathFilter;
+use crate::store::ReadPace;
 use crate::util::human_bytes;
 
 /// The live settings, as a whole: a reload replaces all of them at once or none.
@@ -130,11 +131,44 @@ impl LiveLimits {
         self.slots.clone().acquire(files).await
     }
 
+    /// Files larger than this are not charged to `--bwlimit` when they start: the store paces
+    /// their reads chunk by chunk (`pacer`), so a large file is no burst of its own size.
+    pub(super) fn paced_above(&self) -> Option<u64> {
+        self.get()
+            .bwlimit
+            .map(|rate| Bucket::burst(rate as f64) as u64)
+    }
+
+    /// Paces the reads of one large file; once the sweep is stopping, the copy in flight
+    /// finishes unpaced, so a stop is not held up by a low limit.
+    pub(super) fn pacer(
+        self: &Arc<Self>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Arc<dyn ReadPace> {
+        Arc::new(Pacer {
+            limits: self.clone(),
+            stop,
+        })
+    }
+
     /// Waits until both throttles allow a group of `bytes` and `requests` to start, and charges
     /// them before it starts (a group may overdraw; the next waits until that is paid back).
     pub(super) async fn pace(&self, bytes: u64, requests: u64) {
         self.bytes.take(bytes).await;
         self.ops.take(requests).await;
+    }
+}
+
+struct Pacer {
+    limits: Arc<LiveLimits>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ReadPace for Pacer {
+    fn wait_blocking(&self, bytes: u64) {
+        self.limits
+            .bytes
+            .take_blocking(bytes, || *self.stop.borrow());
     }
 }
 
@@ -187,19 +221,32 @@ impl TokenBucket {
     }
 
     async fn take(&self, amount: u64) {
-        loop {
-            let wait = {
-                let mut bucket = self.lock();
-                let Some(rate) = bucket.rate else { return };
-                bucket.refill(Instant::now());
-                if bucket.tokens >= 0.0 {
-                    bucket.tokens -= amount as f64;
-                    return;
-                }
-                Duration::from_secs_f64(-bucket.tokens / rate)
-            };
-            tokio::time::sleep(wait.clamp(Duration::from_millis(1), LONGEST_NAP)).await;
+        while let Some(wait) = self.try_take(amount) {
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    /// `take` for an I/O thread; gives up waiting once `stopping` says so.
+    fn take_blocking(&self, amount: u64, stopping: impl Fn() -> bool) {
+        while let Some(wait) = self.try_take(amount) {
+            if stopping() {
+                return;
+            }
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Takes `amount` if the balance allows it now (None), else says how long to nap.
+    fn try_take(&self, amount: u64) -> Option<Duration> {
+        let mut bucket = self.lock();
+        let rate = bucket.rate?;
+        bucket.refill(Instant::now());
+        if bucket.tokens >= 0.0 {
+            bucket.tokens -= amount as f64;
+            return None;
+        }
+        let wait = Duration::from_secs_f64(-bucket.tokens / rate);
+        Some(wait.clamp(Duration::from_millis(1), LONGEST_NAP))
     }
 }
 

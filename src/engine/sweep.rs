@@ -316,7 +316,12 @@ async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>) -> JoinSet<
         let files = std::mem::take(&mut group);
         group_bytes = 0;
         let slots = limits.slots(files.len()).await;
-        let bytes = files.iter().map(|f| f.size).sum();
+        let pace_above = limits.paced_above();
+        let bytes = files
+            .iter()
+            .map(|f| f.size)
+            .filter(|size| pace_above.is_none_or(|above| *size <= above))
+            .sum();
         let requests = files
             .iter()
             .map(|f| shared.store.put_requests(f.size).max(1))
@@ -333,7 +338,7 @@ async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>) -> JoinSet<
         groups.spawn(
             async move {
                 let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
-                let outcomes = copy_group(files, &shared).await;
+                let outcomes = copy_group(files, pace_above, &shared).await;
                 shared.busy.done(&paths);
                 drop(slots);
                 outcomes
@@ -459,8 +464,9 @@ async fn wait_for_more_work(
     Ok(true)
 }
 
-/// Copies a group of files through the store and records every outcome in one go.
-async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
+/// Copies a group of files through the store and records every outcome in one go. Files larger
+/// than `pace_above` have their reads paced by the store.
+async fn copy_group(files: Vec<Claimed>, pace_above: Option<u64>, shared: &Shared) -> Vec<Outcome> {
     let owner = shared.opts.node.as_str();
     let mut results: Vec<Option<(FileUpdate, Outcome)>> = vec![None; files.len()];
     let mut requests = Vec::with_capacity(files.len());
@@ -468,9 +474,11 @@ async fn copy_group(files: Vec<Claimed>, shared: &Shared) -> Vec<Outcome> {
     for (i, file) in files.iter().enumerate() {
         match shared.store.key_for(&file.path) {
             Ok(key) => {
+                let paced = pace_above.is_some_and(|above| file.size > above);
                 let source = SourceRef {
                     tree: shared.source.clone(),
                     rel: file.path.clone(),
+                    pace: paced.then(|| shared.opts.limits.pacer(shared.stop.clone())),
                 };
                 requests.push(PutRequest {
                     key,

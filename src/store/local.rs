@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::durable::SyncGroup;
-use super::{blocking, ObjectFacts, Preflight, Removal};
+use super::{blocking, ObjectFacts, Preflight, Removal, PACED_CHUNK};
 use super::{
     canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
 };
@@ -408,9 +408,9 @@ fn stage(
         other_fs: false,
     };
     let (sha256, size) = if opened.before.size >= IN_KERNEL_COPY_MIN {
-        copy_in_kernel(&opened, &mut file, target)?
+        copy_in_kernel(&opened, &mut file, target, source)?
     } else {
-        copy_hashing(&opened, &mut file, target)?
+        copy_hashing(&opened, &mut file, target, source)?
     };
     opened.confirm_unchanged()?;
     apply_attrs(&file, &opened.before).map_err(dest_err("set attributes on", target))?;
@@ -507,14 +507,16 @@ fn copy_hashing(
     source: &OpenedSource,
     out: &mut File,
     target: &Path,
+    pace: &SourceRef,
 ) -> Result<(String, u64), StoreError> {
     let mut hasher = Sha256::new();
-    let buf_len = source.before.size.clamp(4096, 1 << 20) as usize;
+    let buf_len = source.before.size.clamp(4096, PACED_CHUNK) as usize;
     let mut buf = vec![0u8; buf_len];
     let mut input = &source.file;
     let mut written: u64 = 0;
     let mut flushed_to: u64 = 0;
     loop {
+        pace.paced((buf_len as u64).min(source.before.size.saturating_sub(written)));
         let n = match input.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -540,9 +542,16 @@ fn copy_in_kernel(
     source: &OpenedSource,
     out: &mut File,
     target: &Path,
+    pace: &SourceRef,
 ) -> Result<(String, u64), StoreError> {
     let mut written: u64 = 0;
+    let step = if pace.pace.is_some() {
+        PACED_CHUNK
+    } else {
+        64 << 20
+    };
     loop {
+        pace.paced(step.min(source.before.size.saturating_sub(written)));
         // SAFETY: two descriptors we own; null offsets use and advance the file positions.
         let n = unsafe {
             libc::copy_file_range(
@@ -550,7 +559,7 @@ fn copy_in_kernel(
                 std::ptr::null_mut(),
                 out.as_raw_fd(),
                 std::ptr::null_mut(),
-                64 << 20,
+                step as usize,
                 0,
             )
         };
@@ -567,7 +576,7 @@ fn copy_in_kernel(
                     Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
                 );
                 if unsupported && written == 0 {
-                    return copy_hashing(source, out, target);
+                    return copy_hashing(source, out, target, pace);
                 }
                 return Err(dest_err("copy to", target)(err));
             }

@@ -94,10 +94,42 @@ pub enum PutOutcome {
 }
 
 /// A file of the source to copy; the store opens it on its own I/O thread.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SourceRef {
     pub tree: Arc<SourceTree>,
     pub rel: String,
+    /// Set for a file too large to be charged to `--bwlimit` at once: the store calls it before
+    /// reading each chunk (at most `PACED_CHUNK` bytes) of the copy it sends.
+    pub pace: Option<Arc<dyn ReadPace>>,
+}
+
+impl std::fmt::Debug for SourceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceRef")
+            .field("rel", &self.rel)
+            .field("paced", &self.pace.is_some())
+            .finish()
+    }
+}
+
+/// Paces the reads of one copy (`--bwlimit`); the store never knows the limit itself.
+pub trait ReadPace: Send + Sync {
+    /// Returns once `bytes` more may be read; blocks the calling I/O thread meanwhile.
+    fn wait_blocking(&self, bytes: u64);
+}
+
+/// The largest read between two calls of a `ReadPace`.
+pub const PACED_CHUNK: u64 = 1 << 20;
+
+impl SourceRef {
+    pub(crate) fn paced(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        if let Some(pace) = &self.pace {
+            pace.wait_blocking(bytes);
+        }
+    }
 }
 
 /// The result of a put and what the source looked like when it was read.

@@ -20,7 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::failure::{RemoteError, RemoteKind};
 use super::{decide, Decision, S3Store, Sse, META_MODE, META_MTIME, META_SHA256, META_WRITER};
 use crate::source::{Attrs, OpenedSource};
-use crate::store::{blocking, PutOutcome, PutRequest, SourceRef, StoreError, Stored};
+use crate::store::{blocking, PutOutcome, PutRequest, SourceRef, StoreError, Stored, PACED_CHUNK};
 
 /// A SHA-256 in the two spellings we need: hex for the manifest and metadata, base64 for the
 /// `x-amz-checksum-sha256` header.
@@ -134,10 +134,10 @@ impl S3Store {
         let key = &request.key;
         let permit = self.hold_memory(opened.before.size).await?;
         let reader = opened.clone();
+        let source = request.source.clone();
         let read = blocking(move || {
             let mut bytes = Vec::with_capacity(reader.before.size as usize);
-            (&reader.file)
-                .read_to_end(&mut bytes)
+            read_all(&reader, &source, &mut bytes)
                 .map_err(|e| StoreError::SourceRead(Arc::new(e)))?;
             let sum = Sha256Sum::of(&bytes);
             reader.confirm_unchanged()?;
@@ -240,7 +240,7 @@ impl S3Store {
             })?
             .to_string();
         let uploaded = self
-            .upload_parts_and_complete(key, &upload_id, &opened, &condition)
+            .upload_parts_and_complete(key, &upload_id, &opened, &request.source, &condition)
             .await;
         match uploaded {
             Ok(etag) => {
@@ -271,6 +271,7 @@ impl S3Store {
         key: &str,
         upload_id: &str,
         opened: &Arc<OpenedSource>,
+        source: &SourceRef,
         condition: &Condition,
     ) -> Result<Option<String>, StoreError> {
         let size = opened.before.size;
@@ -281,7 +282,14 @@ impl S3Store {
             .map(|index| {
                 let offset = index * part_size;
                 let len = part_size.min(size - offset);
-                self.upload_part(key, upload_id, opened, index as i32 + 1, offset, len)
+                self.upload_part(
+                    key,
+                    upload_id,
+                    opened,
+                    source,
+                    index as i32 + 1,
+                    (offset, len),
+                )
             })
             .buffer_unordered(parallel)
             .try_collect()
@@ -313,18 +321,24 @@ impl S3Store {
         key: &str,
         upload_id: &str,
         opened: &Arc<OpenedSource>,
+        source: &SourceRef,
         number: i32,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
     ) -> Result<CompletedPart, StoreError> {
         let _permit = self.hold_memory(len).await?;
         let reader = opened.clone();
+        let source = source.clone();
         let mut buffer = self.part_buffers.take(len as usize);
         let (buffer, sum) = blocking(move || {
-            reader
-                .file
-                .read_exact_at(&mut buffer.bytes, offset)
-                .map_err(|e| StoreError::SourceRead(Arc::new(e)))?;
+            let mut at = offset;
+            for chunk in buffer.bytes.chunks_mut(PACED_CHUNK as usize) {
+                source.paced(chunk.len() as u64);
+                reader
+                    .file
+                    .read_exact_at(chunk, at)
+                    .map_err(|e| StoreError::SourceRead(Arc::new(e)))?;
+                at += chunk.len() as u64;
+            }
             let sum = Sha256Sum::of(&buffer.bytes);
             Ok((buffer, sum))
         })
@@ -561,6 +575,25 @@ impl Drop for PooledBuffer {
         let mut free = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < POOLED_BUFFERS {
             free.push(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+/// The whole file into `bytes`; a paced copy reads it in chunks, each paced.
+fn read_all(opened: &OpenedSource, source: &SourceRef, bytes: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut file = &opened.file;
+    if source.pace.is_none() {
+        file.read_to_end(bytes)?;
+        return Ok(());
+    }
+    loop {
+        source.paced(PACED_CHUNK.min(opened.before.size.saturating_sub(bytes.len() as u64)));
+        if Read::by_ref(&mut file)
+            .take(PACED_CHUNK)
+            .read_to_end(bytes)?
+            == 0
+        {
+            return Ok(());
         }
     }
 }
