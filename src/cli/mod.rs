@@ -287,10 +287,27 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("cutoverfs: error: {}", logs::redact_url(&format!("{e:#}")));
+            eprintln!("cutoverfs: error: {}", logs::redact_url(&describe(&e)));
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many of our error types already name
+/// their cause in their own message, and printing the chain would repeat it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
 }
 
 static EFFECTIVE_ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
