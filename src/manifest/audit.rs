@@ -66,7 +66,8 @@ const WHY: &str = "CASE \
      WHEN OLD.state = NEW.state AND OLD.purged_at IS NOT NULL THEN 'local copy kept or back' \
      WHEN NEW.state = 'failed' THEN NEW.last_error \
      WHEN NEW.state IN ('missing', 'conflict', 'unsupported', 'deleted') THEN NEW.reason \
-     WHEN NEW.state = 'copying' AND OLD.state = 'copying' THEN 'lease of ' || OLD.lease_owner || ' expired' \
+     WHEN NEW.state = 'copying' AND OLD.state = 'copying' THEN 'lease of ' || OLD.lease_owner || ' expired at ' \
+       || strftime('%Y-%m-%dT%H:%M:%fZ', OLD.lease_expires_at / 1000.0, 'unixepoch') \
      WHEN NEW.state = 'copying' THEN 'attempt ' || NEW.attempts \
      WHEN NEW.state = 'verified' AND OLD.state = 'copying' THEN 'copied, sha256 ' || NEW.sha256 \
      WHEN NEW.state = 'pending' AND NEW.lease_owner IS NOT NULL THEN 'opened for writing' \
