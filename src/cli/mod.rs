@@ -12,6 +12,7 @@ mod mount;
 mod purge;
 mod reload;
 mod report;
+mod rollback;
 mod sweep;
 mod verify;
 
@@ -100,6 +101,9 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Delete local copies of files verified at the dest (a dry run unless --confirm).
     Purge(purge::PurgeArgs),
+    /// Take files back to their local copies, deleting the dest objects cutoverfs wrote for them
+    /// (a dry run unless --confirm).
+    Rollback(rollback::RollbackArgs),
     /// Run the whole migration on a generated sample tree in a temporary directory.
     Demo(demo::DemoArgs),
     /// The audit trail: every state change of every path, oldest first.
@@ -117,6 +121,7 @@ impl Command {
             Command::Batch(_) => "batch",
             Command::Mount(_) => "mount",
             Command::Purge(_) => "purge",
+            Command::Rollback(_) => "rollback",
             Command::Verify(_) => "verify",
             Command::Demo(_) => "demo",
             Command::Log(_) => "log",
@@ -279,6 +284,7 @@ pub fn main() -> ExitCode {
             Command::Batch(args) => report::batch(args).await,
             Command::Mount(args) => mount::run(args).await,
             Command::Purge(args) => purge::run(args).await,
+            Command::Rollback(args) => rollback::run(args).await,
             Command::Verify(args) => verify::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Log(args) => audit_log::run(args).await,

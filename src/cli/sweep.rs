@@ -119,6 +119,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     };
     print_scan(&scan);
     let requeued = manifest.requeue_for_new_sweep().await?;
+    release_rollbacks(&manifest, &filter).await?;
     if requeued > 0 {
         tracing::info!(
             files = requeued,
@@ -412,4 +413,20 @@ async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
     println!();
     println!("DRY RUN COMPLETE - No files were actually modified");
     Ok(exit::OK)
+}
+
+/// An operator's sweep takes rolled-back files in its scope into the migration again (the
+/// daemon's own sweeper never does: a rollback holds until someone sweeps on purpose).
+async fn release_rollbacks(manifest: &Manifest, filter: &PathFilter) -> Result<()> {
+    let held: Vec<String> = manifest
+        .rolled_back_paths()
+        .await?
+        .into_iter()
+        .filter(|path| filter.matches(path))
+        .collect();
+    let released = manifest.release_rollbacks(&held).await?;
+    if released > 0 {
+        tracing::info!(files = released, "rolled-back files are migrated again");
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod progress;
 pub mod purge;
 pub mod repair;
+pub mod rollback;
 pub mod scan;
 pub mod sweep;
 pub mod verify;

@@ -319,6 +319,8 @@ impl FsState {
                 ),
                 Err(e) => {
                     tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
+                    // Deleted by a rollback the cached row does not know of yet.
+                    self.forget_row(rel);
                     None
                 }
             },
@@ -358,6 +360,13 @@ impl FsState {
                 reply.error(Errno::EIO)
             }
             Err(e) => reply.error(Errno::from(e)),
+        }
+    }
+
+    /// Drops the cached manifest row of `rel`: it was found out of date.
+    fn forget_row(&self, rel: &Path) {
+        if let Some(text) = rel.to_str() {
+            self.ns.forget_entries(&[text.to_string()]);
         }
     }
 
@@ -620,6 +629,7 @@ impl Filesystem for CutoverFs {
                 let source = self.ns.source().clone();
                 let health = self.dest_health.clone();
                 let stats = self.stats.clone();
+                let ns = self.ns.clone();
                 self.rt.spawn(async move {
                     match file.read(offset, size as u64).await {
                         Ok(data) => {
@@ -628,7 +638,13 @@ impl Filesystem for CutoverFs {
                             reply.data(&data)
                         }
                         Err(e) => {
-                            health.mark_down(&e.to_string());
+                            // An object that is gone (a rollback deleted it) says nothing about
+                            // the dest's health; the row behind it changed.
+                            if e.is_not_found() {
+                                ns.forget_entries(&[rel.to_string_lossy().into_owned()]);
+                            } else {
+                                health.mark_down(&e.to_string());
+                            }
                             let local = tokio::task::spawn_blocking(move || {
                                 source
                                     .open_at(&rel, libc::O_RDONLY)

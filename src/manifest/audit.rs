@@ -62,6 +62,8 @@ pub struct AuditRow {
 /// Why a change happened, told by the row before and after it. Failures and side states carry
 /// their own reason; the rest is told by the transition.
 const WHY: &str = "CASE \
+     WHEN OLD.rolled_back_at IS NULL AND NEW.rolled_back_at IS NOT NULL THEN NEW.reason \
+     WHEN OLD.rolled_back_at IS NOT NULL AND NEW.rolled_back_at IS NULL THEN 'released from rollback by a new sweep' \
      WHEN OLD.state = NEW.state AND NEW.purged_at IS NOT NULL THEN 'local copy purged' \
      WHEN OLD.state = NEW.state AND OLD.purged_at IS NOT NULL THEN 'local copy kept or back' \
      WHEN NEW.state = 'failed' THEN NEW.last_error \
@@ -100,23 +102,28 @@ fn sqlite_triggers(actor: &Actor) -> [String; 2] {
              CASE WHEN NEW.state = 'copying' THEN NEW.lease_owner END, NEW.reason); END"
         ),
         format!(
-            "CREATE TEMP TRIGGER IF NOT EXISTS audit_update AFTER UPDATE OF state, lease_owner, purged_at \
-             ON main.entries WHEN OLD.state IS NOT NEW.state \
+            "CREATE TEMP TRIGGER IF NOT EXISTS audit_update AFTER UPDATE OF state, lease_owner, purged_at, \
+             rolled_back_at ON main.entries WHEN OLD.state IS NOT NEW.state \
              OR (NEW.state = 'copying' AND OLD.lease_owner IS NOT NEW.lease_owner) \
-             OR ((OLD.purged_at IS NULL) <> (NEW.purged_at IS NULL)) BEGIN \
+             OR ((OLD.purged_at IS NULL) <> (NEW.purged_at IS NULL)) \
+             OR ((OLD.rolled_back_at IS NULL) <> (NEW.rolled_back_at IS NULL)) BEGIN \
              INSERT INTO {columns} VALUES ({NOW_MS}, NEW.path, {node}, {command}, OLD.state, NEW.state, \
              {LEASE}, {WHY}); END"
         ),
     ]
 }
 
-/// Makes a new SQLite connection record changes. A manifest whose schema has no audit table yet
-/// (being created, or older) gets none: `open` reconnects once it has migrated.
+/// Makes a new SQLite connection record changes. A manifest whose schema is older than the
+/// trigger (no audit table, or no `rolled_back_at` yet: being created, or older) gets none:
+/// `open` reconnects once it has migrated.
 pub(super) async fn install_sqlite(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-    let ready = sqlx::query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'")
-        .fetch_optional(&mut *conn)
-        .await?
-        .is_some();
+    let ready = sqlx::query(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit' \
+         AND EXISTS (SELECT 1 FROM pragma_table_info('entries') WHERE name = 'rolled_back_at')",
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    .is_some();
     if ready {
         for sql in sqlite_triggers(&actor()) {
             conn.execute(sql.as_str()).await?;

@@ -12,12 +12,14 @@
 
 mod audit;
 mod namespace;
+mod rollback;
 mod state;
 mod verify;
 mod writes;
 
 pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use namespace::Entry;
+pub use rollback::{RollbackRow, RollbackSelector};
 pub use verify::{AtDest, DATA_AT_RISK};
 pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
@@ -337,7 +339,8 @@ pub fn now_ms() -> i64 {
 
 // A pending row with a live lease is held by a writer (`hold_for_write`): copying it now would
 // copy a file in the middle of being written and record it verified.
-const CLAIMABLE: &str = "entries.kind = 'file' AND ((entries.state = 'pending' \
+// A rolled-back row waits for an operator's next `cutoverfs sweep` (`release_rollbacks`).
+const CLAIMABLE: &str = "entries.kind = 'file' AND entries.rolled_back_at IS NULL AND ((entries.state = 'pending' \
      AND (entries.lease_expires_at IS NULL OR entries.lease_expires_at < $1)) \
      OR (entries.state = 'failed' AND entries.next_retry_at IS NOT NULL AND entries.next_retry_at <= $1) \
      OR (entries.state = 'copying' AND entries.lease_expires_at < $1))";
@@ -345,7 +348,7 @@ const CLAIMABLE: &str = "entries.kind = 'file' AND ((entries.state = 'pending' \
 /// Claimable rows by state, each read in path order straight from the (state, path) index.
 const CANDIDATES: [&str; 3] = [
     "SELECT path FROM entries WHERE state = 'pending' AND kind = 'file' AND path > $2 AND $1 = $1 \
-     ORDER BY path LIMIT $3",
+     AND rolled_back_at IS NULL ORDER BY path LIMIT $3",
     "SELECT path FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL AND next_retry_at <= $1 \
      AND kind = 'file' AND path > $2 ORDER BY path LIMIT $3",
     "SELECT path FROM entries WHERE state = 'copying' AND lease_expires_at < $1 AND kind = 'file' AND path > $2 \
@@ -936,7 +939,7 @@ impl Manifest {
             "SELECT path, next_retry_at FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL \
              UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' AND lease_owner <> $1 \
              UNION ALL SELECT path, $2 FROM entries WHERE state = 'pending' AND kind = 'file' \
-             AND (lease_expires_at IS NULL OR lease_expires_at < $2)",
+             AND rolled_back_at IS NULL AND (lease_expires_at IS NULL OR lease_expires_at < $2)",
         )
         .bind(owner)
         .bind(now_ms())

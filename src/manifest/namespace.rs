@@ -141,7 +141,8 @@ impl Manifest {
         }
         let done = sqlx::query(&self.sql(
             "UPDATE entries SET priority = 1, queued_at = $1 \
-             WHERE path IN (SELECT value FROM JSON_TEXTS($2)) AND kind = 'file' AND state = 'pending' AND priority = 0",
+             WHERE path IN (SELECT value FROM JSON_TEXTS($2)) AND kind = 'file' AND state = 'pending' AND priority = 0 \
+             AND rolled_back_at IS NULL",
         ))
         .bind(now_ms())
         .bind(json_list(paths))
@@ -153,7 +154,8 @@ impl Manifest {
     /// How many files copy-on-read queued that no worker has taken yet.
     pub async fn count_prioritized(&self) -> Result<u64> {
         let n: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM entries WHERE priority > 0 AND state = 'pending' AND kind = 'file'",
+            "SELECT COUNT(*) FROM entries WHERE priority > 0 AND state = 'pending' AND kind = 'file' \
+             AND rolled_back_at IS NULL",
         )
         .fetch_one(&self.pool)
         .await?
@@ -165,6 +167,7 @@ impl Manifest {
     pub async fn prioritized(&self, limit: usize) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "SELECT path FROM entries WHERE priority > 0 AND state = 'pending' AND kind = 'file' \
+             AND rolled_back_at IS NULL \
              ORDER BY queued_at LIMIT $1",
         )
         .bind(limit as i64)

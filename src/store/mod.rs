@@ -175,6 +175,15 @@ impl StoreError {
         }
     }
 
+    /// Nothing is at the key (the object was deleted, e.g. by a rollback in another process).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            StoreError::Remote { error, .. } => error.kind == RemoteKind::NotFound,
+            StoreError::Dest { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+
     /// No connection could be made at all: never the fault of the file being copied.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, StoreError::Remote { error, .. } if error.kind == RemoteKind::Unreachable)
