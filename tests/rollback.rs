@@ -113,7 +113,11 @@ both_engines! {
         assert!(dest_now.keys().all(|p| p.starts_with("old")), "{dest_now:?}");
         assert_eq!(dest_now.len(), 3);
         assert_eq!(snapshot(&w.src), src_before, "a local file was touched");
-        assert_file_states(&w.status(), &[("verified", 3), ("pending", 3)]);
+        let status = w.status();
+        assert_file_states(&status, &[("verified", 3), ("pending", 3)]);
+        assert_eq!(status["rolled_back_held"], 3, "{status}");
+        let human = w.cmd_manifest_only("status", &[]);
+        assert!(human.stdout.contains("Rolled back:  3 files held"), "{human}");
 
         let trail = audit_of(&w, "new/n1.bin");
         let last = trail.last().unwrap();
@@ -134,7 +138,9 @@ both_engines! {
 
         // An operator's sweep takes them back into the migration, and says so in the trail.
         w.sweep(&[]).assert_code(0);
-        assert_file_states(&w.status(), &[("verified", 6)]);
+        let status = w.status();
+        assert_file_states(&status, &[("verified", 6)]);
+        assert_eq!(status["rolled_back_held"], 0, "{status}");
         assert_eq!(files_in(&w.dest).len(), 6);
         let trail = audit_of(&w, "new/n1.bin");
         assert!(

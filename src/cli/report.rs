@@ -248,6 +248,7 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
     }
     let dirs = manifest.count_dirs().await?;
     let queued = manifest.count_prioritized().await?;
+    let held = manifest.count_rolled_back().await?;
     let problems = manifest.problems(args.limit).await?;
     let throughput = manifest.observed_throughput().await?;
     let left: (u64, u64) = [State::Pending, State::Copying, State::Failed]
@@ -273,6 +274,7 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
             "bytes": map(|v| v.1),
             "directories": dirs,
             "copy_on_read_queued": queued,
+            "rolled_back_held": held,
             "throughput": throughput.map(|(f, b, secs)| json!({"files_per_second": f as f64 / secs, "bytes_per_second": b as f64 / secs})),
             "eta_seconds": eta,
             "problems": problems,
@@ -298,6 +300,9 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
     println!("{:<12} {:>10}", "directories", dirs);
     if queued > 0 {
         println!("Copy-on-read: {queued} files opened before their copy, queued first");
+    }
+    if held > 0 {
+        println!("Rolled back:  {held} files held out of sweeps until the next `cutoverfs sweep`");
     }
     println!();
     match throughput {
