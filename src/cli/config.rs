@@ -44,7 +44,7 @@ pub fn expand(args: Vec<OsString>) -> Result<Vec<OsString>> {
     Ok(expanded)
 }
 
-fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
+pub(super) fn config_path(args: &[OsString]) -> Option<std::path::PathBuf> {
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy();

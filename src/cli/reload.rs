@@ -44,6 +44,10 @@ pub fn on_sighup(
     tokio::spawn(async move {
         let mut others = others_at_start;
         while hangups.recv().await.is_some() {
+            if config::config_path(&effective_args()).is_none() {
+                tracing::warn!("SIGHUP: started without --config (or CUTOVERFS_CONFIG), so there is no file to re-read; nothing changed");
+                continue;
+            }
             match read_again().and_then(&reread) {
                 Ok(new) => {
                     apply(&live, new.limits, &pinned);

@@ -77,7 +77,11 @@ pub struct LiveLimits {
     slots: Arc<Slots>,
     bytes: TokenBucket,
     ops: TokenBucket,
+    paced_turns: Arc<tokio::sync::Semaphore>,
 }
+
+/// Paced copies at once: two, so one's final sync and publishing overlap the other's reads.
+const PACED_TURNS: usize = 2;
 
 impl std::fmt::Debug for LiveLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +95,7 @@ impl LiveLimits {
             slots: Arc::new(Slots::new(limits.concurrency)),
             bytes: TokenBucket::new(limits.bwlimit),
             ops: TokenBucket::new(limits.max_ops),
+            paced_turns: Arc::new(tokio::sync::Semaphore::new(PACED_TURNS)),
             current: RwLock::new(Arc::new(limits)),
         })
     }
@@ -153,7 +158,25 @@ impl LiveLimits {
 
     /// Waits until both throttles allow a group of `bytes` and `requests` to start, and charges
     /// them before it starts (a group may overdraw; the next waits until that is paid back).
-    pub(super) async fn pace(&self, bytes: u64, requests: u64) {
+    /// A group with a file the store paces also waits for one of the few turns of paced copies
+    /// (held until it is done): paced reads wait on I/O threads, which copies that could go on
+    /// meanwhile must not run out of.
+    pub(super) async fn start(
+        &self,
+        bytes: u64,
+        requests: u64,
+        paced: bool,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let turn = if paced {
+            self.paced_turns.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        self.pace(bytes, requests).await;
+        turn
+    }
+
+    async fn pace(&self, bytes: u64, requests: u64) {
         self.bytes.take(bytes).await;
         self.ops.take(requests).await;
     }

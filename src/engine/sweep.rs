@@ -326,11 +326,14 @@ async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>) -> JoinSet<
             .iter()
             .map(|f| shared.store.put_requests(f.size).max(1))
             .sum();
+        let paced = files
+            .iter()
+            .any(|f| pace_above.is_some_and(|above| f.size > above));
         let mut stop = shared.stop.clone();
-        tokio::select! {
-            _ = limits.pace(bytes, requests) => {}
-            _ = stop.wait_for(|s| *s) => {}
-        }
+        let turn = tokio::select! {
+            turn = limits.start(bytes, requests, paced) => turn,
+            _ = stop.wait_for(|s| *s) => None,
+        };
         if *shared.stop.borrow() {
             break;
         }
@@ -340,7 +343,7 @@ async fn dispatch_batch(claimed: Vec<Claimed>, shared: &Arc<Shared>) -> JoinSet<
                 let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
                 let outcomes = copy_group(files, pace_above, &shared).await;
                 shared.busy.done(&paths);
-                drop(slots);
+                drop((slots, turn));
                 outcomes
             }
             .instrument(tracing::info_span!("group")),
