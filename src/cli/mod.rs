@@ -7,6 +7,7 @@
 mod audit_log;
 mod config;
 mod demo;
+mod doctor;
 mod logs;
 mod mount;
 mod purge;
@@ -108,6 +109,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// The audit trail: every state change of every path, oldest first.
     Log(audit_log::LogArgs),
+    /// Check that this machine can run cutoverfs (FUSE, privileges, passthrough, dest, manifest,
+    /// free space) and say what to fix; changes nothing.
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Command {
@@ -125,6 +129,7 @@ impl Command {
             Command::Verify(_) => "verify",
             Command::Demo(_) => "demo",
             Command::Log(_) => "log",
+            Command::Doctor(_) => "doctor",
         }
     }
 }
@@ -288,6 +293,7 @@ pub fn main() -> ExitCode {
             Command::Verify(args) => verify::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Log(args) => audit_log::run(args).await,
+            Command::Doctor(args) => doctor::run(args).await,
         }
     });
     match result {

@@ -13,6 +13,7 @@ mod local;
 mod namespace;
 mod open;
 mod prefetch;
+mod probe;
 mod records;
 mod writes;
 
@@ -31,6 +32,7 @@ use crate::source::SourceTree;
 use crate::store::Store;
 
 pub use fs::CutoverFs;
+pub use probe::{probe_kernel, KernelOffer};
 
 /// The file system type in /proc/mounts: `fuse.` + this.
 pub const SUBTYPE: &str = "cutoverfs";

@@ -11,6 +11,7 @@
 //! row's `version` or lease, so two writers never need to upgrade a read lock.
 
 mod audit;
+mod health;
 mod namespace;
 mod rollback;
 mod state;
@@ -18,6 +19,7 @@ mod verify;
 mod writes;
 
 pub use audit::{set_actor, AuditQuery, AuditRow};
+pub use health::Health;
 pub use namespace::Entry;
 pub use rollback::{RollbackRow, RollbackSelector};
 pub use verify::{AtDest, DATA_AT_RISK};
