@@ -323,3 +323,170 @@ fn the_lease_check_catches_a_claim_of_a_live_lease() {
         "a takeover before the expiry passed the check"
     );
 }
+
+/// A cluster of this test's own (stopped and started again mid-test) and a fresh database on
+/// it; commits are durable there, as in production, so an immediate stop loses none.
+fn own_cluster() -> (PgCluster, String) {
+    let pg = PgCluster::start_durable();
+    let url = pg.create_database();
+    (pg, url)
+}
+
+/// How many lines of `log` contain `needle`.
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// PostgreSQL stops (immediate shutdown: connections cut, nothing flushed cleanly) in the middle
+/// of a sweep and comes back a few seconds later on the same port and data: the sweep pauses,
+/// says so once, resumes, and ends with every file verified and identical at the dest.
+#[test]
+fn a_sweep_pauses_while_postgresql_is_down_and_finishes_after() {
+    let (pg, manifest) = own_cluster();
+    let db = db_name(&manifest).to_string();
+    let mut work = Work::new();
+    work.pg_url = Some(manifest.clone());
+    small_tree(&work, 1200, 6, 50, 2000, 5);
+    for i in 0..4u64 {
+        work.write(
+            &format!("big/scan-{i}.bin"),
+            &pseudo_random(3 << 20, 40 + i),
+        );
+    }
+    let files = files_below(&work.src);
+    let mut cmd = command();
+    cmd.arg("sweep")
+        .args(work.target())
+        // Slow enough that the outage lands mid-way: about 14 MiB at 2 MiB/s.
+        .args(["--no-progress", "--concurrency", "4", "--batch-size", "25"])
+        .args(["--bwlimit", "2MiB"])
+        .env("CUTOVERFS_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("start cutoverfs sweep");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_soon(
+        &pg,
+        &db,
+        "SELECT count(*) FROM entries WHERE state = 'verified'",
+    ) < 200
+    {
+        assert!(Instant::now() < deadline, "the sweep made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep ended before the outage"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pg.stop_server_immediately();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the sweep stopped while PostgreSQL was down"
+    );
+    pg.start_server();
+    let run = wait_capturing(child, started, Duration::from_secs(100));
+    run.assert_code(0);
+    assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}");
+    let host = format!("manifest unreachable at 127.0.0.1:{}", pg.port);
+    assert_eq!(
+        lines_with(&run.stderr, &host),
+        1,
+        "one clear error line\n{run}"
+    );
+    assert!(
+        lines_with(&run.stderr, "copies paused, retrying") == 1,
+        "{run}"
+    );
+    assert!(run.stderr.contains("manifest reachable again"), "{run}");
+    assert!(!run.stderr.contains(common::pg::PASSWORD), "{run}");
+    assert_eq!(
+        count(
+            &pg,
+            &db,
+            "SELECT count(*) FROM entries WHERE kind = 'file' AND state = 'verified'"
+        ),
+        files.len() as u64
+    );
+    common::assert_trees_equal(&work.src, &work.dest);
+    // Nothing recorded verified without its object: a deep verify re-reads every one.
+    let verify = work.cmd_manifest_only("verify", &["--deep"]);
+    verify.assert_code(0);
+}
+
+/// A mount whose manifest goes away keeps serving the files it has locally, byte for byte and
+/// without waiting on the database for each; its sweeper pauses and copies again once
+/// PostgreSQL is back.
+#[test]
+fn a_mount_serves_local_files_while_postgresql_is_down() {
+    use common::mount::{wait_until, Daemon};
+    let (pg, manifest) = own_cluster();
+    let db = db_name(&manifest).to_string();
+    let mut work = Work::new();
+    work.pg_url = Some(manifest.clone());
+    let mut expected = BTreeMap::new();
+    for i in 0..40u64 {
+        let rel = format!("d{}/file-{i}.bin", i % 4);
+        let content = pseudo_random(1000 + (i as usize) * 3000, 300 + i);
+        work.write(&rel, &content);
+        expected.insert(rel, content);
+    }
+    let args: Vec<std::ffi::OsString> = ["--dest", &work.dest_url(), "--manifest", &manifest]
+        .iter()
+        .map(Into::into)
+        .collect();
+    let daemon = Daemon::start(&work.src, &args);
+    daemon.wait_for_scan();
+    let verified = "SELECT count(*) FROM entries WHERE kind = 'file' AND state = 'verified'";
+    wait_until(Duration::from_secs(60), "every file verified", || {
+        count_soon(&pg, &db, verified) == expected.len() as u64
+    });
+
+    pg.stop_server_immediately();
+    let reading = Instant::now();
+    for (rel, content) in &expected {
+        let got = std::fs::read(work.src.join(rel)).unwrap_or_else(|e| {
+            panic!(
+                "{rel} unreadable with PostgreSQL down: {e}\n{}",
+                daemon.log_text()
+            )
+        });
+        assert!(got == *content, "{rel} differs with PostgreSQL down");
+    }
+    let listed = std::fs::read_dir(work.src.join("d1")).unwrap().count();
+    assert_eq!(
+        listed, 10,
+        "a listing with PostgreSQL down shows the local files"
+    );
+    // The first query waits for a connection (5 s) and marks the manifest down; the other
+    // reads do not wait.
+    assert!(
+        reading.elapsed() < Duration::from_secs(15),
+        "reads waited on the database: {:?}",
+        reading.elapsed()
+    );
+    let host = format!("manifest unreachable at 127.0.0.1:{}", pg.port);
+    wait_until(Duration::from_secs(20), "the outage logged", || {
+        lines_with(&daemon.log_text(), &host) == 1
+    });
+
+    pg.start_server();
+    wait_until(Duration::from_secs(30), "the manifest seen back", || {
+        daemon.log_text().contains("manifest reachable again")
+    });
+    std::fs::write(
+        work.src.join("d0/after.bin"),
+        b"written once PostgreSQL was back",
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(60), "the new file copied", || {
+        count_soon(&pg, &db, verified) == expected.len() as u64 + 1
+    });
+    let log = daemon.stop();
+    assert_eq!(lines_with(&log, &host), 1, "one clear error line\n{log}");
+    assert_eq!(
+        std::fs::read(work.dest.join("d0/after.bin")).unwrap(),
+        b"written once PostgreSQL was back"
+    );
+}

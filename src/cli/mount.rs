@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{exit, parse_size, stop_on_signals, with_optional_manifest, Scope, Target};
-use crate::engine::scan::{scan_into_manifest, ScanError};
+use crate::engine::scan::{scan_patiently, ScanError};
 use crate::engine::sweep::{run_sweep, SweepOptions};
 use crate::engine::{node_id, process_node, Limits, LiveLimits, Progress};
 use crate::fuse::{MountSettings, Parts};
@@ -268,7 +268,7 @@ async fn copy_in_background(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     manifest.close_abandoned_batches(&opts.node).await?;
-    match scan_into_manifest(manifest, source.clone(), store.clone(), stop).await {
+    match scan_patiently(manifest, source.clone(), store.clone(), stop).await {
         Ok(stats) => tracing::info!(files = stats.files, dirs = stats.dirs, "scan done"),
         Err(ScanError::Interrupted) => return Ok(()),
         Err(ScanError::Manifest(e)) => return Err(e.into()),

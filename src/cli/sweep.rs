@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{exit, stop_on_signals, with_optional_manifest, Scope, Target};
 use crate::engine::plan::{make_plan, Fate};
-use crate::engine::scan::{scan_into_manifest, ScanError, ScanStats};
+use crate::engine::scan::{scan_patiently, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
 use crate::engine::{process_node, Limits, LiveLimits, PathFilter, Progress};
 use crate::manifest::{Manifest, State};
@@ -102,7 +102,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let node = process_node();
     manifest.close_abandoned_batches(&node).await?;
     crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
-    let scan = match scan_into_manifest(
+    let scan = match scan_patiently(
         &manifest,
         resolved.source.clone(),
         resolved.store.clone(),

@@ -242,6 +242,29 @@ fn escaped(name: &OsStr) -> String {
         })
 }
 
+/// `scan_into_manifest`, started over once the manifest is back when it went away mid-scan
+/// (issue 7.5): a scan only records what it sees, and marks nothing missing until it has seen
+/// everything, so a cut-off one leaves nothing wrong behind.
+pub async fn scan_patiently(
+    manifest: &Manifest,
+    source: Arc<SourceTree>,
+    store: Arc<dyn Store>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<ScanStats, ScanError> {
+    loop {
+        match scan_into_manifest(manifest, source.clone(), store.clone(), stop).await {
+            Err(ScanError::Manifest(e)) if e.is_unreachable() => {
+                let _ = manifest.note::<()>(Err(e));
+                if !manifest.wait_until_reachable(stop).await {
+                    return Err(ScanError::Interrupted);
+                }
+                tracing::info!("scanning again from the start");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Scans the source into the manifest: new files pending, changed files back to pending,
 /// vanished files missing. `stop` ends it early (nothing is marked missing then).
 pub async fn scan_into_manifest(

@@ -147,7 +147,7 @@ pub async fn run_sweep(
         manifest: manifest.clone(),
         source,
         store: store.clone(),
-        recorder: Recorder::start(manifest.clone(), opts.on_verified.clone()),
+        recorder: Recorder::start(manifest.clone(), opts.on_verified.clone(), stop.clone()),
         opts: opts.clone(),
         progress,
         stop: stop.clone(),
@@ -177,11 +177,12 @@ pub async fn run_sweep(
                 }
             }
             let (batch_id, claimed) =
-                claim_batch(manifest, opts, &mut cursor, &shared.busy).await?;
+                claim_batch(manifest, opts, &mut cursor, &shared.busy, stop).await?;
             if claimed.is_empty() {
                 if let Some(id) = batch_id {
+                    let empty = BatchTally::default();
                     manifest
-                        .close_batch(id, &BatchTally::default(), "completed")
+                        .patiently(stop, || manifest.close_batch(id, &empty, "completed"))
                         .await?;
                 }
                 // Files in flight may fail and come due for a retry: finish them first.
@@ -227,7 +228,9 @@ pub async fn run_sweep(
                     } else {
                         "completed"
                     };
-                    manifest.close_batch(batch_id, &tally, status).await?;
+                    manifest
+                        .patiently(&stop, || manifest.close_batch(batch_id, &tally, status))
+                        .await?;
                     Ok(tally)
                 }
                 .instrument(tracing::info_span!("batch", id = batch_id)),
@@ -245,13 +248,17 @@ pub async fn run_sweep(
     }
     .await;
     renewer.abort();
-    let released = manifest.release_leases(&opts.node).await?;
+    let released = manifest
+        .patiently(stop, || manifest.release_leases(&opts.node))
+        .await?;
     if released > 0 {
         tracing::info!(files = released, "gave back leases of files not copied");
     }
     result?;
     // Batches of runs that died are closed once their files have been taken over.
-    manifest.close_abandoned_batches(&opts.node).await?;
+    manifest
+        .patiently(stop, || manifest.close_abandoned_batches(&opts.node))
+        .await?;
     if !report.interrupted {
         let filter = opts.limits.get().filter.clone();
         create_directories(manifest, &store, &filter).await;
@@ -372,6 +379,7 @@ async fn claim_batch(
     opts: &SweepOptions,
     cursor: &mut String,
     busy: &Busy,
+    stop: &watch::Receiver<bool>,
 ) -> Result<(Option<i64>, Vec<Claimed>), ManifestError> {
     let mut claimed = Vec::new();
     let mut batch_id = None;
@@ -379,15 +387,19 @@ async fn claim_batch(
     // Files the application opened before they were copied go first (copy-on-read).
     let urgent: Vec<String> = busy.free(
         manifest
-            .prioritized(opts.batch_size)
+            .patiently(stop, || manifest.prioritized(opts.batch_size))
             .await?
             .into_iter()
             .filter(|path| filter.matches(path))
             .collect(),
     );
     if !urgent.is_empty() {
-        let id = *batch_id.insert(manifest.open_batch(&opts.node, &opts.command).await?);
-        claimed.extend(manifest.claim(&urgent, &opts.node, opts.lease, id).await?);
+        let id = *batch_id.insert(open_batch(manifest, opts, stop).await?);
+        claimed.extend(
+            manifest
+                .patiently(stop, || manifest.claim(&urgent, &opts.node, opts.lease, id))
+                .await?,
+        );
         busy.take(&claimed);
         if !claimed.is_empty() {
             return Ok((batch_id, claimed));
@@ -395,7 +407,10 @@ async fn claim_batch(
     }
     let mut wrapped = false;
     while claimed.len() < opts.batch_size {
-        let page = manifest.candidates(cursor, 1000).await?;
+        let after = cursor.clone();
+        let page = manifest
+            .patiently(stop, || manifest.candidates(&after, 1000))
+            .await?;
         let Some(last) = page.last() else {
             if cursor.is_empty() || wrapped {
                 break;
@@ -417,13 +432,29 @@ async fn claim_batch(
         }
         let id = match batch_id {
             Some(id) => id,
-            None => *batch_id.insert(manifest.open_batch(&opts.node, &opts.command).await?),
+            None => *batch_id.insert(open_batch(manifest, opts, stop).await?),
         };
-        let more = manifest.claim(&wanted, &opts.node, opts.lease, id).await?;
+        // A claim whose commit was cut off unanswered is simply made again: the rows it took
+        // are ours (same owner) or expire.
+        let more = manifest
+            .patiently(stop, || manifest.claim(&wanted, &opts.node, opts.lease, id))
+            .await?;
         busy.take(&more);
         claimed.extend(more);
     }
     Ok((batch_id, claimed))
+}
+
+/// A new batch record. Made again if the manifest went away before answering: at worst an
+/// empty batch is left `running`, and closed as interrupted by a later run.
+async fn open_batch(
+    manifest: &Manifest,
+    opts: &SweepOptions,
+    stop: &watch::Receiver<bool>,
+) -> Result<i64, ManifestError> {
+    manifest
+        .patiently(stop, || manifest.open_batch(&opts.node, &opts.command))
+        .await
 }
 
 /// An idle daemon sweeper: sleeps until copy-on-read wakes it, a while has passed, or the
@@ -445,7 +476,9 @@ async fn wait_for_more_work(
     opts: &SweepOptions,
     stop: &watch::Receiver<bool>,
 ) -> Result<bool, ManifestError> {
-    let waiting = manifest.waiting(&opts.node).await?;
+    let waiting = manifest
+        .patiently(stop, || manifest.waiting(&opts.node))
+        .await?;
     let filter = opts.limits.get().filter.clone();
     let next = waiting
         .iter()
@@ -753,7 +786,14 @@ type RecorderJob = (Vec<FileUpdate>, oneshot::Sender<Result<Vec<bool>, String>>)
 const RECORDER_GROUP: usize = 64;
 
 impl Recorder {
-    pub fn start(manifest: Manifest, on_verified: Option<VerifiedHook>) -> Recorder {
+    /// While the manifest is unreachable, outcomes wait to be recorded (the copies behind them
+    /// hold their leases until then); once the run stops, they are given up and their files
+    /// copied again after their leases expire.
+    pub fn start(
+        manifest: Manifest,
+        on_verified: Option<VerifiedHook>,
+        stop: watch::Receiver<bool>,
+    ) -> Recorder {
         let manifest_id = manifest.id().to_string();
         let (tx, mut rx) = mpsc::channel::<RecorderJob>(RECORDER_GROUP * 2);
         tokio::spawn(async move {
@@ -762,7 +802,7 @@ impl Recorder {
                 let sizes: Vec<usize> = jobs.iter().map(|(updates, _)| updates.len()).collect();
                 let (updates, replies): (Vec<Vec<FileUpdate>>, Vec<_>) = jobs.drain(..).unzip();
                 let updates: Vec<FileUpdate> = updates.into_iter().flatten().collect();
-                match manifest.apply(&updates).await {
+                match manifest.patiently(&stop, || manifest.apply(&updates)).await {
                     Ok(applied) => {
                         if let Some(hook) = &on_verified {
                             let verified: Vec<String> = updates
@@ -819,8 +859,13 @@ fn spawn_lease_renewer(
         let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
         loop {
             tick.tick().await;
-            if let Err(e) = manifest.renew_leases(&node, lease).await {
-                tracing::warn!(error = %e, "cannot renew leases");
+            // While the manifest is away its probe watches it; the leases run on meanwhile.
+            if manifest.reachability().is_down() {
+                continue;
+            }
+            match manifest.note(manifest.renew_leases(&node, lease).await) {
+                Err(e) if !e.is_unreachable() => tracing::warn!(error = %e, "cannot renew leases"),
+                _ => {}
             }
         }
     })

@@ -128,7 +128,11 @@ impl FsState {
     /// Decides where a read-only open is served from, queueing a pending file for copy on
     /// the way.
     pub(super) fn route(&self, rel: &Path) -> Result<Route, Errno> {
-        let entry = self.ns.entry(rel).map_err(Errno::from)?;
+        let entry = match self.ns.entry(rel) {
+            Ok(entry) => entry,
+            Err(e) if self.ns.manifest_down() => return self.route_without_manifest(rel, e),
+            Err(e) => return Err(Errno::from(e)),
+        };
         let Some(entry) = entry else {
             return Ok(Route::Source);
         };
@@ -147,6 +151,23 @@ impl FsState {
             self.copy_on_read.queue(&entry.path);
         }
         Ok(Route::Source)
+    }
+
+    /// The manifest cannot say where the file is (issue 7.5). Writes through the mount go to the
+    /// local copy first, so a local copy is current and is served; without one (purged) the
+    /// file lives only at the dest, which only the manifest can find.
+    fn route_without_manifest(&self, rel: &Path, e: io::Error) -> Result<Route, Errno> {
+        match self.ns.source().stat_at(rel) {
+            Ok(_) => Ok(Route::Source),
+            Err(absent) if matches!(absent.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                tracing::error!(
+                    path = %rel.display(),
+                    "manifest unreachable and no local copy (purged?): cannot serve this file until the manifest is back"
+                );
+                Err(Errno::from(e))
+            }
+            Err(other) => Err(Errno::from(other)),
+        }
     }
 
     /// The local copy opened read-write to back passthrough (so writers can share it), or

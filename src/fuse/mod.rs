@@ -111,9 +111,14 @@ impl CopyOnRead {
     pub fn start(manifest: Manifest, wake: Arc<Notify>, stats: Arc<ReadStats>) -> CopyOnRead {
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {
+            // Queued files wait while the manifest is unreachable, for as long as the mount.
+            let (_never, patience) = tokio::sync::watch::channel(false);
             let mut paths = Vec::new();
             while rx.recv_many(&mut paths, 256).await > 0 {
-                match manifest.prioritize(&paths).await {
+                match manifest
+                    .patiently(&patience, || manifest.prioritize(&paths))
+                    .await
+                {
                     Ok(queued) if queued > 0 => {
                         stats
                             .copy_on_read_queued

@@ -80,14 +80,24 @@ impl Namespace {
         if let Some(cached) = self.entries.get(rel) {
             return Ok(cached);
         }
+        if self.manifest_down() {
+            // Its probe watches it: this request does not wait on a connection timeout.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let read_at = self.generation();
+        let manifest = &self.manifest;
         let row = self
             .rt
-            .block_on(self.manifest.entry(text))
+            .block_on(async { manifest.note(manifest.entry(text).await) })
             .map_err(|e| manifest_error(rel, e))?
             .map(Arc::new);
         self.cache_rows(read_at, [(rel.to_path_buf(), row.clone())]);
         Ok(row)
+    }
+
+    /// The manifest cannot be reached now (issue 7.5): callers serve what they can locally.
+    pub fn manifest_down(&self) -> bool {
+        self.manifest.reachability().is_down()
     }
 
     fn generation(&self) -> u64 {
@@ -149,12 +159,13 @@ impl Namespace {
             Err(e) if is_absent(&e) => {}
             Err(e) => return Err(e),
         }
-        if let Some(dir) = rel.to_str() {
-            let read_at = self.generation();
-            let rows = self
-                .rt
-                .block_on(self.manifest.children(dir))
-                .map_err(|e| manifest_error(rel, e))?;
+        // Without the manifest a listing shows the local names only: what lives on only at the
+        // dest (purged files) is missing from it until the manifest is back.
+        let dir_rows = match rel.to_str() {
+            Some(dir) => self.children(rel, dir)?,
+            None => None,
+        };
+        if let Some((read_at, rows)) = dir_rows {
             let mut unrecorded = local_names.clone();
             let mut read = Vec::with_capacity(rows.len() + unrecorded.len());
             for row in rows {
@@ -186,6 +197,27 @@ impl Namespace {
         Ok(listed)
     }
 
+    /// The manifest's rows below `dir` and the generation they were read at; None while the
+    /// manifest cannot be reached.
+    fn children(&self, rel: &Path, dir: &str) -> io::Result<Option<(u64, Vec<Entry>)>> {
+        if self.manifest_down() {
+            return Ok(None);
+        }
+        let read_at = self.generation();
+        let manifest = &self.manifest;
+        match self
+            .rt
+            .block_on(async { manifest.note(manifest.children(dir).await) })
+        {
+            Ok(rows) => Ok(Some((read_at, rows))),
+            Err(e) if e.is_unreachable() => {
+                manifest_error(rel, e);
+                Ok(None)
+            }
+            Err(e) => Err(manifest_error(rel, e)),
+        }
+    }
+
     /// The target of a symlink, local or recorded.
     pub fn read_link(&self, rel: &Path) -> io::Result<OsString> {
         match self.source.read_link_at(rel) {
@@ -214,7 +246,12 @@ fn is_absent(e: &io::Error) -> bool {
 }
 
 fn manifest_error(rel: &Path, e: crate::manifest::ManifestError) -> io::Error {
-    tracing::error!(path = %rel.display(), error = %e, "manifest lookup failed");
+    // An unreachable manifest is logged once by its reachability, not per request.
+    if e.is_unreachable() {
+        tracing::debug!(path = %rel.display(), error = %e, "manifest unreachable");
+    } else {
+        tracing::error!(path = %rel.display(), error = %e, "manifest lookup failed");
+    }
     io::Error::from_raw_os_error(libc::EIO)
 }
 

@@ -59,8 +59,12 @@ impl WriteRecords {
                         apply(&manifest, &ns, &wake, std::mem::take(&mut messages)).await;
                     }
                     _ = renew.tick() => {
-                        if let Err(e) = manifest.renew_holds(&holds.holder, holds.until()).await {
-                            tracing::warn!(error = %e, "cannot renew the holds on files open for writing");
+                        if manifest.reachability().is_down() {
+                            continue;
+                        }
+                        match manifest.note(manifest.renew_holds(&holds.holder, holds.until()).await) {
+                            Err(e) if !e.is_unreachable() => tracing::warn!(error = %e, "cannot renew the holds on files open for writing"),
+                            _ => {}
                         }
                     }
                 }

@@ -14,6 +14,7 @@ mod audit;
 mod health;
 mod namespace;
 mod rollback;
+mod reach;
 mod state;
 mod verify;
 mod writes;
@@ -22,6 +23,7 @@ pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use health::Health;
 pub use namespace::Entry;
 pub use rollback::{RollbackRow, RollbackSelector};
+pub use reach::Reachability;
 pub use verify::{AtDest, DATA_AT_RISK};
 pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
@@ -163,6 +165,28 @@ impl FromStr for ManifestUrl {
 }
 
 impl ManifestUrl {
+    /// Where the manifest lives, for messages: HOST:PORT (or the socket directory) of
+    /// PostgreSQL, the file of SQLite.
+    pub fn host(&self) -> String {
+        match self {
+            ManifestUrl::Sqlite(path) => path.display().to_string(),
+            ManifestUrl::Postgres(url) => {
+                let Ok(parsed) = url::Url::parse(url) else {
+                    return redact(url);
+                };
+                let socket = parsed
+                    .query_pairs()
+                    .find(|(k, _)| k == "host")
+                    .map(|(_, v)| v.into_owned());
+                match (parsed.host_str().filter(|h| !h.is_empty()), socket) {
+                    (Some(host), _) => format!("{host}:{}", parsed.port().unwrap_or(5432)),
+                    (None, Some(socket)) => socket,
+                    (None, None) => redact(url),
+                }
+            }
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         match self {
             ManifestUrl::Sqlite(_) => Engine::Sqlite,
@@ -363,6 +387,7 @@ pub struct Manifest {
     location: String,
     id: String,
     engine: Engine,
+    reach: std::sync::Arc<Reachability>,
 }
 
 /// How long a query waits for a connection to PostgreSQL before it fails (and the caller
@@ -517,6 +542,7 @@ impl Manifest {
         };
         Ok(Manifest {
             pool,
+            reach: Reachability::new(url.host()),
             location,
             id: String::new(),
             engine: url.engine(),

@@ -29,6 +29,9 @@ pub struct PgCluster {
     server: Mutex<Option<Child>>,
     watchdog: Mutex<Option<Child>>,
     databases: AtomicUsize,
+    /// Commits wait for their WAL to be written (synchronous_commit on): an immediate stop
+    /// loses none, as in production. Off elsewhere, for speed.
+    durable: bool,
 }
 
 /// The directory holding initdb, postgres and psql: PATH first, then Debian's layout.
@@ -126,6 +129,15 @@ impl PgCluster {
 
     /// A new cluster of our own, running.
     pub fn start() -> PgCluster {
+        PgCluster::start_with(false)
+    }
+
+    /// A new cluster of our own whose commits survive `stop_server_immediately`.
+    pub fn start_durable() -> PgCluster {
+        PgCluster::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PgCluster {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("cutoverfs-pg-")
@@ -169,6 +181,7 @@ impl PgCluster {
             server: Mutex::new(None),
             watchdog: Mutex::new(None),
             databases: AtomicUsize::new(0),
+            durable,
         };
         cluster.start_server();
         cluster.start_watchdog();
@@ -203,7 +216,11 @@ impl PgCluster {
                 "-c",
                 "fsync=off",
                 "-c",
-                "synchronous_commit=off",
+                if self.durable {
+                    "synchronous_commit=on"
+                } else {
+                    "synchronous_commit=off"
+                },
                 "-c",
                 "full_page_writes=off",
                 "-c",
@@ -248,6 +265,16 @@ impl PgCluster {
         if let Some(mut child) = self.server.lock().unwrap().take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server the way a crash would (immediate shutdown: connections are cut, no
+    /// checkpoint) and waits for it to exit; `start_server` brings it back with recovery.
+    pub fn stop_server_immediately(&self) {
+        if let Some(mut child) = self.server.lock().unwrap().take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
             let _ = child.wait();
         }
     }
