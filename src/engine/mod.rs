@@ -29,16 +29,7 @@ pub fn process_node() -> String {
 
 /// A name for a lease holder in this process: host, pid and the time it was made.
 pub fn node_id() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
-    let host = unsafe {
-        if libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) == 0 {
-            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-            String::from_utf8_lossy(&buf[..end]).into_owned()
-        } else {
-            "unknown-host".to_string()
-        }
-    };
+    let host = crate::util::hostname();
     format!(
         "{host}:{}:{}",
         std::process::id(),

@@ -475,17 +475,20 @@ impl Manifest {
                 (manifest, sqlx::migrate!("src/manifest/migrations/postgres"))
             }
         };
-        let applied: i64 =
-            sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
-                .fetch_one(&manifest.pool)
-                .await
-                .map(|row| row.get(0))
-                .unwrap_or(0);
+        let expected = migrator.iter().count() as i64;
+        let mut applied = manifest.applied_migrations().await;
+        // Another node may be creating or upgrading the schema right now (one migration per
+        // transaction): give it the time to finish before calling the schema older.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while 0 < applied && applied < expected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            applied = manifest.applied_migrations().await;
+        }
         if applied == 0 {
             manifest.close().await;
             return Ok(None);
         }
-        if applied != migrator.iter().count() as i64 {
+        if applied != expected {
             manifest.close().await;
             return Err(ManifestError::Corrupt(format!(
                 "{} has an older schema; run `cutoverfs sweep` once to upgrade it",
@@ -493,6 +496,14 @@ impl Manifest {
             )));
         }
         Ok(Some(manifest.load_id().await?))
+    }
+
+    async fn applied_migrations(&self) -> i64 {
+        sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_one(&self.pool)
+            .await
+            .map(|row| row.get(0))
+            .unwrap_or(0)
     }
 
     /// Connects read-write even for read-only commands, which simply never write: a read-only
@@ -609,12 +620,15 @@ impl Manifest {
 
     /// Where a running mount daemon reaches the local tree hidden under its mount
     /// (`/proc/PID/fd/N`), so other commands on that machine (purge, sweep) can too; None
-    /// clears it when the daemon stops.
+    /// clears it when the daemon stops. Kept per host: machines sharing a PostgreSQL manifest
+    /// each have their own mount, and a /proc path means nothing on another machine.
     pub async fn record_mounted_source(&self, path: Option<&str>) -> Result<()> {
+        let key = mounted_source_key();
         match path {
-            Some(path) => self.set_meta("mounted_source", path).await,
+            Some(path) => self.set_meta(&key, path).await,
             None => {
-                sqlx::query("DELETE FROM meta WHERE key = 'mounted_source'")
+                sqlx::query("DELETE FROM meta WHERE key = $1")
+                    .bind(key)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
@@ -622,8 +636,9 @@ impl Manifest {
         }
     }
 
+    /// What a mount daemon on this host recorded with `record_mounted_source`.
     pub async fn mounted_source(&self) -> Result<Option<String>> {
-        self.meta("mounted_source").await
+        self.meta(&mounted_source_key()).await
     }
 
     /// The pair this manifest belongs to, if one was recorded.
@@ -1164,6 +1179,10 @@ fn is_conflict(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|db| db.code())
         .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
+fn mounted_source_key() -> String {
+    format!("mounted_source:{}", crate::util::hostname())
 }
 
 fn random_id() -> String {
