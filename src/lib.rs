@@ -11,6 +11,7 @@ pub mod cli;
 pub mod engine;
 pub mod fuse;
 pub mod manifest;
+pub mod metrics;
 pub mod source;
 pub mod store;
 pub mod util;

@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         dry_run: false,
         no_progress: false,
         progress_interval: Duration::from_secs(10),
+        metrics: None,
     };
     let first = sweep::run(sweep_args.clone()).await?;
 

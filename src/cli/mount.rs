@@ -70,6 +70,10 @@ pub struct MountArgs {
     /// Interval of progress lines of the sweeper in the log.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464); see
+    /// docs/metrics.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// How often the daemon deletes dest objects that removals left behind.
@@ -82,6 +86,11 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if !args.foreground {
         return start_in_background().await;
     }
+    let metrics_listener = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let mountpoint = crate::fuse::prepare_mountpoint(&args.mountpoint)?;
     let mut target = args.target.clone();
     if target.source.is_none() {
@@ -153,6 +162,10 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if let Err(e) = manifest.record_mounted_source(Some(&reach)).await {
         tracing::warn!(error = %e, "cannot record where the local tree is reachable; purge and sweep will refuse this source while it is mounted");
     }
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(listener) = metrics_listener {
+        crate::metrics::serve(listener, metrics.clone())?;
+    }
     say_ready();
 
     let (stop_all, stop) = tokio::sync::watch::channel(false);
@@ -205,8 +218,13 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         );
         let sweep = !args.no_sweep;
         let interval = args.progress_interval;
+        let progress = move || {
+            let progress = Progress::start("Migrating", true, interval);
+            progress.attach_metrics(metrics);
+            progress
+        };
         tokio::spawn(async move {
-            copy_in_background(&manifest, source, store, &opts, sweep, interval, &stop).await
+            copy_in_background(&manifest, source, store, &opts, sweep, progress, &stop).await
         })
     };
 
@@ -264,7 +282,7 @@ async fn copy_in_background(
     store: Arc<dyn crate::store::Store>,
     opts: &SweepOptions,
     sweep: bool,
-    progress_interval: Duration,
+    progress: impl FnOnce() -> Arc<Progress>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     manifest.close_abandoned_batches(&opts.node).await?;
@@ -276,7 +294,7 @@ async fn copy_in_background(
     if !sweep {
         return Ok(());
     }
-    let progress = Progress::start("Migrating", true, progress_interval);
+    let progress = progress();
     let report = run_sweep(manifest, source, store, opts, progress, stop).await?;
     tracing::info!(
         copied = report.copied,

@@ -60,6 +60,10 @@ pub struct SweepArgs {
     /// Interval of progress log lines when there is no terminal (0 for none).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
+    /// Serve Prometheus metrics on http://ADDR/metrics while the sweep runs (e.g.
+    /// 127.0.0.1:9464); see docs/metrics.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 pub async fn run(args: SweepArgs) -> Result<u8> {
@@ -68,6 +72,11 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         return dry_run(&args, &filter).await;
     }
     // Everything is checked before anything is created.
+    let metrics_listener = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let resolved = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
         resolved.store.preflight(Preflight::ReadWrite).await?;
@@ -130,6 +139,11 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let progress = Progress::start("Migrating", args.no_progress, args.progress_interval);
     let (todo_files, todo_bytes) = to_do(&manifest, &filter).await?;
     progress.set_totals(todo_files, todo_bytes);
+    if let Some(listener) = metrics_listener {
+        let metrics = crate::metrics::Metrics::new();
+        crate::metrics::serve(listener, metrics.clone())?;
+        progress.attach_metrics(metrics);
+    }
     let opts = SweepOptions {
         limits,
         batch_size: args.batch_size as usize,

@@ -16,6 +16,8 @@ pub struct Progress {
     done_bytes: AtomicU64,
     started: Instant,
     bar: Option<ProgressBar>,
+    /// `--metrics`: the finished copies are also counted there.
+    metrics: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 impl Progress {
@@ -41,6 +43,7 @@ impl Progress {
             done_bytes: AtomicU64::new(0),
             started: Instant::now(),
             bar,
+            metrics: std::sync::OnceLock::new(),
         });
         if progress.bar.is_none() && !log_every.is_zero() {
             let weak = Arc::downgrade(&progress);
@@ -58,6 +61,17 @@ impl Progress {
             });
         }
         progress
+    }
+
+    /// Counts every finished copy in `metrics` from now on.
+    pub fn attach_metrics(&self, metrics: crate::metrics::Metrics) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    pub fn copy_done(&self, outcome: crate::metrics::CopyOutcome, bytes: u64) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.copy_done(outcome, bytes);
+        }
     }
 
     pub fn set_totals(&self, files: u64, bytes: u64) {

@@ -88,6 +88,23 @@ enum Outcome {
     Abandoned,
 }
 
+impl Outcome {
+    /// How `--metrics` counts it; a lost lease is not counted (another node or run owns it).
+    fn for_metrics(&self) -> Option<crate::metrics::CopyOutcome> {
+        use crate::metrics::CopyOutcome as M;
+        Some(match self {
+            Outcome::Copied(_) => M::Migrated,
+            Outcome::Already => M::AlreadyThere,
+            Outcome::Missing => M::Failed("source_missing"),
+            Outcome::Conflict => M::Failed("conflict"),
+            Outcome::Unsupported => M::Failed("unsupported"),
+            Outcome::Failed => M::Failed("copy_failed"),
+            Outcome::Deferred => M::Failed("dest_unavailable"),
+            Outcome::Abandoned => return None,
+        })
+    }
+}
+
 /// Batches being copied at once: the next batch is claimed while the last files of the
 /// previous one finish, so workers never idle at a batch boundary.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -567,6 +584,10 @@ async fn copy_group(files: Vec<Claimed>, pace_above: Option<u64>, shared: &Share
                 tracing::info!(path = %file.path, "lease lost before the outcome was recorded (the file was changed, removed or taken by another node); not counted");
                 Outcome::Abandoned
             };
+            if let Some(counted) = outcome.for_metrics() {
+                let bytes = if let Outcome::Copied(bytes) = outcome { bytes } else { file.size };
+                shared.progress.copy_done(counted, bytes);
+            }
             if !matches!(outcome, Outcome::Abandoned | Outcome::Deferred) {
                 shared.progress.file_done(if let Outcome::Copied(bytes) = outcome { bytes } else { file.size });
             }
