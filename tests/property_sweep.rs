@@ -97,6 +97,7 @@ async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
         keep_running: None,
         on_verified: None,
         command: "sweep".into(),
+        requests_only: false,
     };
     let progress = Progress::start("test", true, Duration::ZERO);
     run_sweep(manifest, source, store, &opts, progress, &stop)

@@ -74,6 +74,19 @@ pub struct MountArgs {
     /// docs/metrics.md.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// A replica, on a machine without the local tree: the tree from the manifest, the data
+    /// from the dest, read-only; files not migrated yet are requested from a node that has the
+    /// source (see docs/multi-node.md).
+    #[arg(long, conflicts_with = "source")]
+    pub no_source: bool,
+    /// How long an open on a replica waits for a requested file to be copied before it fails
+    /// with EIO.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub remote_wait: Duration,
+    /// How long the mount trusts a manifest row it read before reading it again: changes made
+    /// on other nodes show here within this plus --attr-timeout.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub manifest_cache: Duration,
 }
 
 /// How often the daemon deletes dest objects that removals left behind.
@@ -85,6 +98,9 @@ const READY_FD: &str = "CUTOVERFS_READY_FD";
 pub async fn run(args: MountArgs) -> Result<u8> {
     if !args.foreground {
         return start_in_background().await;
+    }
+    if args.no_source {
+        return run_replica(args).await;
     }
     let metrics_listener = args
         .metrics
@@ -121,6 +137,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         mountpoint: mountpoint.clone(),
         fsname: format!("cutoverfs:{}", resolved.pair.source),
         ttl: args.attr_timeout,
+        row_ttl: args.manifest_cache,
         threads: args.fuse_threads as usize,
         prefetch_memory: args.prefetch_memory,
         node: node_id(),
@@ -189,9 +206,12 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         command: "mount".into(),
         // The daemon never gives up on the dest: copies pause while it is away.
         dest_timeout: Duration::from_secs(100 * 365 * 24 * 3600),
-        keep_running: Some(wake),
+        keep_running: Some(wake.clone()),
         on_verified: Some(on_verified),
+        requests_only: args.no_sweep,
     };
+    // Replicas' requests wake the sweeper (with --no-sweep: the copier of requests only).
+    let requests = manifest.watch_requests(wake);
     let cleaner = {
         let (manifest, source, store) = (
             manifest.clone(),
@@ -247,12 +267,140 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         Err(_) => Err(anyhow::anyhow!("the sweeper did not stop within 2 minutes")),
     };
     cleaner.abort();
+    requests.abort();
     let _ = manifest.record_mounted_source(None).await;
     manifest.close().await;
     result?;
     copied?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     Ok(exit::OK)
+}
+
+/// `mount --no-source`: a replica of the migration on a machine without the local tree. It
+/// changes nothing but the request flags of files it waits for.
+async fn run_replica(args: MountArgs) -> Result<u8> {
+    let metrics_listener = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
+    let mountpoint = crate::fuse::prepare_mountpoint(&args.mountpoint)?;
+    let url = args.target.manifest_url()?;
+    let Some(manifest) = Manifest::open_existing(&url).await? else {
+        bail!(
+            "no manifest at {url}: a replica serves a migration that a node with the source has \
+             started (`cutoverfs mount` or `cutoverfs sweep` there first)"
+        );
+    };
+    let checked = replica_store(&args, &manifest, &mountpoint).await;
+    let store = match checked {
+        Ok(store) => store,
+        Err(e) => {
+            manifest.close().await;
+            return Err(e);
+        }
+    };
+    let root = std::fs::metadata(&mountpoint)
+        .with_context(|| format!("mountpoint {}", mountpoint.display()))?;
+    let settings = crate::fuse::ReplicaSettings {
+        mountpoint: mountpoint.clone(),
+        fsname: "cutoverfs:replica".into(),
+        ttl: args.attr_timeout,
+        row_ttl: args.manifest_cache,
+        threads: args.fuse_threads as usize,
+        prefetch_memory: args.prefetch_memory,
+        wait: args.remote_wait,
+        root: crate::fuse::root_attr(&root),
+    };
+    let mut signals = stop_on_signals();
+    ignore_hangups();
+    let mount_now = tokio::task::block_in_place(|| {
+        crate::fuse::mount_replica(manifest.clone(), store, &settings)
+    });
+    let mut mounted = mount_now?;
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        manifest = %super::logs::redact_url(manifest.location()),
+        remote_wait = %humantime::format_duration(args.remote_wait),
+        "mount is live (replica: read-only, no source)"
+    );
+    if let Some(listener) = metrics_listener {
+        crate::metrics::serve(listener, crate::metrics::Metrics::new())?;
+    }
+    say_ready();
+    let ended = mounted.ended.clone();
+    let unmounted_outside = tokio::select! {
+        _ = signals.wait_for(|s| *s) => false,
+        _ = ended.notified() => true,
+    };
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    if unmounted_outside {
+        tracing::info!("unmounted from outside; stopping");
+    }
+    let result = tokio::task::block_in_place(|| mounted.unmount());
+    manifest.close().await;
+    result?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(exit::OK)
+}
+
+/// A replica has no live settings to reload; SIGHUP (`systemctl reload`) must not end it.
+fn ignore_hangups() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: a replica has no settings to reload; nothing changed");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; it would end the process, so do not send it")
+        }
+    }
+}
+
+/// The dest a replica reads: the one recorded in the manifest (a --dest must name it), checked
+/// readable. Refuses to hide the recorded source tree under a replica.
+async fn replica_store(
+    args: &MountArgs,
+    manifest: &Manifest,
+    mountpoint: &std::path::Path,
+) -> Result<Arc<dyn crate::store::Store>> {
+    let Some(pair) = manifest.pair().await? else {
+        bail!(
+            "manifest {} records no source and dest yet: start the migration on a node with the \
+             source first",
+            super::logs::redact_url(manifest.location())
+        );
+    };
+    if std::path::Path::new(&pair.source) == mountpoint
+        && std::fs::read_dir(mountpoint)?.next().is_some()
+    {
+        bail!(
+            "{} is the source tree of this migration and holds files: a replica (--no-source) \
+             would hide them; mount it without --no-source here",
+            mountpoint.display()
+        );
+    }
+    let dest_text = args
+        .target
+        .dest
+        .clone()
+        .unwrap_or_else(|| pair.dest.clone());
+    let dest = crate::store::DestUrl::parse(&dest_text)?;
+    let store = crate::store::open_store(&dest, &args.target.s3.flags()).await?;
+    if store.canonical_url() != pair.dest {
+        bail!(
+            "dest {} is not the dest of this migration ({} in manifest {})",
+            store.canonical_url(),
+            pair.dest,
+            super::logs::redact_url(manifest.location())
+        );
+    }
+    store.preflight(Preflight::ReadOnly).await?;
+    Ok(store)
 }
 
 /// The settings SIGHUP re-reads (see `reload`).
@@ -292,7 +440,10 @@ async fn copy_in_background(
         Err(ScanError::Manifest(e)) => return Err(e.into()),
     }
     if !sweep {
-        return Ok(());
+        // Only what replicas request is copied; the dest may not have been made ready.
+        if let Err(e) = store.prepare().await {
+            tracing::warn!(error = %e, "cannot prepare the dest for files replicas request");
+        }
     }
     let progress = progress();
     let report = run_sweep(manifest, source, store, opts, progress, stop).await?;

@@ -155,6 +155,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         dest_timeout: args.dest_timeout,
         keep_running: None,
         on_verified: None,
+        requests_only: false,
     };
     let report = run_sweep(
         &manifest,

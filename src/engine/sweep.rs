@@ -39,6 +39,8 @@ pub struct SweepOptions {
     pub keep_running: Option<Arc<tokio::sync::Notify>>,
     /// Told which paths were just recorded verified (the mount drops what it cached of them).
     pub on_verified: Option<VerifiedHook>,
+    /// Copy only the files replica mounts request (a daemon with `--no-sweep`), never sweep.
+    pub requests_only: bool,
 }
 
 /// Called with the paths whose verified state was just committed.
@@ -209,7 +211,7 @@ pub async fn run_sweep(
                 if shared.health.gave_up().is_some() {
                     continue;
                 }
-                if !wait_for_more_work(manifest, opts, stop).await? {
+                if opts.requests_only || !wait_for_more_work(manifest, opts, stop).await? {
                     match &opts.keep_running {
                         Some(wake) => {
                             if std::mem::take(&mut copied_since_idle) {
@@ -401,10 +403,16 @@ async fn claim_batch(
     let mut claimed = Vec::new();
     let mut batch_id = None;
     let filter = opts.limits.get().filter.clone();
-    // Files the application opened before they were copied go first (copy-on-read).
+    // Files replicas wait for, then files the application opened before they were copied
+    // (copy-on-read) go first.
+    let min_priority = if opts.requests_only {
+        crate::manifest::REQUESTED
+    } else {
+        1
+    };
     let urgent: Vec<String> = busy.free(
         manifest
-            .patiently(stop, || manifest.prioritized(opts.batch_size))
+            .patiently(stop, || manifest.prioritized(opts.batch_size, min_priority))
             .await?
             .into_iter()
             .filter(|path| filter.matches(path))
@@ -421,6 +429,9 @@ async fn claim_batch(
         if !claimed.is_empty() {
             return Ok((batch_id, claimed));
         }
+    }
+    if opts.requests_only {
+        return Ok((batch_id, claimed));
     }
     let mut wrapped = false;
     while claimed.len() < opts.batch_size {

@@ -428,7 +428,11 @@ fn is_dest_readers_busy(e: &io::Error) -> bool {
 }
 
 /// A handle on an inode already in passthrough mode: it shares the backing file.
-fn share(ino: u64, mode: &Mode, writable: bool) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
+pub(super) fn share(
+    ino: u64,
+    mode: &Mode,
+    writable: bool,
+) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
     let Mode::Passthrough { backing, file, .. } = mode else {
         unreachable!("share is only called in passthrough mode");
     };

@@ -15,6 +15,7 @@ mod open;
 mod prefetch;
 mod probe;
 mod records;
+mod replica;
 mod writes;
 
 use std::ffi::CString;
@@ -33,6 +34,7 @@ use crate::store::Store;
 
 pub use fs::CutoverFs;
 pub use probe::{probe_kernel, KernelOffer};
+pub use replica::{mount_replica, root_attr, ReplicaSettings};
 
 /// The file system type in /proc/mounts: `fuse.` + this.
 pub const SUBTYPE: &str = "cutoverfs";
@@ -158,6 +160,8 @@ pub struct MountSettings {
     pub fsname: String,
     /// Kernel entry and attribute cache lifetime.
     pub ttl: Duration,
+    /// How long a manifest row read by the mount is trusted before it is read again.
+    pub row_ttl: Duration,
     pub threads: usize,
     /// Bytes of remote data fetched ahead, across all open files.
     pub prefetch_memory: u64,
@@ -200,6 +204,7 @@ pub fn mount(
         parts.source.clone(),
         parts.manifest.clone(),
         rt.clone(),
+        settings.row_ttl,
     ));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let holds = records::Holds {
@@ -227,18 +232,52 @@ pub fn mount(
         records,
         holds,
     });
+    let session = SessionSettings {
+        mountpoint: &settings.mountpoint,
+        fsname: &settings.fsname,
+        threads: settings.threads,
+        read_only: false,
+    };
+    let mounted = start_session(fs, &session, ready_rx, stats)?;
+    let hook_ns = ns;
+    let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
+        hook_ns.forget_entries(paths)
+    }));
+    Ok((mounted, hook))
+}
+
+/// What every mount passes to the kernel.
+pub(crate) struct SessionSettings<'a> {
+    pub mountpoint: &'a Path,
+    pub fsname: &'a str,
+    pub threads: usize,
+    /// Mounted `ro`: the kernel refuses every change with EROFS before asking the daemon.
+    pub read_only: bool,
+}
+
+/// Mounts `fs` and runs its FUSE session on its own threads; returns once the kernel has
+/// finished the handshake (`ready` is told by the file system's `init`).
+fn start_session<F: fuser::Filesystem + Send + Sync + 'static>(
+    fs: F,
+    settings: &SessionSettings,
+    ready: std::sync::mpsc::Receiver<bool>,
+    stats: Arc<ReadStats>,
+) -> Result<Mounted> {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(settings.fsname.clone()),
+        fuser::MountOption::FSName(settings.fsname.to_string()),
         // Straight to the kernel: the type becomes fuse.cutoverfs in /proc/mounts.
         fuser::MountOption::CUSTOM(format!("subtype={SUBTYPE}")),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
     ];
+    if settings.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(settings.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, &settings.mountpoint, &config)
+    let session = fuser::Session::new(fs, settings.mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", settings.mountpoint.display()))?;
     let ended = Arc::new(Notify::new());
     let session_ended = ended.clone();
@@ -250,26 +289,19 @@ pub fn mount(
             result
         })?;
     let mut mounted = Mounted {
-        mountpoint: settings.mountpoint.clone(),
+        mountpoint: settings.mountpoint.to_path_buf(),
         session: Some(thread),
         ended,
         stats,
     };
-    match ready_rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(_) => {}
-        Err(_) => {
-            let _ = mounted.unmount();
-            bail!(
-                "the kernel did not complete the FUSE handshake on {}",
-                settings.mountpoint.display()
-            );
-        }
+    if ready.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = mounted.unmount();
+        bail!(
+            "the kernel did not complete the FUSE handshake on {}",
+            settings.mountpoint.display()
+        );
     }
-    let hook_ns = ns;
-    let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
-        hook_ns.forget_entries(paths)
-    }));
-    Ok((mounted, hook))
+    Ok(mounted)
 }
 
 impl Mounted {

@@ -17,9 +17,7 @@ use fuser::{FileAttr, FileType, INodeNo};
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::source::SourceTree;
 
-/// How long a manifest row is trusted without a notice: other nodes change states too.
-const ENTRY_TTL: Duration = Duration::from_secs(10);
-const ENTRY_CACHE_ROWS: u64 = 1_000_000;
+pub const ENTRY_CACHE_ROWS: u64 = 1_000_000;
 
 pub struct Namespace {
     source: Arc<SourceTree>,
@@ -40,14 +38,21 @@ pub struct Listed {
 }
 
 impl Namespace {
-    pub fn new(source: Arc<SourceTree>, manifest: Manifest, rt: tokio::runtime::Handle) -> Self {
+    /// `row_ttl`: how long a manifest row is trusted without a notice (`--manifest-cache`):
+    /// other nodes change states too.
+    pub fn new(
+        source: Arc<SourceTree>,
+        manifest: Manifest,
+        rt: tokio::runtime::Handle,
+        row_ttl: Duration,
+    ) -> Self {
         Namespace {
             source,
             manifest,
             rt,
             entries: moka::sync::Cache::builder()
                 .max_capacity(ENTRY_CACHE_ROWS)
-                .time_to_live(ENTRY_TTL)
+                .time_to_live(row_ttl)
                 .build(),
             generation: std::sync::RwLock::new(0),
         }

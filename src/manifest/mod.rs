@@ -13,8 +13,9 @@
 mod audit;
 mod health;
 mod namespace;
-mod rollback;
 mod reach;
+mod requests;
+mod rollback;
 mod state;
 mod verify;
 mod writes;
@@ -22,8 +23,9 @@ mod writes;
 pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use health::Health;
 pub use namespace::Entry;
-pub use rollback::{RollbackRow, RollbackSelector};
 pub use reach::Reachability;
+pub use requests::{RequestOutcome, REQUESTED};
+pub use rollback::{RollbackRow, RollbackSelector};
 pub use verify::{AtDest, DATA_AT_RISK};
 pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
 
@@ -384,6 +386,8 @@ const CANDIDATES: [&str; 3] = [
 #[derive(Debug, Clone)]
 pub struct Manifest {
     pool: AnyPool,
+    /// The URL it was opened with, password included: only for PostgreSQL's LISTEN connection.
+    url: ManifestUrl,
     location: String,
     id: String,
     engine: Engine,
@@ -553,6 +557,7 @@ impl Manifest {
         };
         Ok(Manifest {
             pool,
+            url: url.clone(),
             reach: Reachability::new(url.host()),
             location,
             id: String::new(),

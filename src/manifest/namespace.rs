@@ -163,13 +163,17 @@ impl Manifest {
         Ok(n as u64)
     }
 
-    /// Files queued by copy-on-read and not taken yet, oldest first.
-    pub async fn prioritized(&self, limit: usize) -> Result<Vec<String>> {
+    /// Files queued by copy-on-read or requested by replicas (`priority` at least `min`) and
+    /// not taken yet: requests first (a reader waits for them), then oldest first.
+    pub async fn prioritized(&self, limit: usize, min: i64) -> Result<Vec<String>> {
         let rows = sqlx::query(
-            "SELECT path FROM entries WHERE priority > 0 AND state = 'pending' AND kind = 'file' \
-             AND rolled_back_at IS NULL \
-             ORDER BY queued_at LIMIT $1",
+            "SELECT path FROM entries WHERE priority >= $1 AND kind = 'file' \
+             AND rolled_back_at IS NULL AND (state = 'pending' \
+             OR (state = 'failed' AND next_retry_at IS NOT NULL AND next_retry_at <= $2)) \
+             ORDER BY priority DESC, queued_at LIMIT $3",
         )
+        .bind(min.max(1))
+        .bind(now_ms())
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
