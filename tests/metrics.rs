@@ -11,6 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::mount::{wait_until, Daemon};
+use common::s3::S3Server;
 use common::*;
 
 fn free_addr() -> String {
@@ -157,4 +158,129 @@ fn a_bad_metrics_address_stops_the_sweep_before_anything_is_copied() {
     run.assert_code(2);
     assert!(run.stderr.contains(&addr), "{}", run.stderr);
     assert!(!w.dest.exists());
+}
+
+/// The sum over a histogram's `_count` series of one operation.
+fn count_of(samples: &HashMap<String, f64>, histogram: &str, op: &str) -> f64 {
+    value(
+        samples,
+        &format!(r#"cutoverfs_{histogram}_seconds_count{{op="{op}"}}"#),
+    )
+}
+
+#[test]
+fn a_mount_over_s3_counts_reads_by_origin_queues_and_latencies() {
+    let server = S3Server::in_process();
+    let w = Work::new();
+    let dest = server.dest_url("media");
+    let migrated: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("m/f{i}"), pseudo_random(1000 + i * 777, i as u64)))
+        .collect();
+    for (rel, content) in &migrated {
+        w.write(rel, content);
+    }
+    let mut sweep = command();
+    server.apply_env(&mut sweep);
+    run_command(
+        sweep
+            .arg("sweep")
+            .args(w.target_with_dest(&dest))
+            .arg("--no-progress"),
+    )
+    .assert_code(0);
+    // Written after the sweep: pending, served from the local copy and queued when opened.
+    w.write("new/a", b"new a");
+    w.write("new/b", b"new b");
+
+    let addr = free_addr();
+    let mut args = w.target_with_dest(&dest);
+    args.extend(["--no-sweep".into(), "--metrics".into(), addr.clone().into()]);
+    let mnt = w.root.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    daemon.wait_for_scan();
+
+    // Four migrated files read through the mount: served by the dest.
+    for (rel, content) in &migrated[..4] {
+        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content, "{rel}");
+    }
+    for rel in ["new/a", "new/b"] {
+        std::fs::read(mnt.join(rel)).unwrap();
+    }
+    let expected_bytes: usize = migrated[..4].iter().map(|(_, c)| c.len()).sum();
+    let opens = |s: &HashMap<String, f64>, origin: &str| {
+        value(s, &format!(r#"cutoverfs_opens_total{{origin="{origin}"}}"#))
+    };
+    wait_until(Duration::from_secs(20), "the manifest counted", || {
+        scrape(&addr).is_some_and(|s| {
+            value(&s, "cutoverfs_copy_on_read_waiting") == 2.0
+                && value(&s, r#"cutoverfs_manifest_files{state="verified"}"#) == 6.0
+        })
+    });
+    let s = scrape(&addr).unwrap();
+    assert_eq!(opens(&s, "dest"), 4.0, "{s:?}");
+    assert_eq!(opens(&s, "local"), 2.0, "{s:?}");
+    assert_eq!(opens(&s, "fallback"), 0.0, "{s:?}");
+    assert_eq!(
+        value(&s, "cutoverfs_copy_on_read_queued_total"),
+        2.0,
+        "{s:?}"
+    );
+    assert_eq!(
+        value(&s, "cutoverfs_dest_read_bytes_total"),
+        expected_bytes as f64,
+        "{s:?}"
+    );
+    assert_eq!(value(&s, "cutoverfs_queue_depth"), 2.0, "{s:?}");
+    assert_eq!(
+        value(&s, r#"cutoverfs_manifest_files{state="pending"}"#),
+        2.0,
+        "{s:?}"
+    );
+    assert!(
+        value(&s, "cutoverfs_manifest_count_age_seconds") < 30.0,
+        "{s:?}"
+    );
+    // Every open was timed to its reply, and the remote reads by the store.
+    assert!(
+        count_of(&s, "fuse_request_duration", "open") >= 6.0,
+        "{s:?}"
+    );
+    assert!(
+        count_of(&s, "fuse_request_duration", "lookup") >= 1.0,
+        "{s:?}"
+    );
+    assert!(
+        count_of(&s, "fuse_request_duration", "read") >= 4.0,
+        "{s:?}"
+    );
+    assert!(
+        count_of(&s, "store_request_duration", "read_range") >= 4.0,
+        "{s:?}"
+    );
+    let slowest_bucket =
+        r#"cutoverfs_store_request_duration_seconds_bucket{le="+Inf",op="read_range"}"#;
+    assert_eq!(
+        value(&s, slowest_bucket),
+        count_of(&s, "store_request_duration", "read_range"),
+        "{s:?}"
+    );
+
+    // The dest goes away: the next read of a migrated file falls back to its local copy,
+    // and so are the opens after it.
+    server.stop();
+    for (rel, content) in &migrated[4..] {
+        assert_eq!(&std::fs::read(mnt.join(rel)).unwrap(), content, "{rel}");
+    }
+    let s = scrape(&addr).unwrap();
+    assert!(
+        value(&s, "cutoverfs_fallback_reads_total") + opens(&s, "fallback") >= 2.0,
+        "{s:?}"
+    );
+    assert!(opens(&s, "fallback") >= 1.0, "{s:?}");
+    assert!(
+        !s.keys().any(|k| k.contains("f0") || k.contains("new/")),
+        "{s:?}"
+    );
+    daemon.stop();
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use common::mount::{served, Daemon};
 use common::pg::PgCluster;
 use common::s3::S3Server;
 use common::{command, pseudo_random, run_command, small_tree, wait_capturing, Run, Work};
@@ -267,6 +268,7 @@ s3_tests! {
             assert!(got == want, "{rel} differs at the dest");
         }
         assert_eq!(server.list("nodes/").len(), files.len(), "stray objects at the dest");
+        replica_reads_every_file(&work, server, &manifest, &files);
 
         let history = check_leases(&audit_rows(&manifest));
         let victim_node = node_of(victim_pid, &history);
@@ -282,6 +284,26 @@ s3_tests! {
             );
         }
     }
+}
+
+/// A replica mount (`--no-source`: the manifest's tree, the dest's data) on "another machine"
+/// reads every file byte-identical to the source.
+fn replica_reads_every_file(work: &Work, server: &S3Server, manifest: &str, files: &[String]) {
+    let mnt = work.root.join("replica");
+    std::fs::create_dir(&mnt).unwrap();
+    let args: Vec<std::ffi::OsString> = ["--no-source", "--manifest", manifest]
+        .iter()
+        .map(Into::into)
+        .collect();
+    let daemon = Daemon::start_with_env(&mnt, &args, &server.env());
+    for rel in files {
+        let want = std::fs::read(work.src.join(rel)).unwrap();
+        let got = std::fs::read(mnt.join(rel))
+            .unwrap_or_else(|e| panic!("{rel} through the replica: {e}\n{}", daemon.log_text()));
+        assert!(got == want, "{rel} differs through the replica");
+    }
+    let log = daemon.stop();
+    assert!(served(&log, "opens_dest") >= files.len() as u64, "{log}");
 }
 
 /// `cutoverfs log --format json` rows checked by `check_leases` catch a claim of a live lease.

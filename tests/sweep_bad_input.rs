@@ -387,3 +387,40 @@ fn out_of_range_numbers_are_refused_by_the_parser() {
         nothing_created(&w);
     }
 }
+
+#[test]
+fn a_postgresql_manifest_that_cannot_be_reached_says_why() {
+    let pg = common::pg::PgCluster::shared();
+    let good = pg.create_database();
+    let w = Work::new();
+    w.write("a.txt", b"alpha");
+    let wrong_password = good.replace(common::pg::PASSWORD, "not-the-password");
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("postgres://postgres:x@127.0.0.1:{port}/db")
+    };
+    for (url, cause) in [
+        (&wrong_password, "password authentication failed"),
+        (&closed_port, "refused"),
+    ] {
+        let run = run(["sweep", "--source"]
+            .into_iter()
+            .map(OsString::from)
+            .chain([
+                w.src.clone().into_os_string(),
+                "--dest".into(),
+                w.dest_url().into(),
+                "--manifest".into(),
+                url.into(),
+            ]));
+        assert_ne!(run.code, Some(0), "{run}");
+        assert!(
+            run.stderr.to_lowercase().contains(cause),
+            "the cause ({cause}) is not named\n{run}"
+        );
+        assert!(!run.stderr.contains("not-the-password"), "{run}");
+        assert!(!w.dest.exists());
+    }
+}

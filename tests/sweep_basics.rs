@@ -584,3 +584,60 @@ fn dry_run_on_an_existing_manifest_leaves_no_new_files_beside_it() {
         "a dry run created files next to the manifest"
     );
 }
+
+/// The manifest at the schema of the cutoverfs before the last migration (rollback's column).
+fn downgrade_to_the_previous_schema(db: &std::path::Path) {
+    sqlite_exec(
+        db,
+        "DROP INDEX entries_rolled_back; \
+         ALTER TABLE entries DROP COLUMN rolled_back_at; \
+         DELETE FROM _sqlx_migrations WHERE version = 6;",
+    );
+}
+
+#[test]
+fn a_manifest_of_an_earlier_cutoverfs_is_upgraded_by_sweep_and_a_newer_one_is_refused() {
+    let w = Work::new();
+    w.write("a.txt", b"alpha");
+    w.sweep(&[]).assert_code(0);
+    downgrade_to_the_previous_schema(&w.manifest);
+    w.write("b.txt", b"beta");
+
+    // Read-only commands change nothing and name the commands that upgrade.
+    let status = w.cmd_manifest_only("status", &[]);
+    assert_ne!(status.code, Some(0), "{status}");
+    assert!(status.stderr.contains("older schema"), "{status}");
+    assert!(status.stderr.contains("cutoverfs sweep"), "{status}");
+
+    // A sweep upgrades it and goes on where the earlier one stopped.
+    let run = w.sweep(&[]);
+    run.assert_code(0);
+    assert_eq!(run.count("Successfully copied"), 1, "{run}");
+    assert!(run.elapsed < std::time::Duration::from_secs(8), "{run}");
+    assert_file_states(&w.status(), &[("verified", 2)]);
+    assert_eq!(fs::read(w.dest.join("b.txt")).unwrap(), b"beta");
+
+    // A manifest a newer cutoverfs migrated is refused before anything is touched.
+    sqlite_exec(
+        &w.manifest,
+        "INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', CURRENT_TIMESTAMP, 1, x'00', 0)",
+    );
+    let before = fs::read(&w.manifest).unwrap();
+    w.write("c.txt", b"gamma");
+    for cmd in ["sweep", "status"] {
+        let run = if cmd == "sweep" {
+            w.sweep(&[])
+        } else {
+            w.cmd_manifest_only(cmd, &[])
+        };
+        assert_ne!(run.code, Some(0), "{cmd}: {run}");
+        assert!(run.stderr.contains("newer cutoverfs"), "{cmd}: {run}");
+    }
+    assert_eq!(
+        fs::read(&w.manifest).unwrap(),
+        before,
+        "the manifest changed"
+    );
+    assert!(!w.dest.join("c.txt").exists());
+}

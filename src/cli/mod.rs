@@ -537,8 +537,18 @@ pub async fn with_existing_manifest<T>(
     target: &Target,
     work: impl AsyncFnOnce(&Manifest) -> Result<T>,
 ) -> Result<T> {
+    with_existing_manifest_upgraded(target, false, work).await
+}
+
+/// Like `with_existing_manifest`; with `upgrade`, for a command that changes the manifest
+/// anyway, a manifest of an older schema is upgraded first instead of refused.
+pub async fn with_existing_manifest_upgraded<T>(
+    target: &Target,
+    upgrade: bool,
+    work: impl AsyncFnOnce(&Manifest) -> Result<T>,
+) -> Result<T> {
     let url = target.manifest_url()?;
-    let Some(manifest) = Manifest::open_existing(&url).await? else {
+    let Some(manifest) = open_manifest(&url, upgrade).await? else {
         bail!("no manifest at {url}; run `cutoverfs sweep --source DIR --dest URL` first, or give --manifest");
     };
     let result = work(&manifest).await;
@@ -551,12 +561,81 @@ pub async fn with_optional_manifest<T>(
     target: &Target,
     work: impl AsyncFnOnce(Option<&Manifest>) -> Result<T>,
 ) -> Result<T> {
-    let manifest = Manifest::open_existing(&target.manifest_url()?).await?;
+    with_optional_manifest_upgraded(target, false, work).await
+}
+
+/// Like `with_optional_manifest`, for the commands that change the manifest anyway (sweep,
+/// mount, verify, purge): a manifest of an older schema is upgraded first instead of refused.
+pub async fn with_manifest_to_upgrade<T>(
+    target: &Target,
+    work: impl AsyncFnOnce(Option<&Manifest>) -> Result<T>,
+) -> Result<T> {
+    with_optional_manifest_upgraded(target, true, work).await
+}
+
+async fn with_optional_manifest_upgraded<T>(
+    target: &Target,
+    upgrade: bool,
+    work: impl AsyncFnOnce(Option<&Manifest>) -> Result<T>,
+) -> Result<T> {
+    let manifest = open_manifest(&target.manifest_url()?, upgrade).await?;
     let result = work(manifest.as_ref()).await;
     if let Some(manifest) = manifest {
         manifest.close().await;
     }
     result
+}
+
+/// An existing manifest, unchanged; with `upgrade`, one left by an earlier cutoverfs is
+/// brought to this binary's schema (its rows stay as they are).
+async fn open_manifest(url: &ManifestUrl, upgrade: bool) -> Result<Option<Manifest>> {
+    match Manifest::open_existing(url).await {
+        Err(crate::manifest::ManifestError::OlderSchema {
+            applied, expected, ..
+        }) if upgrade => {
+            tracing::info!(manifest = %url, applied, expected, "upgrading the manifest's schema");
+            Ok(Some(Manifest::open(url).await?))
+        }
+        opened => Ok(opened?),
+    }
+}
+
+/// Keeps the manifest gauges of `--metrics` current: counts the manifest now and then, in
+/// the background, for as long as the process runs. A manifest that does not answer leaves the
+/// last counts (their age says how old they are).
+pub fn count_for_metrics(manifest: Manifest, metrics: crate::metrics::Metrics) {
+    use crate::manifest::State;
+    tokio::spawn(async move {
+        loop {
+            let started = std::time::Instant::now();
+            let counted = async {
+                let by_state = manifest.count_by_state().await?;
+                let copy_on_read = manifest.count_prioritized().await?;
+                anyhow::Ok((by_state, copy_on_read))
+            }
+            .await;
+            let took = started.elapsed();
+            match counted {
+                Ok((by_state, copy_on_read)) => {
+                    let queued = by_state
+                        .iter()
+                        .filter(|(s, _, _)| matches!(s, State::Pending | State::Copying))
+                        .map(|(_, files, _)| files)
+                        .sum();
+                    metrics.set_manifest_counts(&crate::metrics::ManifestCounts {
+                        by_state: by_state
+                            .iter()
+                            .map(|(s, files, bytes)| (s.as_str(), *files, *bytes))
+                            .collect(),
+                        queued,
+                        copy_on_read,
+                    });
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot count the manifest for metrics"),
+            }
+            tokio::time::sleep(crate::metrics::next_count_after(took)).await;
+        }
+    });
 }
 
 /// SIGINT/SIGTERM set the flag once; a second signal ends the process at once.

@@ -12,13 +12,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::{exit, parse_size, stop_on_signals, with_optional_manifest, Scope, Target};
+use super::{exit, parse_size, stop_on_signals, with_manifest_to_upgrade, Scope, Target};
 use crate::engine::scan::{scan_patiently, ScanError};
 use crate::engine::sweep::{run_sweep, SweepOptions};
 use crate::engine::{node_id, process_node, Limits, LiveLimits, Progress};
 use crate::fuse::{MountSettings, Parts};
 use crate::manifest::Manifest;
-use crate::store::Preflight;
+use crate::metrics::{Metrics, Role};
+use crate::store::{Preflight, TimedStore};
 
 #[derive(Debug, Clone, Args)]
 pub struct MountArgs {
@@ -114,7 +115,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     }
     let limits = LiveLimits::new(live_limits(&args)?);
     // Everything is checked before anything is created or mounted.
-    let resolved = with_optional_manifest(&target, async |existing| {
+    let mut resolved = with_manifest_to_upgrade(&target, async |existing| {
         let resolved = target.resolve(existing).await?;
         let mode = if args.no_sweep {
             Preflight::ReadOnly
@@ -125,6 +126,10 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         Ok(resolved)
     })
     .await?;
+    let metrics = Metrics::new(Role::Mount);
+    if metrics_listener.is_some() {
+        resolved.store = TimedStore::wrap(resolved.store, metrics.store_calls.clone());
+    }
     let manifest = Manifest::open(&resolved.manifest_url).await?;
     manifest.check_pair(&resolved.pair, true).await?;
     if !args.no_sweep {
@@ -148,6 +153,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         manifest: manifest.clone(),
         store: resolved.store.clone(),
         wake_sweeper: wake.clone(),
+        metrics: metrics.clone(),
     };
     // From here a stop must unmount; a signal during mounting is acted on right after.
     let mut signals = stop_on_signals();
@@ -179,9 +185,9 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if let Err(e) = manifest.record_mounted_source(Some(&reach)).await {
         tracing::warn!(error = %e, "cannot record where the local tree is reachable; purge and sweep will refuse this source while it is mounted");
     }
-    let metrics = crate::metrics::Metrics::new();
     if let Some(listener) = metrics_listener {
         crate::metrics::serve(listener, metrics.clone())?;
+        super::count_for_metrics(manifest.clone(), metrics.clone());
     }
     say_ready();
 
@@ -314,8 +320,13 @@ async fn run_replica(args: MountArgs) -> Result<u8> {
     };
     let mut signals = stop_on_signals();
     ignore_hangups();
+    let metrics = Metrics::new(Role::Replica);
+    let store = match metrics_listener {
+        Some(_) => TimedStore::wrap(store, metrics.store_calls.clone()),
+        None => store,
+    };
     let mount_now = tokio::task::block_in_place(|| {
-        crate::fuse::mount_replica(manifest.clone(), store, &settings)
+        crate::fuse::mount_replica(manifest.clone(), store, &settings, &metrics)
     });
     let mut mounted = mount_now?;
     tracing::info!(
@@ -325,7 +336,8 @@ async fn run_replica(args: MountArgs) -> Result<u8> {
         "mount is live (replica: read-only, no source)"
     );
     if let Some(listener) = metrics_listener {
-        crate::metrics::serve(listener, crate::metrics::Metrics::new())?;
+        crate::metrics::serve(listener, metrics.clone())?;
+        super::count_for_metrics(manifest.clone(), metrics);
     }
     say_ready();
     let ended = mounted.ended.clone();

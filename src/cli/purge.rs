@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::{exit, stop_on_signals, with_optional_manifest, Target};
+use super::{exit, stop_on_signals, with_manifest_to_upgrade, Target};
 use crate::engine::purge::{purge, PurgeOptions};
 use crate::engine::PathFilter;
 use crate::manifest::Manifest;
@@ -27,7 +27,7 @@ pub struct PurgeArgs {
 
 pub async fn run(args: PurgeArgs) -> Result<u8> {
     let filter = PathFilter::new(&args.path, &[])?;
-    let resolved = with_optional_manifest(&args.target, async |existing| {
+    let resolved = with_manifest_to_upgrade(&args.target, async |existing| {
         if existing.is_none() {
             anyhow::bail!(
                 "no manifest at {}: nothing was migrated there, so nothing can be purged",

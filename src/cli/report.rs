@@ -240,12 +240,12 @@ async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
         args.target.resolve(Some(manifest)).await?;
     }
     let pair = manifest.pair().await?;
-    let mut files: BTreeMap<State, (u64, u64)> = State::ALL.iter().map(|s| (*s, (0, 0))).collect();
-    for file in manifest.files().await? {
-        let entry = files.entry(file.state).or_default();
-        entry.0 += 1;
-        entry.1 += file.size;
-    }
+    let files: BTreeMap<State, (u64, u64)> = manifest
+        .count_by_state()
+        .await?
+        .into_iter()
+        .map(|(state, count, bytes)| (state, (count, bytes)))
+        .collect();
     let dirs = manifest.count_dirs().await?;
     let queued = manifest.count_prioritized().await?;
     let held = manifest.count_rolled_back().await?;

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 
-use super::{exit, stop_on_signals, with_existing_manifest, Target};
+use super::{exit, stop_on_signals, with_existing_manifest_upgraded, Target};
 use crate::engine::rollback::{rollback, Action, RollbackOptions, RollbackReport};
 use crate::engine::PathFilter;
 use crate::manifest::RollbackSelector;
@@ -86,7 +86,8 @@ pub async fn run(args: RollbackArgs) -> Result<u8> {
         confirm: args.confirm,
     };
     let stop = stop_on_signals();
-    let report = with_existing_manifest(&args.target, async |manifest| {
+    // Only a rollback that acts upgrades an older manifest: a dry run changes nothing.
+    let report = with_existing_manifest_upgraded(&args.target, args.confirm, async |manifest| {
         if let RollbackSelector::Batch(id) = opts.selector {
             if manifest.batch(id).await?.is_none() {
                 bail!(

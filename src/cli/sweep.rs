@@ -5,7 +5,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::{exit, stop_on_signals, with_optional_manifest, Scope, Target};
+use super::{
+    exit, stop_on_signals, with_manifest_to_upgrade, with_optional_manifest, Scope, Target,
+};
 use crate::engine::plan::{make_plan, Fate};
 use crate::engine::scan::{scan_patiently, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
@@ -77,12 +79,17 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         .as_deref()
         .map(crate::metrics::bind)
         .transpose()?;
-    let resolved = with_optional_manifest(&args.target, async |existing| {
+    let mut resolved = with_manifest_to_upgrade(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
         resolved.store.preflight(Preflight::ReadWrite).await?;
         Ok(resolved)
     })
     .await?;
+    let metrics = crate::metrics::Metrics::new(crate::metrics::Role::Sweep);
+    if metrics_listener.is_some() {
+        resolved.store =
+            crate::store::TimedStore::wrap(resolved.store, metrics.store_calls.clone());
+    }
     let manifest = Manifest::open(&resolved.manifest_url).await?;
     manifest.check_pair(&resolved.pair, true).await?;
     resolved.store.prepare().await?;
@@ -140,8 +147,8 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let (todo_files, todo_bytes) = to_do(&manifest, &filter).await?;
     progress.set_totals(todo_files, todo_bytes);
     if let Some(listener) = metrics_listener {
-        let metrics = crate::metrics::Metrics::new();
         crate::metrics::serve(listener, metrics.clone())?;
+        super::count_for_metrics(manifest.clone(), metrics.clone());
         progress.attach_metrics(metrics);
     }
     let opts = SweepOptions {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use super::{exit, stop_on_signals, with_optional_manifest, Target};
+use super::{exit, stop_on_signals, with_manifest_to_upgrade, Target};
 use crate::engine::verify::{verify, VerifyOptions, VerifyReport};
 use crate::engine::{PathFilter, Progress};
 use crate::manifest::Manifest;
@@ -47,7 +47,7 @@ pub struct VerifyArgs {
 
 pub async fn run(args: VerifyArgs) -> Result<u8> {
     let filter = PathFilter::new(&args.path, &[])?;
-    let resolved = with_optional_manifest(&args.target, async |existing| {
+    let resolved = with_manifest_to_upgrade(&args.target, async |existing| {
         if existing.is_none() {
             anyhow::bail!(
                 "no manifest at {}: nothing was migrated there, so nothing can be verified",

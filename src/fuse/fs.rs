@@ -26,6 +26,7 @@ use super::prefetch::RemoteFile;
 use super::records::{Holds, WriteRecords};
 use super::{CopyOnRead, DestHealth, ReadStats};
 use crate::manifest::{Manifest, State};
+use crate::metrics::RequestTimes;
 use crate::store::Store;
 
 /// A directory's entries with their inode numbers, as read at opendir.
@@ -34,8 +35,13 @@ type Listing = Vec<(u64, Listed)>;
 /// Where an open is served from.
 pub(super) enum Route {
     Source,
+    /// The local copy of a file verified at the dest, because the dest is down.
+    Fallback,
     DestFile(PathBuf),
-    Remote { key: String, size: u64 },
+    Remote {
+        key: String,
+        size: u64,
+    },
 }
 
 /// The file system as the kernel sees it: a handle on the shared state, so that an open that
@@ -59,6 +65,7 @@ pub struct FsState {
     pub(super) copy_on_read: CopyOnRead,
     pub(super) dest_health: Arc<DestHealth>,
     pub(super) stats: Arc<ReadStats>,
+    pub(super) requests: RequestTimes,
     pub(super) prefetch_budget: Arc<Semaphore>,
     pub(super) ready: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     pub(super) passthrough: AtomicBool,
@@ -79,6 +86,7 @@ pub(super) struct FsParts {
     pub copy_on_read: CopyOnRead,
     pub dest_health: Arc<DestHealth>,
     pub stats: Arc<ReadStats>,
+    pub requests: RequestTimes,
     pub prefetch_budget: Arc<Semaphore>,
     pub ready: std::sync::mpsc::Sender<bool>,
     pub manifest: Manifest,
@@ -103,6 +111,7 @@ impl FsState {
             copy_on_read: parts.copy_on_read,
             dest_health: parts.dest_health,
             stats: parts.stats,
+            requests: parts.requests,
             prefetch_budget: parts.prefetch_budget,
             ready: Mutex::new(Some(parts.ready)),
             passthrough: AtomicBool::new(false),
@@ -137,7 +146,10 @@ impl FsState {
             return Ok(Route::Source);
         };
         tracing::debug!(path = %rel.display(), state = ?entry.state, size = entry.size, "route");
-        if entry.in_dest() && !self.dest_health.is_down() {
+        if entry.in_dest() && self.dest_health.is_down() {
+            return Ok(Route::Fallback);
+        }
+        if entry.in_dest() {
             let key = entry.dest_key.clone().unwrap_or_default();
             return Ok(match self.store.local_file(&key) {
                 Some(path) => Route::DestFile(path),
@@ -277,7 +289,7 @@ impl FsState {
     ) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
         match backing_for(&file) {
             Ok(backing) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                self.stats.passthrough_opens.inc();
                 let mode = Mode::Passthrough {
                     backing: Arc::new(backing),
                     file: Arc::new(file),
@@ -331,6 +343,7 @@ impl FsState {
             Ok(route) => route,
             Err(e) => return reply.error(e),
         };
+        let mut fallback = matches!(route, Route::Fallback);
         let opened = match route {
             Route::DestFile(path) => match File::open(&path) {
                 Ok(file) => Some(
@@ -342,6 +355,7 @@ impl FsState {
                     tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
                     // Deleted by a rollback the cached row does not know of yet.
                     self.forget_row(rel);
+                    fallback = true;
                     None
                 }
             },
@@ -354,12 +368,12 @@ impl FsState {
                 };
                 Some(self.open_dest_handle(ino, handle, &|f: &File| reply.open_backing(f)))
             }
-            Route::Source => None,
+            Route::Source | Route::Fallback => None,
         };
         if let Some(opened) = opened {
             return match opened {
                 Ok((fh, backing)) => {
-                    self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
+                    self.stats.opens_dest.inc();
                     reply_opened(reply, fh, backing, FopenFlags::FOPEN_KEEP_CACHE)
                 }
                 Err(e) => reply.error(Errno::from(e)),
@@ -368,7 +382,11 @@ impl FsState {
         let backing_for = |file: &File| reply.open_backing(file);
         match self.open_local_handle(ino, rel, libc::O_RDONLY, false, &backing_for, None) {
             Ok((fh, backing)) => {
-                self.stats.opens_local.fetch_add(1, Ordering::Relaxed);
+                if fallback {
+                    self.stats.opens_fallback.inc();
+                } else {
+                    self.stats.opens_local.inc();
+                }
                 reply_opened(reply, fh, backing, FopenFlags::empty())
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -474,6 +492,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.requests.start("lookup");
         if is_bad_name(name) {
             return reply.error(Errno::ENOENT);
         }
@@ -484,6 +503,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.requests.start("getattr");
         match self.path(ino).and_then(|p| self.attr_of(&p)) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
@@ -491,6 +511,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.requests.start("readlink");
         use std::os::unix::ffi::OsStrExt;
         match self
             .path(ino)
@@ -502,6 +523,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.requests.start("access");
         // default_permissions: the kernel checks modes itself; this only says it exists.
         match self.path(ino).and_then(|p| self.attr_of(&p)) {
             Ok(_) => reply.ok(),
@@ -510,6 +532,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.requests.start("statfs");
         match self.ns.source().statvfs() {
             Ok(st) => reply.statfs(
                 st.f_blocks,
@@ -526,6 +549,7 @@ impl Filesystem for CutoverFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.requests.start("opendir");
         match self.listing(ino) {
             Ok(listing) => {
                 let fh = self.next_listing.fetch_add(1, Ordering::Relaxed);
@@ -544,6 +568,7 @@ impl Filesystem for CutoverFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.requests.start("readdir");
         let Some(listing) = lock(&self.listings).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -563,6 +588,7 @@ impl Filesystem for CutoverFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.requests.start("readdirplus");
         let Some(listing) = lock(&self.listings).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -589,11 +615,14 @@ impl Filesystem for CutoverFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("releasedir");
         lock(&self.listings).remove(&fh.0);
         reply.ok();
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Timed to the reply, also when it is sent from another thread.
+        let timer = self.requests.start("open");
         let rel = match self.path(ino) {
             Ok(rel) => rel,
             Err(e) => return reply.error(e),
@@ -605,6 +634,7 @@ impl Filesystem for CutoverFs {
             self.files.writer_starts_waiting(ino);
             let fs = self.0.clone();
             self.rt.spawn_blocking(move || {
+                let _timer = timer;
                 let _span = tracing::debug_span!("open", path = %rel.display()).entered();
                 fs.open_for_write(ino, &rel, flags.0, reply);
                 fs.files.writer_stops_waiting(ino);
@@ -615,6 +645,7 @@ impl Filesystem for CutoverFs {
         } else if self.files.has_waiting_writer(ino) {
             let fs = self.0.clone();
             self.rt.spawn_blocking(move || {
+                let _timer = timer;
                 let _span = tracing::debug_span!("open", path = %rel.display()).entered();
                 fs.wait_for_waiting_writers(ino);
                 fs.open_for_read(ino, &rel, reply);
@@ -636,7 +667,8 @@ impl Filesystem for CutoverFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+        let timer = self.requests.start("read");
+        self.stats.read_requests.inc();
         let Some(open) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -656,10 +688,11 @@ impl Filesystem for CutoverFs {
                 let stats = self.stats.clone();
                 let ns = self.ns.clone();
                 self.rt.spawn(async move {
+                    let _timer = timer;
                     match file.read(offset, size as u64).await {
                         Ok(data) => {
                             health.mark_up();
-                            stats.bytes_dest.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            stats.bytes_dest.inc_by(data.len() as u64);
                             reply.data(&data)
                         }
                         Err(e) => {
@@ -679,7 +712,7 @@ impl Filesystem for CutoverFs {
                             .await;
                             match local {
                                 Ok(Ok(data)) => {
-                                    stats.fallback_reads.fetch_add(1, Ordering::Relaxed);
+                                    stats.fallback_reads.inc();
                                     reply.data(&data)
                                 }
                                 Ok(Err((rel, le))) => {
@@ -703,6 +736,7 @@ impl Filesystem for CutoverFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("flush");
         reply.ok();
     }
 
@@ -716,10 +750,12 @@ impl Filesystem for CutoverFs {
         _size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        let _timer = self.requests.start("getxattr");
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        let _timer = self.requests.start("listxattr");
         reply.error(Errno::ENOSYS);
     }
 
@@ -733,6 +769,7 @@ impl Filesystem for CutoverFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("release");
         if let Some(open) = self.files.release(fh.0) {
             if open.writable {
                 self.after_writer_closed(&open);
@@ -753,6 +790,7 @@ impl Filesystem for CutoverFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = self.requests.start("write");
         use std::os::unix::fs::FileExt;
         let Some(open) = self.files.get(fh.0).filter(|o| o.writable) else {
             return reply.error(Errno::EBADF);
@@ -772,6 +810,7 @@ impl Filesystem for CutoverFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("fsync");
         let Some(open) = self.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -794,6 +833,7 @@ impl Filesystem for CutoverFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("fsyncdir");
         match self
             .path(ino)
             .and_then(|rel| super::local::sync_dir(self.ns.source(), &rel).map_err(Errno::from))
@@ -813,6 +853,7 @@ impl Filesystem for CutoverFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("fallocate");
         use std::os::fd::AsRawFd;
         let Some(file) = self.files.get(fh.0).filter(|o| o.writable) else {
             return reply.error(Errno::EBADF);
@@ -839,6 +880,7 @@ impl Filesystem for CutoverFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.requests.start("create");
         self.create_file(req, parent, name, mode & !umask, flags, reply)
     }
 
@@ -852,6 +894,7 @@ impl Filesystem for CutoverFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.requests.start("mknod");
         self.make_node(req, parent, name, mode & !umask, rdev, reply)
     }
 
@@ -864,6 +907,7 @@ impl Filesystem for CutoverFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.requests.start("mkdir");
         self.make_dir(req, parent, name, mode & !umask, reply)
     }
 
@@ -875,14 +919,17 @@ impl Filesystem for CutoverFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = self.requests.start("symlink");
         self.make_symlink(req, parent, link_name, target, reply)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.requests.start("unlink");
         self.remove(parent, name, false, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.requests.start("rmdir");
         self.remove(parent, name, true, reply)
     }
 
@@ -896,6 +943,7 @@ impl Filesystem for CutoverFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("rename");
         self.rename_path(parent, name, newparent, newname, flags, reply)
     }
 
@@ -908,6 +956,7 @@ impl Filesystem for CutoverFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = self.requests.start("link");
         reply.error(Errno::EPERM)
     }
 
@@ -929,6 +978,7 @@ impl Filesystem for CutoverFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.requests.start("setattr");
         let change = super::writes::AttrChange {
             mode,
             uid,
@@ -951,10 +1001,12 @@ impl Filesystem for CutoverFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.requests.start("setxattr");
         reply.error(Errno::EOPNOTSUPP)
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.requests.start("removexattr");
         reply.error(Errno::EOPNOTSUPP)
     }
 }

@@ -21,7 +21,6 @@ mod writes;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::{mpsc, Notify};
 
 use crate::manifest::Manifest;
+pub use crate::metrics::ReadStats;
 use crate::source::SourceTree;
 use crate::store::Store;
 
@@ -38,35 +38,6 @@ pub use replica::{mount_replica, root_attr, ReplicaSettings};
 
 /// The file system type in /proc/mounts: `fuse.` + this.
 pub const SUBTYPE: &str = "cutoverfs";
-
-/// Counters of what the mount served, logged at unmount (and, later, exported as metrics).
-#[derive(Debug, Default)]
-pub struct ReadStats {
-    pub opens_local: AtomicU64,
-    pub opens_dest: AtomicU64,
-    pub passthrough_opens: AtomicU64,
-    /// READ requests the daemon itself answered (passthrough files send none).
-    pub read_requests: AtomicU64,
-    pub bytes_dest: AtomicU64,
-    pub fallback_reads: AtomicU64,
-    pub copy_on_read_queued: AtomicU64,
-}
-
-impl ReadStats {
-    pub fn log(&self) {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        tracing::info!(
-            opens_local = n(&self.opens_local),
-            opens_dest = n(&self.opens_dest),
-            passthrough_opens = n(&self.passthrough_opens),
-            read_requests = n(&self.read_requests),
-            bytes_from_dest = n(&self.bytes_dest),
-            fallback_reads = n(&self.fallback_reads),
-            copy_on_read_queued = n(&self.copy_on_read_queued),
-            "served by the mount"
-        );
-    }
-}
 
 /// Whether remote reads work. After a failure, opens go to the local copy for a while
 /// instead of trying the dest again for every file (DESIGN §4.5).
@@ -122,9 +93,7 @@ impl CopyOnRead {
                     .await
                 {
                     Ok(queued) if queued > 0 => {
-                        stats
-                            .copy_on_read_queued
-                            .fetch_add(queued, Ordering::Relaxed);
+                        stats.copy_on_read_queued.inc_by(queued);
                         tracing::debug!(files = queued, "copy-on-read queued");
                         wake.notify_one();
                     }
@@ -185,6 +154,8 @@ pub struct Parts {
     pub manifest: Manifest,
     pub store: Arc<dyn Store>,
     pub wake_sweeper: Arc<Notify>,
+    /// Where the mount counts what it serves and times its requests.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Mounts and returns once the kernel has finished the FUSE handshake (the mount is live).
@@ -194,7 +165,7 @@ pub fn mount(
     settings: &MountSettings,
 ) -> Result<(Mounted, crate::engine::sweep::VerifiedHook)> {
     let rt = tokio::runtime::Handle::current();
-    let stats = Arc::new(ReadStats::default());
+    let stats = parts.metrics.served.clone();
     let copy_on_read = CopyOnRead::start(
         parts.manifest.clone(),
         parts.wake_sweeper.clone(),
@@ -226,6 +197,7 @@ pub fn mount(
         copy_on_read,
         dest_health: Arc::new(DestHealth::default()),
         stats: stats.clone(),
+        requests: parts.metrics.fuse_requests.clone(),
         prefetch_budget: prefetch::prefetch_budget(settings.prefetch_memory),
         ready: ready_tx,
         manifest: parts.manifest.clone(),

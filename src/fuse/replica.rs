@@ -34,6 +34,7 @@ use super::open::{Handle, Mode, Open, OpenFiles};
 use super::prefetch::{prefetch_budget, RemoteFile};
 use super::{start_session, Mounted, ReadStats, SessionSettings};
 use crate::manifest::{Entry, Kind, Manifest, RequestOutcome, State};
+use crate::metrics::{RequestTimes, Timer};
 use crate::store::Store;
 
 /// How a replica mount looks and behaves.
@@ -72,6 +73,7 @@ struct Replica {
     passthrough: AtomicBool,
     prefetch: Arc<Semaphore>,
     stats: Arc<ReadStats>,
+    requests: RequestTimes,
     ready: Mutex<Option<std::sync::mpsc::Sender<bool>>>,
     /// Opens waiting for a file to be copied, one wait per path however many opens share it.
     waits: Mutex<HashMap<String, Arc<OnceCell<Waited>>>>,
@@ -89,8 +91,9 @@ pub fn mount_replica(
     manifest: Manifest,
     store: Arc<dyn Store>,
     settings: &ReplicaSettings,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<Mounted> {
-    let stats = Arc::new(ReadStats::default());
+    let stats = metrics.served.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let rows = (!settings.row_ttl.is_zero()).then(|| {
         moka::sync::Cache::builder()
@@ -111,6 +114,7 @@ pub fn mount_replica(
         passthrough: AtomicBool::new(false),
         prefetch: prefetch_budget(settings.prefetch_memory),
         stats: stats.clone(),
+        requests: metrics.fuse_requests.clone(),
         ready: Mutex::new(Some(ready_tx)),
         waits: Mutex::new(HashMap::new()),
         opened_content: Mutex::new(HashMap::new()),
@@ -218,7 +222,14 @@ impl Replica {
     /// Opens a verified file's dest copy and answers the kernel. A `file://` copy whose size is
     /// not the row's was replaced since the row was read (cached, or read during a rewrite): the
     /// row is read again (`fresh`: it was just read; then they disagree for real).
-    fn open_verified(self: &Arc<Self>, ino: u64, entry: &Entry, reply: ReplyOpen, fresh: bool) {
+    fn open_verified(
+        self: &Arc<Self>,
+        ino: u64,
+        entry: &Entry,
+        reply: ReplyOpen,
+        fresh: bool,
+        timer: Timer,
+    ) {
         let key = entry.dest_key.clone().unwrap_or_default();
         let same_content = {
             let mut opened = lock(&self.opened_content);
@@ -235,7 +246,7 @@ impl Replica {
                         tracing::error!(path = %entry.path, "the dest copy does not have the size the manifest records; not served");
                         return reply.error(Errno::EIO);
                     }
-                    return self.open_when_copied(ino, entry.path.clone(), reply);
+                    return self.open_when_copied(ino, entry.path.clone(), reply, timer);
                 }
                 Ok(file) => {
                     let passthrough = self.passthrough.load(Ordering::Relaxed);
@@ -266,7 +277,7 @@ impl Replica {
         };
         match opened {
             Ok((fh, backing)) => {
-                self.stats.opens_dest.fetch_add(1, Ordering::Relaxed);
+                self.stats.opens_dest.inc();
                 let flags = if same_content {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -279,13 +290,13 @@ impl Replica {
     }
 
     /// Answers the open once `path` is verified, from a task: no FUSE thread waits.
-    fn open_when_copied(self: &Arc<Self>, ino: u64, path: String, reply: ReplyOpen) {
+    fn open_when_copied(self: &Arc<Self>, ino: u64, path: String, reply: ReplyOpen, timer: Timer) {
         let replica = self.clone();
         self.rt.spawn(async move {
             match replica.copied(path).await {
                 Ok(entry) => {
                     let _ = tokio::task::spawn_blocking(move || {
-                        replica.open_verified(ino, &entry, reply, true)
+                        replica.open_verified(ino, &entry, reply, true, timer)
                     })
                     .await;
                 }
@@ -302,7 +313,7 @@ impl Replica {
     ) -> (Open, Mode, Option<Arc<fuser::BackingId>>) {
         match reply.open_backing(&file) {
             Ok(backing) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                self.stats.passthrough_opens.inc();
                 let mode = Mode::Passthrough {
                     backing: Arc::new(backing),
                     file: Arc::new(file),
@@ -432,20 +443,22 @@ fn manifest_error(path: &str, e: &crate::manifest::ManifestError) -> Errno {
 }
 
 impl ReplicaFs {
-    fn open_file(&self, ino: INodeNo, rel: Arc<Path>, reply: ReplyOpen) {
+    /// `timer` times the open until its reply, which may come from a task that waited.
+    fn open_file(&self, ino: INodeNo, rel: Arc<Path>, reply: ReplyOpen, timer: Timer) {
         let entry = match self.0.entry(&rel) {
             Ok(Some(entry)) if shown(&entry) => entry,
             Ok(_) => return reply.error(Errno::ENOENT),
             Err(e) => return reply.error(e),
         };
         if entry.in_dest() {
-            return self.0.open_verified(ino.0, &entry, reply, false);
+            return self.0.open_verified(ino.0, &entry, reply, false, timer);
         }
         if entry.kind != Kind::File {
             return reply.error(Errno::EIO);
         }
         // Not copied yet (or the cached row says so).
-        self.0.open_when_copied(ino.0, entry.path.clone(), reply);
+        self.0
+            .open_when_copied(ino.0, entry.path.clone(), reply, timer);
     }
 }
 
@@ -466,6 +479,7 @@ impl Filesystem for ReplicaFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.0.requests.start("lookup");
         if is_bad_name(name) {
             return reply.error(Errno::ENOENT);
         }
@@ -480,6 +494,7 @@ impl Filesystem for ReplicaFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.0.requests.start("getattr");
         match self.0.path(ino).and_then(|p| self.0.attr(&p)) {
             Ok(attr) => reply.attr(&self.0.ttl, &attr),
             Err(e) => reply.error(e),
@@ -487,6 +502,7 @@ impl Filesystem for ReplicaFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.0.requests.start("readlink");
         let target = self.0.path(ino).and_then(|p| match self.0.entry(&p)? {
             Some(entry) if entry.kind == Kind::Symlink && shown(&entry) => {
                 entry.link_target.clone().ok_or(Errno::EIO)
@@ -501,6 +517,7 @@ impl Filesystem for ReplicaFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.0.requests.start("access");
         match self.0.path(ino).and_then(|p| self.0.attr(&p)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
@@ -508,6 +525,7 @@ impl Filesystem for ReplicaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.0.requests.start("opendir");
         match self.0.listing(ino) {
             Ok(listing) => {
                 let fh = self.0.next_listing.fetch_add(1, Ordering::Relaxed);
@@ -526,6 +544,7 @@ impl Filesystem for ReplicaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.0.requests.start("readdir");
         let Some(listing) = lock(&self.0.listings).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -546,6 +565,7 @@ impl Filesystem for ReplicaFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.0.requests.start("readdirplus");
         let Some(listing) = lock(&self.0.listings).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -573,18 +593,20 @@ impl Filesystem for ReplicaFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("releasedir");
         lock(&self.0.listings).remove(&fh.0);
         reply.ok();
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let timer = self.0.requests.start("open");
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
         match self.0.path(ino) {
             Ok(rel) => {
                 let _span = tracing::debug_span!("open", path = %rel.display()).entered();
-                self.open_file(ino, rel, reply)
+                self.open_file(ino, rel, reply, timer)
             }
             Err(e) => reply.error(e),
         }
@@ -601,7 +623,8 @@ impl Filesystem for ReplicaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.0.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+        let timer = self.0.requests.start("read");
+        self.0.stats.read_requests.inc();
         let Some(open) = self.0.files.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -612,12 +635,10 @@ impl Filesystem for ReplicaFs {
                 let (file, rel) = (file.clone(), rel.clone());
                 let replica = self.0.clone();
                 self.0.rt.spawn(async move {
+                    let _timer = timer;
                     match file.read(offset, size as u64).await {
                         Ok(data) => {
-                            replica
-                                .stats
-                                .bytes_dest
-                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                            replica.stats.bytes_dest.inc_by(data.len() as u64);
                             reply.data(&data)
                         }
                         Err(e) => {
@@ -644,6 +665,7 @@ impl Filesystem for ReplicaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("release");
         self.0.files.release(fh.0);
         reply.ok();
     }
@@ -656,6 +678,7 @@ impl Filesystem for ReplicaFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("flush");
         reply.ok();
     }
 
@@ -667,10 +690,12 @@ impl Filesystem for ReplicaFs {
         _size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        let _timer = self.0.requests.start("getxattr");
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        let _timer = self.0.requests.start("listxattr");
         reply.error(Errno::ENOSYS);
     }
 
@@ -689,6 +714,7 @@ impl Filesystem for ReplicaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = self.0.requests.start("write");
         reply.error(Errno::EROFS)
     }
 
@@ -702,6 +728,7 @@ impl Filesystem for ReplicaFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.0.requests.start("create");
         reply.error(Errno::EROFS)
     }
 
@@ -715,6 +742,7 @@ impl Filesystem for ReplicaFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.requests.start("mknod");
         reply.error(Errno::EROFS)
     }
 
@@ -727,6 +755,7 @@ impl Filesystem for ReplicaFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.requests.start("mkdir");
         reply.error(Errno::EROFS)
     }
 
@@ -738,14 +767,17 @@ impl Filesystem for ReplicaFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.requests.start("symlink");
         reply.error(Errno::EROFS)
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.requests.start("unlink");
         reply.error(Errno::EROFS)
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.requests.start("rmdir");
         reply.error(Errno::EROFS)
     }
 
@@ -759,6 +791,7 @@ impl Filesystem for ReplicaFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("rename");
         reply.error(Errno::EROFS)
     }
 
@@ -770,6 +803,7 @@ impl Filesystem for ReplicaFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = self.0.requests.start("link");
         reply.error(Errno::EROFS)
     }
 
@@ -791,6 +825,7 @@ impl Filesystem for ReplicaFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.0.requests.start("setattr");
         reply.error(Errno::EROFS)
     }
 
@@ -804,10 +839,12 @@ impl Filesystem for ReplicaFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("setxattr");
         reply.error(Errno::EROFS)
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.0.requests.start("removexattr");
         reply.error(Errno::EROFS)
     }
 
@@ -821,6 +858,7 @@ impl Filesystem for ReplicaFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.0.requests.start("fallocate");
         reply.error(Errno::EROFS)
     }
 }

@@ -242,6 +242,24 @@ pub enum ManifestError {
     Sql(#[from] sqlx::Error),
     #[error("manifest holds a bad value: {0}")]
     Corrupt(String),
+    #[error(
+        "manifest {location} has an older schema ({applied} of {expected} migrations); \
+         `cutoverfs sweep`, `mount`, `verify`, `purge` and `rollback --confirm` upgrade it"
+    )]
+    OlderSchema {
+        location: String,
+        applied: i64,
+        expected: i64,
+    },
+    #[error(
+        "manifest {location} was written by a newer cutoverfs ({applied} migrations, this one \
+         knows {expected}); use that version"
+    )]
+    NewerSchema {
+        location: String,
+        applied: i64,
+        expected: i64,
+    },
 }
 
 pub type Result<T, E = ManifestError> = std::result::Result<T, E>;
@@ -398,6 +416,21 @@ pub struct Manifest {
 /// decides whether to pause and retry): long enough for a restart, short enough to report.
 const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The pool only says it gave up waiting; one direct connection says why (refused, unknown
+/// host, authentication failed, no such database).
+async fn why_no_connection(options: &AnyConnectOptions) -> sqlx::Error {
+    use sqlx::ConnectOptions;
+    match tokio::time::timeout(PG_ACQUIRE_TIMEOUT, options.connect()).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(conn)) => {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+            sqlx::Error::PoolTimedOut
+        }
+        Err(_) => sqlx::Error::PoolTimedOut,
+    }
+}
+
 impl Manifest {
     /// Opens the manifest, creating it (SQLite: mode 0600, parent 0700) and applying
     /// migrations.
@@ -412,9 +445,9 @@ impl Manifest {
                 // Two processes creating the same manifest at once would both migrate.
                 let lock = schema_lock(path, libc::LOCK_EX, &location).await?;
                 let manifest = Self::connect(url, false).await?;
-                let migrated = sqlx::migrate!("src/manifest/migrations/sqlite")
-                    .run(&manifest.pool)
-                    .await;
+                let migrator = sqlx::migrate!("src/manifest/migrations/sqlite");
+                manifest.refuse_newer_schema(&migrator).await?;
+                let migrated = migrator.run(&manifest.pool).await;
                 drop(lock);
                 migrated.map_err(|source| ManifestError::Migrate { location, source })?;
                 manifest
@@ -422,7 +455,9 @@ impl Manifest {
             ManifestUrl::Postgres(_) => {
                 // sqlx holds an advisory lock while it migrates: nodes starting at once wait.
                 let manifest = Self::connect(url, false).await?;
-                sqlx::migrate!("src/manifest/migrations/postgres")
+                let migrator = sqlx::migrate!("src/manifest/migrations/postgres");
+                manifest.refuse_newer_schema(&migrator).await?;
+                migrator
                     .run(&manifest.pool)
                     .await
                     .map_err(|source| ManifestError::Migrate { location, source })?;
@@ -481,9 +516,14 @@ impl Manifest {
         };
         let expected = migrator.iter().count() as i64;
         let mut applied = manifest.applied_migrations().await;
-        // Another node may be creating or upgrading the schema right now (one migration per
-        // transaction): give it the time to finish before calling the schema older.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Another node may be creating or upgrading a PostgreSQL schema right now (one
+        // migration per transaction): give it the time to finish before calling the schema
+        // older. (On SQLite the schema lock taken above already waited for that.)
+        let patience = match url {
+            ManifestUrl::Sqlite(_) => Duration::ZERO,
+            ManifestUrl::Postgres(_) => Duration::from_secs(10),
+        };
+        let deadline = std::time::Instant::now() + patience;
         while 0 < applied && applied < expected && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             applied = manifest.applied_migrations().await;
@@ -494,12 +534,38 @@ impl Manifest {
         }
         if applied != expected {
             manifest.close().await;
-            return Err(ManifestError::Corrupt(format!(
-                "{} has an older schema; run `cutoverfs sweep` once to upgrade it",
-                manifest.location
-            )));
+            let location = manifest.location.clone();
+            return Err(if applied < expected {
+                ManifestError::OlderSchema {
+                    location,
+                    applied,
+                    expected,
+                }
+            } else {
+                ManifestError::NewerSchema {
+                    location,
+                    applied,
+                    expected,
+                }
+            });
         }
         Ok(Some(manifest.load_id().await?))
+    }
+
+    /// A manifest a newer cutoverfs migrated is left alone: this binary does not know its
+    /// schema (sqlx would only say a migration is missing).
+    async fn refuse_newer_schema(&self, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+        let expected = migrator.iter().count() as i64;
+        let applied = self.applied_migrations().await;
+        if applied > expected {
+            self.pool.close().await;
+            return Err(ManifestError::NewerSchema {
+                location: self.location.clone(),
+                applied,
+                expected,
+            });
+        }
+        Ok(())
     }
 
     async fn applied_migrations(&self) -> i64 {
@@ -546,13 +612,19 @@ impl Manifest {
             }
             ManifestUrl::Postgres(conn_url) => {
                 let options = AnyConnectOptions::from_str(conn_url).map_err(connect_error)?;
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(PG_ACQUIRE_TIMEOUT)
                     .after_connect(|conn, _meta| Box::pin(audit::install_postgres(conn)))
-                    .connect_with(options)
-                    .await
-                    .map_err(connect_error)?
+                    .connect_with(options.clone())
+                    .await;
+                match pool {
+                    Ok(pool) => pool,
+                    Err(sqlx::Error::PoolTimedOut) => {
+                        return Err(connect_error(why_no_connection(&options).await))
+                    }
+                    Err(e) => return Err(connect_error(e)),
+                }
             }
         };
         Ok(Manifest {
@@ -1083,6 +1155,27 @@ impl Manifest {
                 })
             })
             .collect()
+    }
+
+    /// Files (and directories cutoverfs could not enter) and their bytes per state, counted
+    /// by the database: every state, zero included.
+    pub async fn count_by_state(&self) -> Result<Vec<(State, u64, u64)>> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM entries \
+             WHERE kind <> 'dir' OR state = 'unsupported' GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts: Vec<(State, u64, u64)> =
+            State::ALL.iter().map(|state| (*state, 0, 0)).collect();
+        for row in &rows {
+            let state = parse_state(row.get(0))?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _, _)| *s == state) {
+                slot.1 = row.get::<i64, _>(1) as u64;
+                slot.2 = row.get::<i64, _>(2) as u64;
+            }
+        }
+        Ok(counts)
     }
 
     /// Every recorded directory, for creating the namespace at the dest.

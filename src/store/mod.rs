@@ -8,9 +8,11 @@
 mod durable;
 mod local;
 pub mod s3;
+mod timed;
 
 pub use local::LocalStore;
 pub use s3::{RemoteError, RemoteKind, S3Flags, S3Store};
+pub use timed::TimedStore;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

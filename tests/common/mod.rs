@@ -276,6 +276,18 @@ impl Work {
         ]
     }
 
+    /// `--source --dest --manifest` of this workspace with another dest (an S3 URL).
+    pub fn target_with_dest(&self, dest: &str) -> Vec<OsString> {
+        vec![
+            "--source".into(),
+            self.src.clone().into(),
+            "--dest".into(),
+            dest.into(),
+            "--manifest".into(),
+            self.manifest_url().into(),
+        ]
+    }
+
     /// `cutoverfs <cmd> <target flags> <extra>`.
     pub fn cmd(&self, cmd: &str, extra: &[&str]) -> Run {
         let mut args: Vec<OsString> = vec![cmd.into()];
@@ -316,6 +328,29 @@ impl Default for Work {
     fn default() -> Self {
         Work::new()
     }
+}
+
+/// Runs `sql` on a SQLite manifest behind cutoverfs' back: with the `sqlite3` shell when there
+/// is one, else with Python's sqlite3 module (Debian's python3, which `.ci/run` installs).
+pub fn sqlite_exec(db: &Path, sql: &str) {
+    let shell = Command::new("sqlite3").arg(db).arg(sql).output();
+    if matches!(&shell, Ok(out) if out.status.success()) {
+        return;
+    }
+    let script = format!(
+        "import sqlite3; c = sqlite3.connect({:?}); c.executescript({sql:?}); c.commit()",
+        db.display().to_string()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 for sqlite3");
+    assert!(
+        out.status.success(),
+        "cannot run {sql:?} on {}: {}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn file_url(path: &Path) -> String {
