@@ -306,6 +306,77 @@ fn replica_reads_every_file(work: &Work, server: &S3Server, manifest: &str, file
     assert!(served(&log, "opens_dest") >= files.len() as u64, "{log}");
 }
 
+/// A claim whose reply was lost (the connection died as PostgreSQL committed it) leaves a lease
+/// the run does not know of. It must run out and the file be copied, not be renewed for as long
+/// as the run lives and the file left pending at its end.
+#[test]
+fn a_lease_the_run_does_not_know_of_runs_out_and_its_file_is_copied() {
+    let server = S3Server::in_process();
+    let pg = PgCluster::shared();
+    let manifest = pg.create_database();
+    let db = db_name(&manifest).to_string();
+    let work = Work::new();
+    small_tree(&work, 400, 4, 2000, 4000, 5);
+    let files = files_below(&work.src);
+    let dest = server.dest_url("orphan");
+    // Slow enough (about 4 s) that the run is still copying when the lease is planted.
+    let extra = [
+        "--bwlimit",
+        "300KiB",
+        "--batch-size",
+        "20",
+        "--concurrency",
+        "2",
+    ];
+    let sweeper = Sweeper::start(&work, &server, &dest, &manifest, &extra);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let node = loop {
+        assert!(Instant::now() < deadline, "the sweep never held a lease");
+        let held = pg
+            .psql(
+                &db,
+                "SELECT lease_owner FROM entries WHERE state = 'copying' LIMIT 1",
+            )
+            .unwrap_or_default();
+        if !held.is_empty() {
+            break held;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The last file in claim order, not reached yet, leased to the run as a lost claim leaves it.
+    let planted = pg
+        .psql(
+            &db,
+            &format!(
+                "UPDATE entries SET state = 'copying', lease_owner = '{node}', \
+                 lease_expires_at = (extract(epoch FROM now()) * 1000)::bigint + 3000 \
+                 WHERE path = (SELECT max(path) FROM entries WHERE state = 'pending' AND kind = 'file') \
+                 RETURNING path"
+            ),
+        )
+        .unwrap();
+    assert!(
+        !planted.is_empty(),
+        "the sweep was over before the lease was planted"
+    );
+    let run = sweeper.wait();
+    run.assert_code(0);
+    assert_eq!(
+        count(
+            &pg,
+            &db,
+            "SELECT count(*) FROM entries WHERE kind = 'file' AND state <> 'verified'"
+        ),
+        0,
+        "{planted} left behind\n{run}"
+    );
+    assert_eq!(
+        server.get(&format!("orphan/{planted}")),
+        Some(std::fs::read(work.src.join(&planted)).unwrap())
+    );
+    assert_eq!(server.list("orphan/").len(), files.len());
+}
+
 /// `cutoverfs log --format json` rows checked by `check_leases` catch a claim of a live lease.
 #[test]
 fn the_lease_check_catches_a_claim_of_a_live_lease() {

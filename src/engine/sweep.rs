@@ -173,7 +173,12 @@ pub async fn run_sweep(
         health: DestHealth::new(opts.dest_timeout),
         busy: Busy::default(),
     });
-    let renewer = spawn_lease_renewer(manifest.clone(), opts.node.clone(), opts.lease);
+    let renewer = spawn_lease_renewer(
+        manifest.clone(),
+        opts.node.clone(),
+        opts.lease,
+        shared.busy.clone(),
+    );
     let mut batches: JoinSet<Result<BatchTally, ManifestError>> = JoinSet::new();
     let mut report = SweepReport::default();
     let mut cursor = String::new();
@@ -504,9 +509,7 @@ async fn wait_for_more_work(
     opts: &SweepOptions,
     stop: &watch::Receiver<bool>,
 ) -> Result<bool, ManifestError> {
-    let waiting = manifest
-        .patiently(stop, || manifest.waiting(&opts.node))
-        .await?;
+    let waiting = manifest.patiently(stop, || manifest.waiting()).await?;
     let filter = opts.limits.get().filter.clone();
     let next = waiting
         .iter()
@@ -882,10 +885,13 @@ impl Recorder {
     }
 }
 
+/// Renews the leases of the files in `busy` (claimed by this run and not finished) every third
+/// of the lease.
 fn spawn_lease_renewer(
     manifest: Manifest,
     node: String,
     lease: Duration,
+    busy: Busy,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
@@ -895,7 +901,8 @@ fn spawn_lease_renewer(
             if manifest.reachability().is_down() {
                 continue;
             }
-            match manifest.note(manifest.renew_leases(&node, lease).await) {
+            let held: Vec<String> = busy.lock().iter().cloned().collect();
+            match manifest.note(manifest.renew_leases(&node, lease, &held).await) {
                 Err(e) if !e.is_unreachable() => tracing::warn!(error = %e, "cannot renew leases"),
                 _ => {}
             }

@@ -968,14 +968,27 @@ impl Manifest {
         Ok(claimed)
     }
 
-    /// Extends every lease this owner holds; a live worker is never overtaken.
-    pub async fn renew_leases(&self, owner: &str, lease: Duration) -> Result<u64> {
+    /// Extends this owner's leases of `paths` (the files its run is working on); a live
+    /// worker is never overtaken. Only those: a claim whose reply was lost (the connection died
+    /// as it committed) leaves a lease the run does not know of, which must run out so that
+    /// the file is claimed again instead of being held for as long as the run lives.
+    pub async fn renew_leases(
+        &self,
+        owner: &str,
+        lease: Duration,
+        paths: &[String],
+    ) -> Result<u64> {
+        if paths.is_empty() {
+            return Ok(0);
+        }
         let until = now_ms() + lease.as_millis() as i64;
-        let done = sqlx::query(
-            "UPDATE entries SET lease_expires_at = $1 WHERE lease_owner = $2 AND state = 'copying'",
-        )
+        let done = sqlx::query(&self.sql(
+            "UPDATE entries SET lease_expires_at = $1 WHERE lease_owner = $2 AND state = 'copying' \
+             AND path IN (SELECT value FROM JSON_TEXTS($3))",
+        ))
         .bind(until)
         .bind(owner)
+        .bind(json_list(paths))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -1053,15 +1066,16 @@ impl Manifest {
     }
 
     /// Work in the way of finishing: failed files with a retry due at a time, and files leased
-    /// by other nodes until a time. Each with that time.
-    pub async fn waiting(&self, owner: &str) -> Result<Vec<(String, i64)>> {
+    /// until a time. Each with that time. Asked by a run with nothing in flight, so a lease of
+    /// its own here is one it does not know of (a claim whose reply was lost): it runs out and
+    /// the file is claimed again, like another node's.
+    pub async fn waiting(&self) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(
             "SELECT path, next_retry_at FROM entries WHERE state = 'failed' AND next_retry_at IS NOT NULL \
-             UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' AND lease_owner <> $1 \
-             UNION ALL SELECT path, $2 FROM entries WHERE state = 'pending' AND kind = 'file' \
-             AND rolled_back_at IS NULL AND (lease_expires_at IS NULL OR lease_expires_at < $2)",
+             UNION ALL SELECT path, lease_expires_at FROM entries WHERE state = 'copying' \
+             UNION ALL SELECT path, $1 FROM entries WHERE state = 'pending' AND kind = 'file' \
+             AND rolled_back_at IS NULL AND (lease_expires_at IS NULL OR lease_expires_at < $1)",
         )
-        .bind(owner)
         .bind(now_ms())
         .fetch_all(&self.pool)
         .await?;
