@@ -363,7 +363,7 @@ fn a_lease_the_run_does_not_know_of_runs_out_and_its_file_is_copied() {
     run.assert_code(0);
     assert_eq!(
         count(
-            &pg,
+            pg,
             &db,
             "SELECT count(*) FROM entries WHERE kind = 'file' AND state <> 'verified'"
         ),
