@@ -1,7 +1,9 @@
-//! `--metrics ADDR`: Prometheus metrics of a daemon or a sweep (DESIGN §8). Owns the metric
-//! registry and the small HTTP server answering `GET /metrics`; the rest of the program only
-//! bumps counters through a [`Metrics`] handle (atomics, no locks). Labels are fixed words,
-//! never paths, keys or secrets.
+//! `--metrics ADDR`: Prometheus metrics of a daemon, a replica or a sweep (DESIGN §8). Owns the
+//! metric registry, the metrics' names and help, and the small HTTP server answering
+//! `GET /metrics`; the rest of the program only counts and times through the handles here
+//! ([`Metrics`], [`ReadStats`], [`RequestTimes`]: atomics, and a short lock per histogram
+//! sample) and hands in the manifest's counts. It reads no manifest and no store itself.
+//! Labels are fixed words, never paths, keys or secrets.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -162,13 +164,6 @@ impl RequestTimes {
             histogram: self.family.get_or_create_owned(&[("op", op)]),
             started: Instant::now(),
         }
-    }
-}
-
-impl Default for RequestTimes {
-    /// Times that no registry exports (nothing asked for metrics).
-    fn default() -> Self {
-        RequestTimes::fuse()
     }
 }
 
