@@ -268,7 +268,7 @@ s3_tests! {
             assert!(got == want, "{rel} differs at the dest");
         }
         assert_eq!(server.list("nodes/").len(), files.len(), "stray objects at the dest");
-        replica_reads_every_file(&work, server, &manifest, &files);
+        replica_reads_every_file(&work, server, &dest, &manifest, &files);
 
         let history = check_leases(&audit_rows(&manifest));
         let victim_node = node_of(victim_pid, &history);
@@ -287,11 +287,18 @@ s3_tests! {
 }
 
 /// A replica mount (`--no-source`: the manifest's tree, the dest's data) on "another machine"
-/// reads every file byte-identical to the source.
-fn replica_reads_every_file(work: &Work, server: &S3Server, manifest: &str, files: &[String]) {
+/// reads every file byte-identical to the source. It is given the dest as the other nodes are
+/// (the manifest records no region, which Garage checks).
+fn replica_reads_every_file(
+    work: &Work,
+    server: &S3Server,
+    dest: &str,
+    manifest: &str,
+    files: &[String],
+) {
     let mnt = work.root.join("replica");
     std::fs::create_dir(&mnt).unwrap();
-    let args: Vec<std::ffi::OsString> = ["--no-source", "--manifest", manifest]
+    let args: Vec<std::ffi::OsString> = ["--no-source", "--dest", dest, "--manifest", manifest]
         .iter()
         .map(Into::into)
         .collect();
