@@ -73,6 +73,10 @@ pub struct FsState {
     pub(super) records: WriteRecords,
     pub(super) holds: Holds,
     pub(super) files: OpenFiles,
+    /// Renames and removals (write) against the recording of a closed file under its path
+    /// (read): a close that read the old name of a file being renamed must queue its record
+    /// before the rename moves the rows, or see the new name.
+    pub(super) path_changes: std::sync::RwLock<()>,
     listings: Mutex<HashMap<u64, Arc<Listing>>>,
     next_listing: AtomicU64,
 }
@@ -119,6 +123,7 @@ impl FsState {
             records: parts.records,
             holds: parts.holds,
             files: OpenFiles::new(),
+            path_changes: std::sync::RwLock::new(()),
             listings: Mutex::new(HashMap::new()),
             next_listing: AtomicU64::new(1),
         }

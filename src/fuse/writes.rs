@@ -111,7 +111,10 @@ impl FsState {
         }
     }
 
+    /// Queues `rel` as it is on disk now; a rename or removal of it waits until it is queued
+    /// (see `path_changes`).
     fn record_path(&self, rel: &Path) {
+        let _no_rename = self.path_changes.read().unwrap_or_else(|e| e.into_inner());
         if let Ok(st) = self.ns.source().stat_at(rel) {
             self.record(rel, &Attrs::from_stat(&st));
         }
@@ -147,6 +150,7 @@ impl FsState {
         if self.files.writers(open.ino) > 0 {
             return;
         }
+        let _no_rename = self.path_changes.read().unwrap_or_else(|e| e.into_inner());
         let (Some(rel), Some(file)) = (self.inodes.path(open.ino), open.file()) else {
             return;
         };
@@ -335,6 +339,7 @@ impl FsState {
         if dir && !self.ns.list(rel).map_err(errno)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
+        let changing = self.path_changes.write().unwrap_or_else(|e| e.into_inner());
         self.records.flush();
         let removed = match rel.to_str() {
             Some(text) => {
@@ -370,6 +375,7 @@ impl FsState {
         }
         crate::util::crash_point("remove:local-done");
         self.inodes.forget(rel);
+        drop(changing);
         if let Some(text) = rel.to_str() {
             self.ns.forget_entries(&[text.to_string()]);
         }
@@ -443,6 +449,7 @@ impl FsState {
             }
         }
         self.bring_back_below(from, from_dir)?;
+        let changing = self.path_changes.write().unwrap_or_else(|e| e.into_inner());
         self.records.flush();
         let leftovers = match (from.to_str(), to.to_str()) {
             (Some(f), Some(t)) => {
@@ -471,6 +478,7 @@ impl FsState {
         }
         crate::util::crash_point("rename:local-done");
         self.inodes.rename(from, to);
+        drop(changing);
         self.release_renamed(to);
         self.ns.forget_all_entries();
         self.delete_leftovers(leftovers);
