@@ -226,8 +226,15 @@ s3_tests! {
         let files = mixed_tree(&work);
         let dest = server.dest_url("nodes");
         let extra = ["--batch-size", "40", "--concurrency", "8"];
+        // The one to be killed copies at a paced 4 MiB/s, so it holds leases most of the time
+        // (unpaced, on a fast server, its leases could all be done between the check and the
+        // kill, and the test would not test).
+        let victim_extra: Vec<&str> = extra.iter().copied().chain(["--bwlimit", "4MiB"]).collect();
         let sweepers: Vec<Sweeper> = (0..3)
-            .map(|_| Sweeper::start(&work, server, &dest, &manifest, &extra))
+            .map(|i| {
+                let extra: &[&str] = if i == 0 { &victim_extra } else { &extra };
+                Sweeper::start(&work, server, &dest, &manifest, extra)
+            })
             .collect();
         let mut sweepers = sweepers.into_iter();
         let victim = sweepers.next().unwrap();
