@@ -14,4 +14,5 @@ pub mod manifest;
 pub mod metrics;
 pub mod source;
 pub mod store;
+pub mod testhook;
 pub mod util;

@@ -59,21 +59,6 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
-/// Test hook for crash safety (DESIGN §4.7): when the environment variable
-/// `CUTOVERFS_CRASH_AT` names this point, the process kills itself with SIGKILL right here,
-/// exactly as `kill -9` between two steps would. Costs one cached lookup otherwise.
-pub fn crash_point(name: &str) {
-    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = WANTED.get_or_init(|| std::env::var("CUTOVERFS_CRASH_AT").ok());
-    if wanted.as_deref() == Some(name) {
-        tracing::warn!(point = name, "crash point reached: killing this process");
-        // SAFETY: signalling our own process.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-    }
-}
-
 /// This machine's host name ("unknown-host" if it cannot be read).
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];

@@ -296,6 +296,10 @@ pub fn main() -> ExitCode {
             Command::Doctor(args) => doctor::run(args).await,
         }
     });
+    // A command stopped by a signal may leave blocking work behind (a deep verify hashing a
+    // large file, a copy in flight): the manifest is consistent already, so the process does
+    // not wait for it longer than this.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -304,6 +308,9 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the end of a command waits for blocking work it no longer needs.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An error and its causes on one line, each cause once: many of our error types already name
 /// their cause in their own message, and printing the chain would repeat it.

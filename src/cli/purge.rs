@@ -45,7 +45,14 @@ pub async fn run(args: PurgeArgs) -> Result<u8> {
         confirm: args.confirm,
     };
     let stop = stop_on_signals();
-    let report = purge(&manifest, &resolved.source, &opts, &stop).await?;
+    let report = purge(
+        &manifest,
+        resolved.store.as_ref(),
+        &resolved.source,
+        &opts,
+        &stop,
+    )
+    .await?;
     manifest.close().await;
     println!(
         "=== cutoverfs purge{} ===",

@@ -4,8 +4,10 @@
 //!
 //! The purge is recorded before the local file goes, and a file that the mount opens for
 //! writing meanwhile is never lost: the local copy is first renamed aside, the manifest asked
-//! whether the purge still stands (an open for writing changes the row), and only then removed;
-//! otherwise it is put back.
+//! whether the purge still stands (an open for writing changes the row), the dest copy
+//! confirmed as recorded (`verify::check_dest_copy`: size, hash and ETag or file stamp; re-read
+//! with `paranoid`), and only then removed; otherwise it is put back. A "verified" recorded long
+//! ago is never trusted on its own: the dest copy may have been lost or damaged since.
 
 use std::ffi::CString;
 use std::io;
@@ -13,9 +15,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::verify::{check_dest_copy, remove_bad_copy, Problem};
 use super::PathFilter;
-use crate::manifest::{Manifest, ManifestError, PurgeCandidate};
+use crate::manifest::{AtDest, Manifest, ManifestError, DATA_AT_RISK};
 use crate::source::{c_rel, Attrs, SourceTree};
+use crate::store::Store;
 
 /// Local names starting with this are cutoverfs's own, for an instant; the mount hides them.
 pub const RESERVED_PREFIX: &str = ".cutoverfs-";
@@ -43,6 +47,7 @@ pub struct PurgeReport {
 
 pub async fn purge(
     manifest: &Manifest,
+    store: &dyn Store,
     source: &Arc<SourceTree>,
     opts: &PurgeOptions,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -61,24 +66,14 @@ pub async fn purge(
                 continue;
             }
             report.checked += 1;
-            match check_local(source, &file, opts.paranoid).await {
-                Err(reason) => {
+            let outcome = purge_file(manifest, store, source, &file, opts).await?;
+            match outcome {
+                Purged::Refused(reason) => {
                     tracing::warn!(path = %file.path, reason = %reason, "not purged");
                     report.refused.push((file.path.clone(), reason));
                 }
-                Ok(Local::Gone) => {
-                    if opts.confirm {
-                        manifest.mark_purged(&file).await?;
-                    }
-                    report.already_gone += 1;
-                }
-                Ok(Local::Matches) => {
-                    if opts.confirm {
-                        if let Err(reason) = purge_one(manifest, source, &file).await? {
-                            report.refused.push((file.path.clone(), reason));
-                            continue;
-                        }
-                    }
+                Purged::AlreadyGone => report.already_gone += 1,
+                Purged::Removed => {
                     report.purged += 1;
                     report.purged_bytes += file.size;
                 }
@@ -88,6 +83,89 @@ pub async fn purge(
     Ok(report)
 }
 
+/// What became of one candidate (in a dry run: what would).
+enum Purged {
+    Removed,
+    AlreadyGone,
+    Refused(String),
+}
+
+async fn purge_file(
+    manifest: &Manifest,
+    store: &dyn Store,
+    source: &Arc<SourceTree>,
+    file: &AtDest,
+    opts: &PurgeOptions,
+) -> Result<Purged, ManifestError> {
+    let local = match check_local(source, file, opts.paranoid).await {
+        Ok(local) => local,
+        Err(reason) => return Ok(Purged::Refused(reason)),
+    };
+    match local {
+        Local::Gone => {
+            // Nothing to delete, but "purged" is only recorded for a dest copy that is there.
+            if let Err(refusal) = check_dest(manifest, store, file, opts).await? {
+                tracing::error!(path = %file.path, reason = %refusal,
+                    "DATA AT RISK: the local copy is gone and the dest copy is not what was verified");
+                return Ok(Purged::Refused(format!(
+                    "{DATA_AT_RISK}: no local copy, and {refusal}"
+                )));
+            }
+            if opts.confirm {
+                manifest.mark_purged(file).await?;
+            }
+            Ok(Purged::AlreadyGone)
+        }
+        Local::Matches if opts.confirm => purge_one(manifest, store, source, file, opts).await,
+        Local::Matches => Ok(match check_dest(manifest, store, file, opts).await? {
+            Ok(()) => Purged::Removed,
+            Err(refusal) => Purged::Refused(refusal),
+        }),
+    }
+}
+
+/// Confirms the dest copy is the one verified (`verify::check_dest_copy`; re-read with
+/// `--paranoid`); Ok(Err(reason)) when it is not, after `refuse_dest` recorded it.
+async fn check_dest(
+    manifest: &Manifest,
+    store: &dyn Store,
+    file: &AtDest,
+    opts: &PurgeOptions,
+) -> Result<Result<(), String>, ManifestError> {
+    match check_dest_copy(manifest, store, file, opts.paranoid).await {
+        Ok(()) => Ok(Ok(())),
+        Err(problem) => refuse_dest(manifest, store, file, opts, problem)
+            .await
+            .map(Err),
+    }
+}
+
+/// A dest copy found missing or different: with `--confirm` the file goes back to `pending` so
+/// the next sweep copies it again, and a broken object of ours is removed for that copy (the
+/// local copy, just checked, is good). A check that could not be made changes nothing.
+/// Returns the reason to report.
+async fn refuse_dest(
+    manifest: &Manifest,
+    store: &dyn Store,
+    file: &AtDest,
+    opts: &PurgeOptions,
+    (problem, detail): (Problem, String),
+) -> Result<String, ManifestError> {
+    if problem == Problem::CheckFailed || !opts.confirm {
+        return Ok(detail);
+    }
+    let finding = format!("purge found {detail}");
+    if manifest
+        .dest_copy_changed(&file.path, file.version, &finding)
+        .await?
+    {
+        remove_bad_copy(manifest, store, file).await;
+    }
+    Ok(format!(
+        "{detail}; the file is pending again, its local copy kept"
+    ))
+}
+
 enum Local {
     Matches,
     Gone,
@@ -95,7 +173,7 @@ enum Local {
 
 async fn check_local(
     source: &Arc<SourceTree>,
-    file: &PurgeCandidate,
+    file: &AtDest,
     paranoid: bool,
 ) -> Result<Local, String> {
     let attrs = match source.stat_at(Path::new(&file.path)) {
@@ -131,23 +209,33 @@ async fn check_local(
     Ok(Local::Matches)
 }
 
-/// Removes one local copy; Ok(Err(reason)) when it was put back instead.
+/// Removes one local copy; Purged::Refused when it was put back instead. The copy is set aside
+/// first (no writer can reach it under that name), then it must still be what was verified,
+/// the purge must still stand in the manifest, and the dest copy must be confirmed, right
+/// before the local copy goes.
 async fn purge_one(
     manifest: &Manifest,
+    store: &dyn Store,
     source: &Arc<SourceTree>,
-    file: &PurgeCandidate,
-) -> Result<Result<(), String>, ManifestError> {
+    file: &AtDest,
+    opts: &PurgeOptions,
+) -> Result<Purged, ManifestError> {
     let Some(version) = manifest.mark_purged(file).await? else {
-        return Ok(Err("the file changed in the manifest meanwhile".into()));
+        return Ok(Purged::Refused(
+            "the file changed in the manifest meanwhile".into(),
+        ));
     };
-    crate::util::crash_point("purge:recorded");
+    crate::testhook::crash_point("purge:recorded");
     let rel = PathBuf::from(&file.path);
     let aside = aside_name(&rel);
     if let Err(e) = rename_no_replace(source, &rel, &aside) {
         manifest.unpurge(&file.path).await?;
-        return Ok(Err(format!("cannot move the local copy aside: {e}")));
+        return Ok(Purged::Refused(format!(
+            "cannot move the local copy aside: {e}"
+        )));
     }
-    crate::util::crash_point("purge:set-aside");
+    crate::testhook::crash_point("purge:set-aside");
+    crate::testhook::hold_point_async("purge:set-aside", &file.path).await;
     let unchanged = source
         .stat_at(&aside)
         .map(|st| {
@@ -155,25 +243,46 @@ async fn purge_one(
             now.size == file.size && now.mtime_ns == file.mtime_ns
         })
         .unwrap_or(false);
-    if unchanged && manifest.purge_stands(&file.path, version).await? {
-        if let Err(e) = unlink(source, &aside) {
-            tracing::warn!(path = %file.path, error = %e, "cannot remove the local copy set aside");
-        }
-        return Ok(Ok(()));
+    if !unchanged || !manifest.purge_stands(&file.path, version).await? {
+        put_back(source, file, &rel, &aside);
+        manifest.unpurge(&file.path).await?;
+        return Ok(Purged::Refused(
+            "opened for writing or changed during the purge".into(),
+        ));
     }
-    // Opened for writing (or changed) meanwhile: the local copy stays.
-    match rename_no_replace(source, &aside, &rel) {
+    let marked = AtDest {
+        version,
+        ..file.clone()
+    };
+    match check_dest_copy(manifest, store, &marked, opts.paranoid).await {
+        Ok(()) => {
+            if let Err(e) = unlink(source, &aside) {
+                tracing::warn!(path = %file.path, error = %e, "cannot remove the local copy set aside");
+            }
+            Ok(Purged::Removed)
+        }
+        Err(problem) => {
+            // The local copy is back under its name before the file is pending again.
+            put_back(source, file, &rel, &aside);
+            manifest.unpurge(&file.path).await?;
+            let reason = refuse_dest(manifest, store, &marked, opts, problem).await?;
+            Ok(Purged::Refused(reason))
+        }
+    }
+}
+
+/// Puts a local copy set aside back at its name, unless a newer one is there already (brought
+/// back by the mount): then ours is the old one.
+fn put_back(source: &SourceTree, file: &AtDest, rel: &Path, aside: &Path) {
+    match rename_no_replace(source, aside, rel) {
         Ok(()) => {}
-        // A newer local copy is there already (brought back by the mount): ours is the old one.
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            let _ = unlink(source, &aside);
+            let _ = unlink(source, aside);
         }
         Err(e) => {
             tracing::error!(path = %file.path, aside = %aside.display(), error = %e, "cannot put the local copy back; it is at the name shown")
         }
     }
-    manifest.unpurge(&file.path).await?;
-    Ok(Err("opened for writing or changed during the purge".into()))
 }
 
 fn aside_name(rel: &Path) -> PathBuf {

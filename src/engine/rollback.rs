@@ -249,7 +249,7 @@ async fn roll_back_one(
     if !row.rolled_back && !manifest.mark_rolled_back(row, key, &reason).await? {
         return Ok(None);
     }
-    crate::util::crash_point("rollback:recorded");
+    crate::testhook::crash_point("rollback:recorded");
     let outcome = |action, detail: String| {
         Some(FileOutcome {
             path: row.path.clone(),
@@ -270,7 +270,7 @@ async fn roll_back_one(
             ));
         }
     };
-    crate::util::crash_point("rollback:deleted");
+    crate::testhook::crash_point("rollback:deleted");
     let (action, why) = match removal {
         Removal::Deleted => (Action::Deleted, "dest object deleted"),
         Removal::Absent => (Action::Reset, "no object at the dest"),

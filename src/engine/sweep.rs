@@ -718,9 +718,11 @@ fn outcome_of(
             tracing::debug!(bytes = size, "copied and verified");
             (verified(sha256, true, etag), Outcome::Copied(size))
         }
-        PutOutcome::AlreadyThere { sha256, ours, .. } => {
+        PutOutcome::AlreadyThere {
+            sha256, ours, etag, ..
+        } => {
             tracing::debug!(ours, "dest already holds identical content");
-            (verified(sha256, ours, None), Outcome::Already)
+            (verified(sha256, ours, etag), Outcome::Already)
         }
         PutOutcome::Conflict { reason } => {
             tracing::warn!(reason = %reason, "conflict: dest holds another object; left untouched");

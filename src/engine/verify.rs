@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use super::{PathFilter, Progress};
 use crate::manifest::{AtDest, Manifest, ManifestError};
 use crate::source::{Attrs, SourceTree};
-use crate::store::{ObjectFacts, Store};
+use crate::store::{CopyMismatch, ObjectFacts, Store};
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -34,6 +34,9 @@ pub enum Problem {
     DestSize,
     /// The dest object's content (read back, or the hash recorded on it) differs.
     DestHash,
+    /// The dest object was modified or replaced since it was verified (its ETag or file stamp
+    /// moved); its bytes may still be right, but nothing vouches for them.
+    DestChanged,
     /// The local copy differs from what was verified.
     LocalChanged,
     /// The check itself failed (dest unreachable, unreadable file): nothing was recorded.
@@ -41,11 +44,21 @@ pub enum Problem {
 }
 
 impl Problem {
+    pub fn of(mismatch: CopyMismatch) -> Problem {
+        match mismatch {
+            CopyMismatch::Missing => Problem::DestMissing,
+            CopyMismatch::Size => Problem::DestSize,
+            CopyMismatch::Hash => Problem::DestHash,
+            CopyMismatch::Changed => Problem::DestChanged,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Problem::DestMissing => "dest_missing",
             Problem::DestSize => "dest_size",
             Problem::DestHash => "dest_hash",
+            Problem::DestChanged => "dest_changed",
             Problem::LocalChanged => "local_changed",
             Problem::CheckFailed => "check_failed",
         }
@@ -105,32 +118,37 @@ pub async fn verify(
             report.checked + files.len() as u64,
             report.checked_bytes + files.iter().map(|f| f.size).sum::<u64>(),
         );
+        // Each file is checked, recorded and repaired inside its own future: a finding recorded
+        // from the loop below would wait for a dest I/O slot held by checks the paused stream
+        // no longer polls (tests/verify.rs, many broken files).
         let mut checks = futures_util::stream::iter(files)
             .map(|file| async move {
-                let problem = check_one(store.as_ref(), source, &file, opts.deep).await;
-                (file, problem.0, problem.1)
+                let (problem, local_good) =
+                    check_one(manifest, store.as_ref(), source, &file, opts.deep).await;
+                let finding = match problem {
+                    None => None,
+                    Some((problem, detail)) => Some(
+                        settle(manifest, store.as_ref(), &file, problem, detail, local_good).await,
+                    ),
+                };
+                (file, finding)
             })
             .buffer_unordered(opts.concurrency.max(1));
-        while let Some((file, problem, local_good)) = checks.next().await {
+        let mut stopping = stop.clone();
+        loop {
+            let next = tokio::select! {
+                biased;
+                Ok(_) = stopping.wait_for(|stop| *stop) => break,
+                next = checks.next() => next,
+            };
+            let Some((file, finding)) = next else { break };
             report.checked += 1;
             report.checked_bytes += file.size;
             report.dest_only += u64::from(file.purged);
             progress.file_done(file.size);
-            match problem {
+            match finding {
                 None => report.ok += 1,
-                Some((problem, detail)) => {
-                    let finding = record(manifest, &file, problem, detail).await?;
-                    if finding.recorded
-                        && local_good
-                        && matches!(problem, Problem::DestHash | Problem::DestSize)
-                    {
-                        remove_bad_copy(manifest, store.as_ref(), &file).await;
-                    }
-                    report.findings.push(finding);
-                }
-            }
-            if *stop.borrow() {
-                break;
+                Some(finding) => report.findings.push(finding?),
             }
         }
         if *stop.borrow() {
@@ -146,7 +164,7 @@ pub async fn verify(
 /// writes it afresh (the sweep trusts the content hash recorded on our own objects and would
 /// otherwise take the broken one as already there). A purged file's object is never touched:
 /// broken or not, it is all there is.
-async fn remove_bad_copy(manifest: &Manifest, store: &dyn Store, file: &AtDest) {
+pub(crate) async fn remove_bad_copy(manifest: &Manifest, store: &dyn Store, file: &AtDest) {
     if file.purged {
         return;
     }
@@ -161,6 +179,27 @@ async fn remove_bad_copy(manifest: &Manifest, store: &dyn Store, file: &AtDest) 
             tracing::warn!(path = %file.path, key = %file.dest_key, error = %e, "cannot remove the broken dest object")
         }
     }
+}
+
+/// Records a finding and, where a good local copy is there to copy again, removes the broken
+/// dest object of ours.
+async fn settle(
+    manifest: &Manifest,
+    store: &dyn Store,
+    file: &AtDest,
+    problem: Problem,
+    detail: String,
+    local_good: bool,
+) -> Result<Finding, ManifestError> {
+    let finding = record(manifest, file, problem, detail).await?;
+    let broken = matches!(
+        problem,
+        Problem::DestHash | Problem::DestSize | Problem::DestChanged
+    );
+    if finding.recorded && local_good && broken {
+        remove_bad_copy(manifest, store, file).await;
+    }
+    Ok(finding)
 }
 
 async fn record(
@@ -192,18 +231,13 @@ async fn record(
 /// What is wrong with a file, if anything, and whether a good local copy is there to copy
 /// again.
 async fn check_one(
+    manifest: &Manifest,
     store: &dyn Store,
     source: &Arc<SourceTree>,
     file: &AtDest,
     deep: bool,
 ) -> (Option<(Problem, String)>, bool) {
-    let dest = match store.inspect(&file.dest_key, deep).await {
-        Ok(found) => check_dest(file, found),
-        Err(e) => Some((
-            Problem::CheckFailed,
-            format!("cannot check the dest object: {e}"),
-        )),
-    };
+    let dest = check_dest_copy(manifest, store, file, deep).await.err();
     if file.purged {
         return (dest, false);
     }
@@ -215,37 +249,47 @@ async fn check_one(
     }
 }
 
-fn check_dest(file: &AtDest, found: Option<ObjectFacts>) -> Option<(Problem, String)> {
-    let Some(found) = found else {
-        return Some((
-            Problem::DestMissing,
-            format!("the dest object {} is missing", file.dest_key),
-        ));
+/// Checks the dest copy of a verified file against what was recorded when it was verified:
+/// its size and the hash recorded on it (with `deep`, the hash of its bytes read back), and its
+/// ETag or file stamp. A copy whose stamp moved is read back before it is called changed: when
+/// its bytes are still those verified (a dest restored from a backup, a `touch` at the dest),
+/// the new stamp is recorded and the copy is good.
+pub(crate) async fn check_dest_copy(
+    manifest: &Manifest,
+    store: &dyn Store,
+    file: &AtDest,
+    deep: bool,
+) -> Result<(), (Problem, String)> {
+    let inspect = |deep| async move {
+        store.inspect(&file.dest_key, deep).await.map_err(|e| {
+            (
+                Problem::CheckFailed,
+                format!("cannot check the dest object: {e}"),
+            )
+        })
     };
-    if found.size != file.size {
-        return Some((
-            Problem::DestSize,
-            format!(
-                "the dest object {} has {} bytes, the manifest {}",
-                file.dest_key, found.size, file.size
-            ),
-        ));
+    let mut found = inspect(deep).await?;
+    let mut mismatch = ObjectFacts::compare(found.as_ref(), &file.recorded_copy());
+    if !deep
+        && mismatch
+            .as_ref()
+            .is_some_and(|(m, _)| *m == CopyMismatch::Changed)
+    {
+        found = inspect(true).await?;
+        mismatch = ObjectFacts::compare(found.as_ref(), &file.recorded_copy());
     }
-    let expected = file.sha256.as_deref()?;
-    let (seen, how) = match (&found.read_sha256, &found.recorded_sha256) {
-        (Some(read), _) => (read, "read back"),
-        (None, Some(recorded)) => (recorded, "recorded on it"),
-        (None, None) => return None,
-    };
-    (seen != expected).then(|| {
-        (
-            Problem::DestHash,
-            format!(
-                "the dest object {} has SHA-256 {seen} ({how}), the manifest {expected}",
-                file.dest_key
-            ),
-        )
-    })
+    match (mismatch, found) {
+        (None, _) => Ok(()),
+        (Some((CopyMismatch::Changed, detail)), Some(found)) if found.read_sha256.is_some() => {
+            // Read back and hashed right: only the stamp is new.
+            tracing::info!(path = %file.path, %detail, "dest copy re-read and intact; its new stamp is recorded");
+            if let Err(e) = manifest.restamp(file, found.etag.as_deref()).await {
+                tracing::warn!(path = %file.path, error = %e, "cannot record the new stamp");
+            }
+            Ok(())
+        }
+        (Some((mismatch, detail)), _) => Err((Problem::of(mismatch), detail)),
+    }
 }
 
 enum Local {

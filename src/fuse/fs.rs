@@ -25,9 +25,9 @@ use super::open::{Handle, Mode, Open, OpenFiles};
 use super::prefetch::RemoteFile;
 use super::records::{Holds, WriteRecords};
 use super::{CopyOnRead, DestHealth, ReadStats};
-use crate::manifest::{Manifest, State};
+use crate::manifest::{Entry, Manifest, State};
 use crate::metrics::RequestTimes;
-use crate::store::Store;
+use crate::store::{local_stamp, ObjectFacts, RecordedCopy, Store};
 
 /// A directory's entries with their inode numbers, as read at opendir.
 type Listing = Vec<(u64, Listed)>;
@@ -37,7 +37,8 @@ pub(super) enum Route {
     Source,
     /// The local copy of a file verified at the dest, because the dest is down.
     Fallback,
-    DestFile(PathBuf),
+    /// A `file://` dest file, and the row that says what was verified there.
+    DestFile(PathBuf, Arc<Entry>),
     Remote {
         key: String,
         size: u64,
@@ -157,7 +158,7 @@ impl FsState {
         if entry.in_dest() {
             let key = entry.dest_key.clone().unwrap_or_default();
             return Ok(match self.store.local_file(&key) {
-                Some(path) => Route::DestFile(path),
+                Some(path) => Route::DestFile(path, entry),
                 None => Route::Remote {
                     key,
                     size: entry.size,
@@ -349,21 +350,24 @@ impl FsState {
             Err(e) => return reply.error(e),
         };
         let mut fallback = matches!(route, Route::Fallback);
+        // Why the dest copy could not be served, when it could not.
+        let mut dest_problem = None;
         let opened = match route {
-            Route::DestFile(path) => match File::open(&path) {
-                Ok(file) => Some(
-                    self.open_dest_handle(ino, Handle::Local(file), &|f: &File| {
-                        reply.open_backing(f)
-                    }),
-                ),
-                Err(e) => {
-                    tracing::warn!(path = %rel.display(), error = %e, "dest copy unreadable; serving the local copy");
-                    // Deleted by a rollback the cached row does not know of yet.
-                    self.forget_row(rel);
-                    fallback = true;
-                    None
+            Route::DestFile(path, entry) => {
+                match self.open_verified_dest_file(rel, &path, &entry) {
+                    Ok(file) => Some(self.open_dest_handle(
+                        ino,
+                        Handle::Local(file),
+                        &|f: &File| reply.open_backing(f),
+                    )),
+                    Err(why) => {
+                        tracing::warn!(path = %rel.display(), problem = %why, "dest copy not served; serving the local copy");
+                        dest_problem = Some(why);
+                        fallback = true;
+                        None
+                    }
                 }
-            },
+            }
             Route::Remote { key, size } => {
                 let file =
                     RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
@@ -400,11 +404,71 @@ impl FsState {
                     // after that.
                     return reply.error(Errno::ENOENT);
                 }
-                tracing::error!(path = %rel.display(), "neither the dest nor a local copy can serve this file");
+                match dest_problem {
+                    Some(why) => tracing::error!(path = %rel.display(), problem = %why,
+                        "DATA AT RISK: the dest copy is not the one verified and there is no local copy; not served"),
+                    None => {
+                        tracing::error!(path = %rel.display(), "neither the dest nor a local copy can serve this file")
+                    }
+                }
                 reply.error(Errno::EIO)
             }
             Err(e) => reply.error(Errno::from(e)),
         }
+    }
+
+    /// Opens the dest file of a verified file if it is still the copy that was verified (size,
+    /// and the stamp recorded at publish: inode and mtime). A copy that changed is never served:
+    /// the row is read again (a `verify --deep` may have found the bytes intact and recorded the
+    /// new stamp), and if it still does not match, a file with a local copy goes back to
+    /// `pending` and its local copy is served. Err says why it was not served.
+    fn open_verified_dest_file(
+        &self,
+        rel: &Path,
+        path: &Path,
+        entry: &Entry,
+    ) -> Result<File, String> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) => {
+                // Deleted by a rollback the cached row does not know of yet, or lost.
+                self.forget_row(rel);
+                return Err(format!("dest copy {} unreadable: {e}", path.display()));
+            }
+        };
+        let Err(why) = dest_file_matches(&file, entry) else {
+            return Ok(file);
+        };
+        self.forget_row(rel);
+        let fresh = self.ns.entry(rel).ok().flatten();
+        let Some(fresh) = fresh.filter(|fresh| fresh.in_dest()) else {
+            return Err(why);
+        };
+        if dest_file_matches(&file, &fresh).is_ok() {
+            return Ok(file);
+        }
+        if !fresh.purged {
+            self.dest_copy_changed(&fresh, &why);
+        }
+        Err(why)
+    }
+
+    /// Sends a file whose dest copy changed back to `pending`, off the FUSE thread.
+    fn dest_copy_changed(&self, entry: &Entry, why: &str) {
+        let (manifest, ns) = (self.manifest.clone(), self.ns.clone());
+        let (path, version, why) = (entry.path.clone(), entry.version, why.to_string());
+        self.rt.spawn(async move {
+            let finding = format!("the mount found {why}");
+            match manifest.dest_copy_changed(&path, version, &finding).await {
+                Ok(true) => tracing::warn!(
+                    path,
+                    "dest copy changed since it was verified; the file is pending again"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(path, error = %e, "cannot send the file back to pending"),
+            }
+            ns.forget_entries(&[path]);
+        });
     }
 
     /// Drops the cached manifest row of `rel`: it was found out of date.
@@ -435,6 +499,40 @@ impl FsState {
                 .collect(),
         ))
     }
+}
+
+/// Whether an open `file://` dest file is the copy the manifest verified: its size, and its
+/// stamp (inode and mtime) where one was recorded, else its mtime (older rows; the dest file
+/// carries the source's mtime).
+fn dest_file_matches(file: &File, entry: &Entry) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat the dest copy: {e}"))?;
+    let key = entry.dest_key.as_deref().unwrap_or_default();
+    let found = ObjectFacts {
+        size: meta.len(),
+        recorded_sha256: None,
+        read_sha256: None,
+        etag: Some(local_stamp(&meta)),
+    };
+    let recorded = RecordedCopy {
+        key,
+        size: entry.size,
+        sha256: None,
+        etag: entry.dest_etag.as_deref(),
+    };
+    if let Some((_, why)) = ObjectFacts::compare(Some(&found), &recorded) {
+        return Err(why);
+    }
+    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    if entry.dest_etag.is_none() && mtime_ns != entry.mtime_ns {
+        return Err(format!(
+            "the dest object {key} was modified since it was verified (mtime {mtime_ns} ns, recorded {} ns)",
+            entry.mtime_ns
+        ));
+    }
+    Ok(())
 }
 
 /// How long a writer waits for readers of the dest copy to close.

@@ -352,7 +352,7 @@ impl FsState {
             }
             None => Default::default(),
         };
-        crate::util::crash_point("remove:recorded");
+        crate::testhook::crash_point("remove:recorded");
         let tree = self.ns.source();
         let done = if dir {
             local::rmdir(tree, rel)
@@ -373,7 +373,7 @@ impl FsState {
                 return Err(errno(e));
             }
         }
-        crate::util::crash_point("remove:local-done");
+        crate::testhook::crash_point("remove:local-done");
         self.inodes.forget(rel);
         drop(changing);
         if let Some(text) = rel.to_str() {
@@ -464,7 +464,7 @@ impl FsState {
             }
             _ => Vec::new(),
         };
-        crate::util::crash_point("rename:recorded");
+        crate::testhook::crash_point("rename:recorded");
         if let Err(e) = local::rename(self.ns.source(), from, to, flags.bits()) {
             if let (Some(f), Some(t)) = (from.to_str(), to.to_str()) {
                 let store = self.store.clone();
@@ -476,7 +476,7 @@ impl FsState {
             self.ns.forget_all_entries();
             return Err(errno(e));
         }
-        crate::util::crash_point("rename:local-done");
+        crate::testhook::crash_point("rename:local-done");
         self.inodes.rename(from, to);
         drop(changing);
         self.release_renamed(to);

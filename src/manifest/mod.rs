@@ -27,7 +27,7 @@ pub use reach::Reachability;
 pub use requests::{RequestOutcome, REQUESTED};
 pub use rollback::{RollbackRow, RollbackSelector};
 pub use verify::{AtDest, DATA_AT_RISK};
-pub use writes::{Leftover, LocalFacts, PurgeCandidate, Removed};
+pub use writes::{Leftover, LocalFacts, Removed};
 
 pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};
 

@@ -27,6 +27,11 @@ pub struct Entry {
     pub dest_key: Option<String>,
     /// SHA-256 of the copied content (verified files).
     pub sha256: Option<String>,
+    /// The dest object's ETag or `file://` stamp when it was verified (`store::local_stamp`).
+    pub dest_etag: Option<String>,
+    /// The local copy was removed by purge.
+    pub purged: bool,
+    pub version: i64,
 }
 
 impl Entry {
@@ -45,7 +50,8 @@ impl Entry {
 }
 
 const SELECT_ENTRY: &str =
-    "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key, sha256 FROM entries";
+    "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key, sha256, \
+     dest_etag, purged_at, version FROM entries";
 const CHILDREN_BELOW: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path < $2 ORDER BY path LIMIT $3"
@@ -194,5 +200,8 @@ fn entry_from_row(row: &AnyRow) -> Result<Entry> {
         link_target: row.get(8),
         dest_key: row.get(9),
         sha256: row.get(10),
+        dest_etag: row.get(11),
+        purged: row.get::<Option<i64>, _>(12).is_some(),
+        version: row.get(13),
     })
 }

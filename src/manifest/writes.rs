@@ -41,15 +41,6 @@ pub struct Removed {
     pub leftovers: Vec<Leftover>,
 }
 
-/// A verified file whose local copy purge may remove.
-#[derive(Debug, Clone)]
-pub struct PurgeCandidate {
-    pub path: String,
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub sha256: Option<String>,
-}
-
 /// A row to write at a path as it is in the local tree now: files wait for a copy (queued first
 /// when `priority`), directories are recorded as they are. What an earlier copy recorded about
 /// the content is cleared; what is known about the object at the key (ours or not) is kept, so
@@ -338,31 +329,9 @@ impl Manifest {
         .await?;
         Ok(done.rows_affected() == 1)
     }
-
-    /// Verified files that still have a local copy, in path order after `after`.
-    pub async fn purge_candidates(&self, after: &str, limit: usize) -> Result<Vec<PurgeCandidate>> {
-        let rows = sqlx::query(
-            "SELECT path, size, mtime_ns, sha256 FROM entries WHERE state = 'verified' AND kind = 'file' \
-             AND purged_at IS NULL AND path > $1 ORDER BY path LIMIT $2",
-        )
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PurgeCandidate {
-                path: r.get(0),
-                size: r.get::<i64, _>(1) as u64,
-                mtime_ns: r.get(2),
-                sha256: r.get(3),
-            })
-            .collect())
-    }
-
     /// Records that the local copy of a verified file is about to be removed, if the row still
     /// says what purge checked. Returns the row's new version, None when it changed meanwhile.
-    pub async fn mark_purged(&self, file: &PurgeCandidate) -> Result<Option<i64>> {
+    pub async fn mark_purged(&self, file: &super::AtDest) -> Result<Option<i64>> {
         let row = sqlx::query(
             "UPDATE entries SET purged_at = $4, version = version + 1, updated_at = $4 \
              WHERE path = $1 AND kind = 'file' AND state = 'verified' AND size = $2 AND mtime_ns = $3 \

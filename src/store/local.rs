@@ -281,6 +281,7 @@ impl Store for LocalStore {
                 size,
                 recorded_sha256,
                 read_sha256,
+                etag: Some(super::local_stamp(&meta)),
             }))
         })
         .await
@@ -303,11 +304,7 @@ impl Store for LocalStore {
             if !meta.is_file() {
                 return Ok(Removal::NotOurs);
             }
-            let marked = owner_mark(&target).is_some_and(|mark| {
-                mark.strip_prefix(writer.as_str())
-                    .is_some_and(|rest| rest.starts_with(':'))
-            });
-            let ours = marked
+            let ours = is_marked_by(&target, &writer)
                 || match hash_existing(&target).map_err(dest_err("read", &target))? {
                     Some((_, sha256)) => owned.contains(&sha256),
                     None => false,
@@ -412,6 +409,7 @@ fn stage(
     } else {
         copy_hashing(&opened, &mut file, target, source)?
     };
+    crate::testhook::hold_point("copy:read", &source.rel);
     opened.confirm_unchanged()?;
     apply_attrs(&file, &opened.before).map_err(dest_err("set attributes on", target))?;
     staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", target))?;
@@ -652,7 +650,7 @@ fn publish(
             let written = PutOutcome::Written {
                 sha256: staged.sha256.clone(),
                 size: staged.size,
-                etag: None,
+                etag: Some(stamp_of(&staged.file, &target)?),
             };
             return Ok((written, staged));
         }
@@ -665,13 +663,14 @@ fn publish(
         let reason = "dest holds something that is not a regular file".to_string();
         return Ok((PutOutcome::Conflict { reason }, staged));
     };
-    let ours =
-        owned.contains(&existing) || owner_mark(&target) == Some(format!("{writer}:{existing}"));
+    // Ours: a hash we wrote here, or our mark, whatever the bytes are now (a copy of ours that
+    // was damaged at the dest is rewritten, not left as a conflict).
+    let ours = owned.contains(&existing) || is_marked_by(&target, writer);
     if existing == staged.sha256 {
+        let file = File::open(&target).map_err(dest_err("open", &target))?;
         if ours {
             // Our object with the right content: bring mode, owner and times up to date (a chmod
             // or touch of the source sends the file back here). A foreign one is left as it is.
-            let file = File::open(&target).map_err(dest_err("open", &target))?;
             apply_attrs(&file, &staged.source).map_err(dest_err("set attributes on", &target))?;
         }
         return Ok((
@@ -679,6 +678,7 @@ fn publish(
                 sha256: existing,
                 size,
                 ours,
+                etag: Some(stamp_of(&file, &target)?),
             },
             staged,
         ));
@@ -696,10 +696,24 @@ fn publish(
         PutOutcome::Written {
             sha256: staged.sha256.clone(),
             size: staged.size,
-            etag: None,
+            etag: Some(stamp_of(&staged.file, &target)?),
         },
         staged,
     ))
+}
+
+/// The stamp recorded for a dest file (see `store::local_stamp`).
+fn stamp_of(file: &File, target: &Path) -> Result<String, StoreError> {
+    let meta = file.metadata().map_err(dest_err("stat", target))?;
+    Ok(super::local_stamp(&meta))
+}
+
+/// Whether the file at `path` carries this manifest's mark.
+fn is_marked_by(path: &Path, writer: &str) -> bool {
+    owner_mark(path).is_some_and(|mark| {
+        mark.strip_prefix(writer)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })
 }
 
 /// Removes `path` if it is an empty directory. A directory renamed or removed through the mount

@@ -90,6 +90,7 @@ pub enum PutOutcome {
         sha256: String,
         size: u64,
         ours: bool,
+        etag: Option<String>,
     },
     /// The key holds something else that cutoverfs did not write; nothing was changed.
     Conflict { reason: String },
@@ -289,6 +290,98 @@ pub struct ObjectFacts {
     pub recorded_sha256: Option<String>,
     /// The SHA-256 of the bytes read back (deep inspections only).
     pub read_sha256: Option<String>,
+    /// What identifies this very object version: the S3 ETag, or a `file://` dest file's
+    /// stamp (`local_stamp`). Compared with the one recorded when the copy was verified.
+    pub etag: Option<String>,
+}
+
+/// What the manifest recorded about a dest copy when it was verified.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordedCopy<'a> {
+    pub key: &'a str,
+    pub size: u64,
+    pub sha256: Option<&'a str>,
+    /// `PutOutcome`'s etag as recorded (None for copies verified by an older cutoverfs).
+    pub etag: Option<&'a str>,
+}
+
+/// How a dest copy differs from what was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMismatch {
+    Missing,
+    Size,
+    /// The content hash read back, or recorded on the object, is another one.
+    Hash,
+    /// The object was replaced or modified since it was verified (ETag or file stamp moved).
+    Changed,
+}
+
+impl ObjectFacts {
+    /// Whether this object is still the copy that was recorded, and if not, why (with a message
+    /// naming the key and both values). `found` None: nothing is at the key.
+    pub fn compare(
+        found: Option<&ObjectFacts>,
+        recorded: &RecordedCopy,
+    ) -> Option<(CopyMismatch, String)> {
+        let key = recorded.key;
+        let Some(found) = found else {
+            return Some((
+                CopyMismatch::Missing,
+                format!("the dest object {key} is missing"),
+            ));
+        };
+        if found.size != recorded.size {
+            return Some((
+                CopyMismatch::Size,
+                format!(
+                    "the dest object {key} has {} bytes, the manifest {}",
+                    found.size, recorded.size
+                ),
+            ));
+        }
+        if let Some(expected) = recorded.sha256 {
+            let seen = match (&found.read_sha256, &found.recorded_sha256) {
+                (Some(read), _) => Some((read, "read back")),
+                (None, Some(on_object)) => Some((on_object, "recorded on it")),
+                (None, None) => None,
+            };
+            if let Some((seen, how)) = seen.filter(|(seen, _)| *seen != expected) {
+                return Some((
+                    CopyMismatch::Hash,
+                    format!(
+                        "the dest object {key} has SHA-256 {seen} ({how}), the manifest {expected}"
+                    ),
+                ));
+            }
+        }
+        match (recorded.etag, found.etag.as_deref()) {
+            (Some(then), Some(now)) if unquoted(then) != unquoted(now) => Some((
+                CopyMismatch::Changed,
+                format!(
+                    "the dest object {key} changed since it was verified (was {then}, now {now})"
+                ),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// ETags come quoted from some servers and SDK paths, bare from others.
+fn unquoted(etag: &str) -> &str {
+    etag.trim_matches('"')
+}
+
+/// The stamp of a `file://` dest file: which file it is and when its content last changed.
+/// Rewriting a file in place moves its mtime (unless put back) and replacing it moves its inode,
+/// so a stamp that still matches means the bytes served are those that were verified, as far as
+/// a stat can tell (a deep check re-reads them).
+pub fn local_stamp(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "file:ino={},mtime={}",
+        meta.ino(),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+    )
 }
 
 /// What `delete_owned` did.

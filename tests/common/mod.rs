@@ -2,6 +2,13 @@
 //! reading `status --json`, and comparing trees (content, mode, times, owner).
 #![allow(dead_code)]
 
+// The tests hold and kill the binary at named points (src/testhook.rs); those exist only in a
+// build with the `test-hooks` feature.
+#[cfg(not(feature = "test-hooks"))]
+compile_error!(
+    "the integration tests need the test hooks: run `cargo test --features test-hooks` (the README's test command)"
+);
+
 pub mod mount;
 pub mod pg;
 pub mod s3;
@@ -44,6 +51,8 @@ pub fn command() -> Command {
     let mut cmd = Command::new(bin());
     cmd.env_remove("CUTOVERFS_LOG")
         .env_remove("CUTOVERFS_MANIFEST")
+        .env_remove("CUTOVERFS_CRASH_AT")
+        .env_remove("CUTOVERFS_HOLD_AT")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     cmd

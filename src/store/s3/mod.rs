@@ -153,6 +153,7 @@ impl S3Store {
         key: &str,
         sha256: &str,
         size: u64,
+        etag: Option<String>,
     ) -> Result<PutOutcome, StoreError> {
         let theirs = self
             .hash_object(key)
@@ -163,6 +164,7 @@ impl S3Store {
                 sha256: sha256.to_string(),
                 size,
                 ours: false,
+                etag,
             }
         } else {
             PutOutcome::Conflict {
@@ -441,6 +443,7 @@ pub(crate) fn decide(
             sha256: sha256.hex.clone(),
             size,
             ours,
+            etag: existing.etag.clone(),
         })
     };
     if ours {
@@ -623,6 +626,7 @@ impl Store for S3Store {
             size: existing.size,
             recorded_sha256: existing.metadata.get(META_SHA256).cloned(),
             read_sha256,
+            etag: existing.etag,
         }))
     }
 

@@ -140,6 +140,7 @@ impl S3Store {
             read_all(&reader, &source, &mut bytes)
                 .map_err(|e| StoreError::SourceRead(Arc::new(e)))?;
             let sum = Sha256Sum::of(&bytes);
+            crate::testhook::hold_point("copy:read", &source.rel);
             reader.confirm_unchanged()?;
             Ok((bytes, sum))
         });
@@ -296,7 +297,12 @@ impl S3Store {
             .await?;
         parts.sort_by_key(|part| part.part_number());
         let checker = opened.clone();
-        blocking(move || checker.confirm_unchanged().map_err(StoreError::from)).await?;
+        let rel = source.rel.clone();
+        blocking(move || {
+            crate::testhook::hold_point("copy:read", &rel);
+            checker.confirm_unchanged().map_err(StoreError::from)
+        })
+        .await?;
         let completed = self
             .client
             .complete_multipart_upload()
@@ -413,10 +419,11 @@ impl S3Store {
         let key = &request.key;
         let existing = existing.map_err(|e| self.remote("head", key, e))?;
         let decision = decide(existing.as_ref(), writer, &request.owned_sha256, sum, size);
+        let etag = existing.and_then(|e| e.etag);
         match Condition::of(&decision) {
             Some(condition) => Ok(Ok(condition)),
             None => Ok(Err(self
-                .finish_without_writing(key, decision, sum, size)
+                .finish_without_writing(key, decision, sum, size, etag)
                 .await?)),
         }
     }
@@ -428,10 +435,11 @@ impl S3Store {
         decision: Decision,
         sum: &Sha256Sum,
         size: u64,
+        etag: Option<String>,
     ) -> Result<PutOutcome, StoreError> {
         match decision {
             Decision::Done(outcome) => Ok(outcome),
-            Decision::CompareContent => self.settle_unmarked(key, &sum.hex, size).await,
+            Decision::CompareContent => self.settle_unmarked(key, &sum.hex, size, etag).await,
             Decision::Create | Decision::Replace { .. } => {
                 unreachable!("writes are handled by the caller")
             }
@@ -456,9 +464,12 @@ impl S3Store {
             .head(key)
             .await
             .map_err(|e| self.remote("head", key, e))?;
-        match decide(existing.as_ref(), writer, &request.owned_sha256, sum, size) {
+        let decision = decide(existing.as_ref(), writer, &request.owned_sha256, sum, size);
+        let etag = existing.and_then(|e| e.etag);
+        match decision {
             decision @ (Decision::Done(_) | Decision::CompareContent) => {
-                self.finish_without_writing(key, decision, sum, size).await
+                self.finish_without_writing(key, decision, sum, size, etag)
+                    .await
             }
             _ => Err(self.remote(
                 "put",
