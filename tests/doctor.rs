@@ -130,6 +130,17 @@ fn all_is_well_here_and_nothing_is_created() {
     // With a manifest: its schema, integrity and pair; the source and dest come from it.
     w.sweep(&[]).assert_code(0);
     let before = fs::read(&w.manifest).unwrap();
+    // Several rounds: SQLite removes its WAL files only when the last connection closes
+    // alone, which a pool of connections closing together missed now and then.
+    for _ in 0..ROUNDS_WITH_A_MANIFEST {
+        doctor_leaves_the_manifest_as_it_was(&w, &before);
+    }
+}
+
+const ROUNDS_WITH_A_MANIFEST: usize = 8;
+
+fn doctor_leaves_the_manifest_as_it_was(w: &Work, before: &[u8]) {
+    let manifest = w.manifest_url();
     let report = doctor(&[
         "--manifest",
         &manifest,

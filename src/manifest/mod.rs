@@ -37,7 +37,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Connection, Executor, Row};
 
 /// Where the manifest lives.
 #[derive(Clone, PartialEq, Eq)]
@@ -431,6 +431,29 @@ async fn why_no_connection(options: &AnyConnectOptions) -> sqlx::Error {
     }
 }
 
+/// Opens and closes one connection on its own, after every other one of the process closed: the
+/// last connection to close folds the WAL back and removes the `-wal`/`-shm` files, but pool
+/// connections closing at the same moment each leave them to the other. Does nothing to a
+/// manifest another process has open (SQLite sees its lock and keeps the files).
+async fn fold_wal_alone(path: &Path) {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    if !wal.exists() {
+        return;
+    }
+    let Ok(options) = AnyConnectOptions::from_str(&format!("sqlite://{}?mode=rw", path.display()))
+    else {
+        return;
+    };
+    match sqlx::AnyConnection::connect_with(&options).await {
+        Ok(mut conn) => {
+            // A read of the schema opens the database in WAL mode, so the close cleans up.
+            let _ = conn.execute("SELECT COUNT(*) FROM sqlite_master").await;
+            let _ = conn.close().await;
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot fold the manifest's WAL back"),
+    }
+}
+
 impl Manifest {
     /// Opens the manifest, creating it (SQLite: mode 0600, parent 0700) and applying
     /// migrations.
@@ -590,7 +613,10 @@ impl Manifest {
                 let conn_url = format!("sqlite://{}?mode=rw", path.display());
                 let options = AnyConnectOptions::from_str(&conn_url).map_err(connect_error)?;
                 AnyPoolOptions::new()
-                    .max_connections(4)
+                    // A read-only look uses one connection: queries wait for it instead of
+                    // opening more, and SQLite removes its WAL files only when a connection
+                    // closes alone (two closing together each see the other and keep them).
+                    .max_connections(if read_only { 1 } else { 4 })
                     .after_connect(move |conn, _meta| {
                         Box::pin(async move {
                             if !read_only {
@@ -675,6 +701,8 @@ impl Manifest {
                 open = self.pool.size(),
                 "manifest connections still busy at exit"
             );
+        } else if let ManifestUrl::Sqlite(path) = &self.url {
+            fold_wal_alone(path).await;
         }
     }
 
