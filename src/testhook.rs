@@ -7,20 +7,34 @@
 //! (`cargo test --features test-hooks`, README); in every other build, `cargo build --release`
 //! included, they are empty functions and the environment variables mean nothing.
 //!
-//! - `CUTOVERFS_CRASH_AT=POINT`: the process kills itself with SIGKILL at that point, exactly as
-//!   `kill -9` between two steps would.
+//! - `CUTOVERFS_CRASH_AT=POINT[#N]`: the process kills itself with SIGKILL the first (or Nth)
+//!   time it passes that point, exactly as `kill -9` between two steps would.
 //! - `CUTOVERFS_HOLD_AT=POINT[@SUBJECT]` and `CUTOVERFS_HOLD_DIR=DIR`: the first time the point
 //!   is reached (for that subject, e.g. a file's path), the process writes the subject to
 //!   `DIR/POINT.reached` and waits until `DIR/POINT.release` exists. Points are named
 //!   `step:moment` (`copy:read`, `purge:set-aside`); in file names `:` becomes `-`.
 
-/// Kills the process here when `CUTOVERFS_CRASH_AT` names this point.
+/// Kills the process here when `CUTOVERFS_CRASH_AT` names this point (`POINT`, or `POINT#N`
+/// for its Nth passage).
 #[cfg(feature = "test-hooks")]
 pub fn crash_point(name: &str) {
-    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = WANTED.get_or_init(|| std::env::var("CUTOVERFS_CRASH_AT").ok());
-    if wanted.as_deref() == Some(name) {
-        tracing::warn!(point = name, "crash point reached: killing this process");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WANTED: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static PASSED: AtomicU64 = AtomicU64::new(0);
+    let wanted = WANTED.get_or_init(|| {
+        let at = std::env::var("CUTOVERFS_CRASH_AT").ok()?;
+        Some(match at.split_once('#') {
+            Some((point, nth)) => (point.to_string(), nth.parse().unwrap_or(1)),
+            None => (at, 1),
+        })
+    });
+    let Some((point, nth)) = wanted else { return };
+    if point == name && PASSED.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+        tracing::warn!(
+            point = name,
+            passage = nth,
+            "crash point reached: killing this process"
+        );
         // SAFETY: signalling our own process.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

@@ -6,7 +6,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,13 +26,21 @@ struct Live {
     child: Child,
     started: Instant,
     stdout: Arc<Mutex<String>>,
-    scanned: mpsc::Receiver<()>,
     reader: std::thread::JoinHandle<()>,
     stderr_path: std::path::PathBuf,
 }
 
 impl Live {
     fn start(w: &Work, extra: &[&str], stderr_path: &Path) -> Live {
+        Live::start_with_env(w, extra, stderr_path, &[])
+    }
+
+    fn start_with_env(
+        w: &Work,
+        extra: &[&str],
+        stderr_path: &Path,
+        env: &[(String, String)],
+    ) -> Live {
         let mut args = vec!["sweep".into()];
         args.extend(w.target());
         args.extend(extra.iter().map(std::ffi::OsString::from));
@@ -41,20 +48,17 @@ impl Live {
         let started = Instant::now();
         let mut child = command()
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("start sweep");
         let out = child.stdout.take().unwrap();
         let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, scanned) = mpsc::channel();
         let sink = stdout.clone();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if line.starts_with("Scanned ") {
-                    let _ = tx.send(());
-                }
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
                 s.push('\n');
@@ -64,15 +68,13 @@ impl Live {
             child,
             started,
             stdout,
-            scanned,
             reader,
             stderr_path: stderr_path.to_path_buf(),
         }
     }
 
-    /// Waits for the "Scanned ..." line; false if the process ended or the wait timed out.
-    fn wait_scanned(&self, timeout: Duration) -> bool {
-        self.scanned.recv_timeout(timeout).is_ok()
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -127,29 +129,43 @@ both_engines! {
         let started = Instant::now();
         let log = w.root.join("round.stderr");
         let (mut killed_early, mut killed_copying, mut finished) = (0, 0, 0);
+        let mut odd_rounds_with_work = 0;
         const ROUNDS: u64 = 24;
         for round in 0..ROUNDS {
             let mut rng = XorShift::new(round + 1);
-            let delay = Duration::from_millis(rng.range(0, 400));
-            // Even rounds: the delay counts from the start (kills land in start-up, manifest creation
-            // and the scan). Odd rounds: from the end of the scan (kills land among the copies).
-            let after_scan = round % 2 == 1;
-            let live = Live::start(&w, &CRASH_FLAGS, &log);
-            if after_scan && !live.wait_scanned(Duration::from_secs(60)) {
-                let run = live.finish(Duration::from_secs(60));
-                panic!("round {round}: the sweep ended before its scan finished\n{run}");
+            // Even rounds: killed after a random delay from the start (in start-up, manifest
+            // creation, the scan or the first copies; where it lands does not matter). Odd rounds:
+            // killed at a random group's copy, published but not recorded or just recorded, so
+            // every odd round with work left dies among the copies on any machine.
+            let odd = round % 2 == 1;
+            if odd {
+                let left = total as u64 - state_count(&w.status(), "files", "verified");
+                let point = if rng.range(0, 2) == 0 { "sweep:copied" } else { "sweep:recorded" };
+                let nth = rng.range(1, 4);
+                let crash = vec![("CUTOVERFS_CRASH_AT".to_string(), format!("{point}#{nth}"))];
+                let run = Live::start_with_env(&w, &CRASH_FLAGS, &log, &crash)
+                    .finish(Duration::from_secs(120));
+                // Groups hold at most --concurrency files: with this many left, the point is reached.
+                let certain = left > 4 * 8;
+                odd_rounds_with_work += u64::from(certain);
+                match run.code {
+                    None => killed_copying += 1,
+                    Some(code) => {
+                        assert!(!certain, "round {round}: {left} files left and not killed at {point}#{nth}\n{run}");
+                        assert!(code == 0 || code == 1, "round {round} ended with {code}\n{run}");
+                        finished += 1;
+                    }
+                }
+                continue;
             }
+            let delay = Duration::from_millis(rng.range(0, 400));
+            let mut live = Live::start(&w, &CRASH_FLAGS, &log);
             std::thread::sleep(delay);
-            let mut live = live;
             if live.child.try_wait().unwrap().is_some() {
                 finished += 1;
             } else {
                 live.child.kill().unwrap(); // SIGKILL
-                if after_scan {
-                    killed_copying += 1
-                } else {
-                    killed_early += 1
-                }
+                killed_early += 1;
             }
             let run = live.finish(Duration::from_secs(60));
             // Whatever happened, a round that ended by itself must not have hit an error.
@@ -164,14 +180,10 @@ both_engines! {
             "{ROUNDS} rounds in {:.1?}: {killed_early} killed early, {killed_copying} killed while copying, {finished} finished",
             started.elapsed()
         );
-        // A debug build copies this tree in seconds, so odd rounds die mid-copy; an optimised build
-        // may finish first, which is fine too.
-        if cfg!(debug_assertions) {
-            assert!(
-                killed_copying >= 5,
-                "too few rounds were killed while copying"
-            );
-        }
+        assert!(
+            odd_rounds_with_work >= 5,
+            "only {odd_rounds_with_work} rounds were killed among the copies: the tree is too small"
+        );
         assert!(
             leftover_temp_files(&w.dest).is_empty(),
             "temporaries after kills: {:?}",
@@ -210,16 +222,12 @@ both_engines! {
             w.write(&format!("big/b{i}.bin"), &pseudo_random(6 << 20, 40 + i));
         }
         let log = w.root.join("killed.stderr");
-        let mut live = Live::start(&w, &CRASH_FLAGS, &log);
-        assert!(live.wait_scanned(Duration::from_secs(60)));
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(
-            live.child.try_wait().unwrap().is_none(),
-            "the sweep finished before it could be killed"
-        );
-        live.child.kill().unwrap();
-        let killed = live.finish(Duration::from_secs(30));
-        assert_eq!(killed.code, None, "{killed}");
+        // Killed right after its second group of copies was published, before it was recorded:
+        // its batch is open and its leases are held.
+        let crash = vec![("CUTOVERFS_CRASH_AT".to_string(), "sweep:copied#2".to_string())];
+        let killed = Live::start_with_env(&w, &CRASH_FLAGS, &log, &crash)
+            .finish(Duration::from_secs(120));
+        assert_eq!(killed.code, None, "not killed at its crash point: {killed}");
 
         // Right away: the killed sweep's leases are still valid, this one waits them out.
         let last = w.cmd("sweep", &CRASH_FLAGS);
@@ -242,6 +250,22 @@ both_engines! {
     }
 }
 
+/// Waits until the log file at `path` holds `text`.
+fn wait_until_stderr(path: &Path, text: &str) {
+    let started = Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            started.elapsed() < HOLD_TIMEOUT,
+            "no {text:?} in {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A crash right after the manifest file was created and before its schema was written leaves
 /// an empty file; the next sweep must carry on, not refuse forever.
 #[test]
@@ -257,7 +281,7 @@ fn sweep_recovers_when_a_crash_left_an_empty_manifest_file() {
 }
 
 both_engines! {
-    /// SIGINT, then SIGTERM, each after the scan and ~300 ms of copying, then a double SIGINT that
+    /// SIGINT, then SIGTERM, each while a copy is held in the middle, then a double SIGINT that
     /// ends the process at once; every stop leaves no file "copying" behind and a re-run finishes.
     fn sigint_and_sigterm_stop_cleanly_and_a_rerun_completes() {
         let w = Work::new();
@@ -275,34 +299,21 @@ both_engines! {
             "--lease-timeout",
             "2s",
         ];
-        let mut interrupted = 0;
         for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
-            let live = Live::start(&w, &flags, &log);
-            assert!(
-                live.wait_scanned(Duration::from_secs(60)),
-                "no scan line before {name}"
-            );
-            std::thread::sleep(Duration::from_millis(if cfg!(debug_assertions) {
-                300
-            } else {
-                30
-            }));
+            // The signal arrives while a copy is held in the middle: the sweep must finish the
+            // copies in flight, record them and stop.
+            let hold = Hold::at("copy:read");
+            let mut live = Live::start_with_env(&w, &flags, &log, &hold.env());
+            hold.wait_reached(|| live.alive());
             live.signal(sig);
+            hold.release();
             let run = live.finish(Duration::from_secs(60));
-            match run.code {
-                Some(130) => {
-                    interrupted += 1;
-                    assert!(
-                        run.stdout.contains("MIGRATION INTERRUPTED"),
-                        "{name}\n{run}"
-                    );
-                    assert!(!run.stdout.contains("MIGRATION COMPLETE"), "{name}\n{run}");
-                }
-                Some(0) => assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}"),
-                other => {
-                    panic!("{name}: exit {other:?}, expected 130 (or 0 if it finished first)\n{run}")
-                }
-            }
+            assert_eq!(run.code, Some(130), "{name}\n{run}");
+            assert!(
+                run.stdout.contains("MIGRATION INTERRUPTED"),
+                "{name}\n{run}"
+            );
+            assert!(!run.stdout.contains("MIGRATION COMPLETE"), "{name}\n{run}");
             let status = w.status();
             assert_eq!(
                 state_count(&status, "files", "copying"),
@@ -316,33 +327,19 @@ both_engines! {
             );
             assert!(leftover_temp_files(&w.dest).is_empty());
         }
-        if cfg!(debug_assertions) {
-            assert!(
-                interrupted > 0,
-                "the tree was copied before any signal arrived; make it bigger"
-            );
-        }
 
-        // Twice: the second signal ends the process at once (leases then expire after 2 s).
-        let live = Live::start(&w, &flags, &log);
-        assert!(live.wait_scanned(Duration::from_secs(60)));
-        std::thread::sleep(Duration::from_millis(200));
+        // Twice: the second signal ends the process at once, with a copy still held (its lease
+        // then expires after 2 s).
+        let hold = Hold::at("copy:read");
+        let mut live = Live::start_with_env(&w, &flags, &log, &hold.env());
+        hold.wait_reached(|| live.alive());
         live.signal(libc::SIGINT);
-        std::thread::sleep(Duration::from_millis(20));
-        let ended_already = {
-            // The first signal may have let it finish already.
-            let mut probe = live;
-            let done = probe.child.try_wait().unwrap().is_some();
-            if !done {
-                probe.signal(libc::SIGINT);
-            }
-            probe
-        };
-        let run = ended_already.finish(Duration::from_secs(60));
-        assert!(
-            matches!(run.code, Some(130) | Some(0)),
-            "double SIGINT: {run}"
-        );
+        // The first signal is seen once the stop message is out; only then is the second one a
+        // second one.
+        wait_until_stderr(&log, "stopping after the copies in flight");
+        live.signal(libc::SIGINT);
+        let run = live.finish(Duration::from_secs(60));
+        assert_eq!(run.code, Some(130), "double SIGINT: {run}");
 
         let last = w.cmd("sweep", &flags);
         last.assert_code(0);

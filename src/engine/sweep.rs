@@ -572,6 +572,8 @@ async fn copy_group(files: Vec<Claimed>, pace_above: Option<u64>, shared: &Share
     };
     let started = Instant::now();
     let stored = shared.store.put_many(requests, &guard).await;
+    // Published at the dest, not yet recorded: a crash here must be resumed by the next run.
+    crate::testhook::crash_point("sweep:copied");
     let dest_up = shared.health.judge(&*shared.store, started, &stored).await;
     for ((i, key), result) in requested.into_iter().zip(keys).zip(stored) {
         results[i] = Some(outcome_of(&files[i], key, result, dest_up, &shared.opts));
@@ -587,6 +589,7 @@ async fn copy_group(files: Vec<Claimed>, pace_above: Option<u64>, shared: &Share
         }
     };
     remember_orphans(shared, &orphan_candidates, &applied).await;
+    crate::testhook::crash_point("sweep:recorded");
     files
         .iter()
         .zip(outcomes)

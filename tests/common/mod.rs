@@ -624,3 +624,94 @@ pub fn small_tree(work: &Work, count: usize, folders: usize, lo: u64, hi: u64, s
     }
     total
 }
+
+/// How long a test waits for a process to reach a hold point. Generous: it protects against a
+/// point that is never reached (a hang or a wrong name), not against a slow machine.
+pub const HOLD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A hold point of the binary (src/testhook.rs): the process stops there until released, so a
+/// test acts while a copy, a purge or a sweep is in progress for certain.
+pub struct Hold {
+    dir: tempfile::TempDir,
+    point: String,
+    subject: Option<String>,
+}
+
+impl Hold {
+    /// Holds the first passage of `point` (for any subject).
+    pub fn at(point: &str) -> Hold {
+        Hold {
+            dir: tempfile::Builder::new()
+                .prefix("cutoverfs-hold-")
+                .tempdir()
+                .expect("hold dir"),
+            point: point.to_string(),
+            subject: None,
+        }
+    }
+
+    /// Holds the first passage of `point` for `subject` (e.g. a file's path).
+    pub fn at_subject(point: &str, subject: &str) -> Hold {
+        Hold {
+            subject: Some(subject.to_string()),
+            ..Hold::at(point)
+        }
+    }
+
+    /// The environment that asks a process for this hold.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let at = match &self.subject {
+            Some(subject) => format!("{}@{subject}", self.point),
+            None => self.point.clone(),
+        };
+        vec![
+            ("CUTOVERFS_HOLD_AT".into(), at),
+            (
+                "CUTOVERFS_HOLD_DIR".into(),
+                self.dir.path().display().to_string(),
+            ),
+        ]
+    }
+
+    pub fn apply(&self, cmd: &mut Command) {
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+    }
+
+    fn file(&self, what: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("{}.{what}", self.point.replace(':', "-")))
+    }
+
+    pub fn is_reached(&self) -> bool {
+        self.file("reached").exists()
+    }
+
+    /// Waits until the process is held there; returns the subject it was held for. Panics after
+    /// `HOLD_TIMEOUT`, or at once when `alive` says the process ended.
+    pub fn wait_reached(&self, mut alive: impl FnMut() -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            if let Ok(subject) = fs::read_to_string(self.file("reached")) {
+                return subject;
+            }
+            assert!(
+                alive(),
+                "the process ended before reaching the hold point {}",
+                self.point
+            );
+            assert!(
+                started.elapsed() < HOLD_TIMEOUT,
+                "the hold point {} was not reached in {HOLD_TIMEOUT:?}",
+                self.point
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn release(&self) {
+        fs::write(self.file("release"), b"").expect("release the hold");
+    }
+}
