@@ -585,13 +585,13 @@ fn dry_run_on_an_existing_manifest_leaves_no_new_files_beside_it() {
     );
 }
 
-/// The manifest at the schema of the cutoverfs before the last migration (rollback's column).
+/// The manifest at the schema of the cutoverfs before the last migration (purge's column).
 fn downgrade_to_the_previous_schema(db: &std::path::Path) {
     sqlite_exec(
         db,
-        "DROP INDEX entries_rolled_back; \
-         ALTER TABLE entries DROP COLUMN rolled_back_at; \
-         DELETE FROM _sqlx_migrations WHERE version = 6;",
+        "DROP INDEX entries_purge_aside; \
+         ALTER TABLE entries DROP COLUMN purge_aside; \
+         DELETE FROM _sqlx_migrations WHERE version = 7;",
     );
 }
 

@@ -135,8 +135,9 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if !args.no_sweep {
         resolved.store.prepare().await?;
     }
-    // Removals a crash interrupted are finished (or undone) before anything can change.
+    // Removals and purges a crash interrupted are finished (or undone) before anything can change.
     crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
+    crate::engine::purge::finish_interrupted(&manifest, &resolved.source).await?;
     let wake = Arc::new(tokio::sync::Notify::new());
     let settings = MountSettings {
         mountpoint: mountpoint.clone(),

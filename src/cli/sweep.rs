@@ -118,6 +118,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     let node = process_node();
     manifest.close_abandoned_batches(&node).await?;
     crate::engine::repair::repair_removals(&manifest, &resolved.source, &resolved.store).await?;
+    crate::engine::purge::finish_interrupted(&manifest, &resolved.source).await?;
     let scan = match scan_patiently(
         &manifest,
         resolved.source.clone(),

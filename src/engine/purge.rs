@@ -53,6 +53,9 @@ pub async fn purge(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<PurgeReport, ManifestError> {
     let mut report = PurgeReport::default();
+    if opts.confirm {
+        finish_interrupted(manifest, source).await?;
+    }
     let mut after = String::new();
     loop {
         let page = manifest.purge_candidates(&after, 500).await?;
@@ -112,7 +115,7 @@ async fn purge_file(
                 )));
             }
             if opts.confirm {
-                manifest.mark_purged(file).await?;
+                manifest.mark_purged(file, None).await?;
             }
             Ok(Purged::AlreadyGone)
         }
@@ -220,14 +223,15 @@ async fn purge_one(
     file: &AtDest,
     opts: &PurgeOptions,
 ) -> Result<Purged, ManifestError> {
-    let Some(version) = manifest.mark_purged(file).await? else {
+    let rel = PathBuf::from(&file.path);
+    let aside = Aside::new(&rel);
+    let Some(version) = manifest.mark_purged(file, Some(&aside.to_text())).await? else {
         return Ok(Purged::Refused(
             "the file changed in the manifest meanwhile".into(),
         ));
     };
     crate::testhook::crash_point("purge:recorded");
-    let rel = PathBuf::from(&file.path);
-    let aside = aside_name(&rel);
+    let aside = aside.rel;
     if let Err(e) = rename_no_replace(source, &rel, &aside) {
         manifest.unpurge(&file.path).await?;
         return Ok(Purged::Refused(format!(
@@ -244,7 +248,7 @@ async fn purge_one(
         })
         .unwrap_or(false);
     if !unchanged || !manifest.purge_stands(&file.path, version).await? {
-        put_back(source, file, &rel, &aside);
+        put_back(source, &file.path, &rel, &aside);
         manifest.unpurge(&file.path).await?;
         return Ok(Purged::Refused(
             "opened for writing or changed during the purge".into(),
@@ -259,11 +263,13 @@ async fn purge_one(
             if let Err(e) = unlink(source, &aside) {
                 tracing::warn!(path = %file.path, error = %e, "cannot remove the local copy set aside");
             }
+            crate::testhook::crash_point("purge:removed");
+            manifest.purge_done(&file.path).await?;
             Ok(Purged::Removed)
         }
         Err(problem) => {
             // The local copy is back under its name before the file is pending again.
-            put_back(source, file, &rel, &aside);
+            put_back(source, &file.path, &rel, &aside);
             manifest.unpurge(&file.path).await?;
             let reason = refuse_dest(manifest, store, &marked, opts, problem).await?;
             Ok(Purged::Refused(reason))
@@ -273,28 +279,115 @@ async fn purge_one(
 
 /// Puts a local copy set aside back at its name, unless a newer one is there already (brought
 /// back by the mount): then ours is the old one.
-fn put_back(source: &SourceTree, file: &AtDest, rel: &Path, aside: &Path) {
+fn put_back(source: &SourceTree, path: &str, rel: &Path, aside: &Path) {
     match rename_no_replace(source, aside, rel) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             let _ = unlink(source, aside);
         }
         Err(e) => {
-            tracing::error!(path = %file.path, aside = %aside.display(), error = %e, "cannot put the local copy back; it is at the name shown")
+            tracing::error!(path, aside = %aside.display(), error = %e, "cannot put the local copy back; it is at the name shown")
         }
     }
 }
 
-fn aside_name(rel: &Path) -> PathBuf {
-    let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-    let mut aside = format!("{RESERVED_PREFIX}purge-{}-", std::process::id()).into_bytes();
-    aside.extend_from_slice(name);
-    let aside =
-        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(aside));
-    match rel.parent() {
-        Some(parent) => parent.join(aside),
-        None => aside,
+/// Where a purge sets a local copy aside while it confirms the dest copy, and which process did:
+/// recorded in the manifest before the rename (`purge_aside`), so that what a crash leaves is
+/// finished by the next purge or mount (`finish_interrupted`).
+struct Aside {
+    host: String,
+    pid: u32,
+    rel: PathBuf,
+}
+
+impl Aside {
+    fn new(rel: &Path) -> Aside {
+        let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+        let pid = std::process::id();
+        let mut aside = format!("{RESERVED_PREFIX}purge-{pid}-").into_bytes();
+        aside.extend_from_slice(name);
+        let aside =
+            PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(aside));
+        Aside {
+            host: crate::util::hostname(),
+            pid,
+            rel: match rel.parent() {
+                Some(parent) => parent.join(aside),
+                None => aside,
+            },
+        }
     }
+
+    /// `HOST<TAB>PID<TAB>PATH`, the path last (manifest paths are UTF-8 and may hold a tab).
+    fn to_text(&self) -> String {
+        format!("{}\t{}\t{}", self.host, self.pid, self.rel.display())
+    }
+
+    fn from_text(text: &str) -> Option<Aside> {
+        let mut parts = text.splitn(3, '\t');
+        let host = parts.next()?.to_string();
+        let pid = parts.next()?.parse().ok()?;
+        let rel = PathBuf::from(parts.next()?);
+        Some(Aside { host, pid, rel })
+    }
+
+    /// Whether the purge that set it aside may still be running (on another host it may).
+    fn owner_may_run(&self) -> bool {
+        self.host != crate::util::hostname()
+            || self.pid == std::process::id()
+            || Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// What a run did about purges a crash interrupted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Local copies kept (put back where they had been set aside): a later purge takes them.
+    pub restored: u64,
+    /// Purges that had removed the local copy: only the record was left to finish.
+    pub completed: u64,
+}
+
+/// Finishes or undoes every purge of this host that a crash interrupted (recorded, maybe set
+/// aside, never done). A set-aside copy goes back to its name (or, if a newer copy is there
+/// already, the stale one goes) and the file is not purged; a copy already removed leaves only
+/// the record to clear. Purges of running processes and of other hosts are left alone. Runs
+/// at the start of every purge and mount.
+pub async fn finish_interrupted(
+    manifest: &Manifest,
+    source: &SourceTree,
+) -> Result<Finished, ManifestError> {
+    let mut done = Finished::default();
+    for (path, text) in manifest.interrupted_purges().await? {
+        let Some(aside) = Aside::from_text(&text) else {
+            tracing::warn!(path, aside = text, "unreadable purge record; left as it is");
+            continue;
+        };
+        if aside.owner_may_run() {
+            continue;
+        }
+        let rel = PathBuf::from(&path);
+        let set_aside = source.stat_at(&aside.rel).is_ok();
+        let local = source.stat_at(&rel).is_ok();
+        if set_aside {
+            put_back(source, &path, &rel, &aside.rel);
+        }
+        if set_aside || local {
+            manifest.unpurge(&path).await?;
+            done.restored += 1;
+        } else {
+            manifest.purge_done(&path).await?;
+            done.completed += 1;
+        }
+    }
+    if done != Finished::default() {
+        tracing::info!(
+            restored = done.restored,
+            completed = done.completed,
+            "finished purges a crash interrupted"
+        );
+    }
+    Ok(done)
 }
 
 fn rename_no_replace(tree: &SourceTree, from: &Path, to: &Path) -> io::Result<()> {

@@ -329,11 +329,16 @@ impl Manifest {
         .await?;
         Ok(done.rows_affected() == 1)
     }
-    /// Records that the local copy of a verified file is about to be removed, if the row still
-    /// says what purge checked. Returns the row's new version, None when it changed meanwhile.
-    pub async fn mark_purged(&self, file: &super::AtDest) -> Result<Option<i64>> {
+    /// Records that the local copy of a verified file is about to be set aside under `aside`
+    /// (the text of `engine::purge::Aside`; None: it is gone already) and removed, if the row still says what purge checked. Returns
+    /// the row's new version, None when it changed meanwhile.
+    pub async fn mark_purged(
+        &self,
+        file: &super::AtDest,
+        aside: Option<&str>,
+    ) -> Result<Option<i64>> {
         let row = sqlx::query(
-            "UPDATE entries SET purged_at = $4, version = version + 1, updated_at = $4 \
+            "UPDATE entries SET purged_at = $4, purge_aside = $5, version = version + 1, updated_at = $4 \
              WHERE path = $1 AND kind = 'file' AND state = 'verified' AND size = $2 AND mtime_ns = $3 \
              AND purged_at IS NULL RETURNING version",
         )
@@ -341,9 +346,29 @@ impl Manifest {
         .bind(file.size as i64)
         .bind(file.mtime_ns)
         .bind(now_ms())
+        .bind(aside)
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The local copy of a purged file is gone: nothing is set aside any more.
+    pub async fn purge_done(&self, path: &str) -> Result<()> {
+        sqlx::query("UPDATE entries SET purge_aside = NULL WHERE path = $1")
+            .bind(path)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Purges that a crash interrupted between recording and finishing: (path, aside text).
+    pub async fn interrupted_purges(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT path, purge_aside FROM entries WHERE purge_aside IS NOT NULL ORDER BY path",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Whether a purge marked at `version` still stands (nothing opened the file for writing,
@@ -361,7 +386,7 @@ impl Manifest {
 
     /// A purge that was given up: the local copy stays and is known again.
     pub async fn unpurge(&self, path: &str) -> Result<()> {
-        sqlx::query("UPDATE entries SET purged_at = NULL WHERE path = $1")
+        sqlx::query("UPDATE entries SET purged_at = NULL, purge_aside = NULL WHERE path = $1")
             .bind(path)
             .execute(&self.pool)
             .await?;

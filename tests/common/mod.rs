@@ -9,6 +9,7 @@ compile_error!(
     "the integration tests need the test hooks: run `cargo test --features test-hooks` (the README's test command)"
 );
 
+pub mod cutover;
 pub mod mount;
 pub mod pg;
 pub mod s3;

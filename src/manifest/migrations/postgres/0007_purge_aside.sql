@@ -1,0 +1,5 @@
+-- Purge (DESIGN §4.1, §4.7): the name a purge set the local copy aside under while it confirms
+-- the dest copy, recorded with purged_at before the rename and cleared once the copy is gone.
+-- A row that still has one after a crash is finished or undone by the next purge or mount.
+ALTER TABLE entries ADD COLUMN purge_aside TEXT;
+CREATE INDEX entries_purge_aside ON entries (path) WHERE purge_aside IS NOT NULL;
