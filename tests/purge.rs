@@ -437,8 +437,19 @@ fn a_mount_never_serves_a_damaged_file_dest_copy() {
     c.w.write("lost/gone.pdf", &pseudo_random(3_000, 4));
     c.w.write("quiet/rot.pdf", &pseudo_random(9_000, 5));
     c.run("sweep", &[]).assert_code(0);
-    c.run("purge", &["--confirm", "--path", "purged/*", "--path", "lost/*", "--path", "quiet/*"])
-        .assert_code(0);
+    c.run(
+        "purge",
+        &[
+            "--confirm",
+            "--path",
+            "purged/*",
+            "--path",
+            "lost/*",
+            "--path",
+            "quiet/*",
+        ],
+    )
+    .assert_code(0);
     let truth = |rel: &str| {
         let (len, seed) = match rel {
             "kept/photo.jpg" => (70_000, 1),
@@ -455,19 +466,25 @@ fn a_mount_never_serves_a_damaged_file_dest_copy() {
 
     let (mnt, daemon) = c.mount(&["--no-sweep"]);
     for rel in ["kept/photo.jpg", "kept/intact.jpg"] {
-        assert!(fs::read(mnt.join(rel)).unwrap() == truth(rel), "{rel}: wrong bytes served");
+        assert!(
+            fs::read(mnt.join(rel)).unwrap() == truth(rel),
+            "{rel}: wrong bytes served"
+        );
     }
     for rel in ["purged/scan.pdf", "lost/gone.pdf"] {
         let err = fs::read(mnt.join(rel)).expect_err(rel);
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{rel}: {err}");
     }
-    wait_until(std::time::Duration::from_secs(30), "the damaged copy pending again", || {
-        state_count(&c.w.status(), "files", "pending") == 1
-    });
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the damaged copy pending again",
+        || state_count(&c.w.status(), "files", "pending") == 1,
+    );
     let log = daemon.stop();
     for rel in ["purged/scan.pdf", "lost/gone.pdf"] {
         assert!(
-            log.lines().any(|l| l.contains("DATA AT RISK") && l.contains(rel)),
+            log.lines()
+                .any(|l| l.contains("DATA AT RISK") && l.contains(rel)),
             "no DATA AT RISK line for {rel}:\n{log}"
         );
     }
@@ -476,5 +493,8 @@ fn a_mount_never_serves_a_damaged_file_dest_copy() {
     flip_byte_keeping_mtime(&c.dest_file("quiet/rot.pdf"), 5);
     let deep = c.run("verify", &["--deep", "--path", "quiet/*"]);
     deep.assert_code(1);
-    assert!(deep.stdout.contains("DATA AT RISK") || deep.stderr.contains("DATA AT RISK"), "{deep}");
+    assert!(
+        deep.stdout.contains("DATA AT RISK") || deep.stderr.contains("DATA AT RISK"),
+        "{deep}"
+    );
 }

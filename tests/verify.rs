@@ -228,3 +228,44 @@ fn s3_dest_deep_finds_a_flipped_byte_and_shallow_a_deleted_object() {
     .assert_code(0);
     assert!(server.get("v/docs/f2.bin").is_some());
 }
+
+/// verify --deep reports every broken file of a large tree and exits 1, however many there are
+/// and wherever they are in the order (the first, the last, a run in the middle, every 37th):
+/// it once stopped for good after its first finding, holding every dest I/O slot.
+#[test]
+fn deep_verify_reports_every_broken_file_of_a_large_tree_and_finishes() {
+    use common::cutover::{files_below, flip_byte_keeping_mtime, Cutover};
+    let c = Cutover::file();
+    common::small_tree(&c.w, 2000, 13, 100, 3000, 21);
+    c.run("sweep", &[]).assert_code(0);
+    let files: Vec<String> = files_below(&c.w.src).into_keys().collect();
+    let mut broken: Vec<&String> = vec![&files[0], &files[files.len() - 1]];
+    broken.extend(&files[990..1010]);
+    broken.extend(files.iter().step_by(37));
+    broken.sort();
+    broken.dedup();
+    for rel in &broken {
+        // mtime put back: only reading the bytes finds these.
+        flip_byte_keeping_mtime(&c.dest_file(rel), 0);
+    }
+    let shallow = c.run("verify", &[]);
+    shallow.assert_code(0);
+    let deep = c.run("verify", &["--deep", "--format", "json"]);
+    deep.assert_code(1);
+    let report: serde_json::Value = serde_json::from_str(&deep.stdout).unwrap();
+    let found: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert_eq!(f["problem"], "dest_hash", "{f}");
+            f["path"].as_str().unwrap()
+        })
+        .collect();
+    let wanted: Vec<&str> = broken.iter().map(|s| s.as_str()).collect();
+    assert_eq!(found, wanted);
+    assert_eq!(report["checked"], files.len() as u64);
+    // Every broken one is copied again, from its good local copy.
+    c.run("sweep", &[]).assert_code(0);
+    c.run("verify", &["--deep"]).assert_code(0);
+}

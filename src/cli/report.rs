@@ -91,6 +91,7 @@ pub struct BatchArgs {
 
 pub async fn plan(args: PlanArgs) -> Result<u8> {
     let filter = args.scope.filter()?;
+    let stop = super::stop_on_signals();
     let (plan, resolved) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
         resolved
@@ -102,11 +103,20 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
             resolved.source.clone(),
             resolved.store.clone(),
             &filter,
-        )
-        .await?;
+        );
+        // A plan changes nothing: stopped, it is simply not finished (the manifest is closed
+        // on the way out all the same).
+        let plan = match crate::engine::unless_stopped(&stop, plan).await {
+            Some(plan) => Some(plan?),
+            None => None,
+        };
         Ok((plan, resolved))
     })
     .await?;
+    let Some(plan) = plan else {
+        eprintln!("cutoverfs plan: stopped before the plan was complete");
+        return Ok(exit::INTERRUPTED);
+    };
     if args.json {
         println!(
             "{}",

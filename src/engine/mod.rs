@@ -17,6 +17,22 @@ pub mod sweep;
 pub mod verify;
 
 pub use control::{Limits, LiveLimits};
+
+/// Runs `work` unless a stop (SIGTERM, Ctrl-C) comes first; None then, and `work` is dropped
+/// where it stood. Only for work that a crash at any await point leaves consistent (DESIGN
+/// §4.7), which every step of verify, purge, rollback and plan is built for: a stop is then no
+/// worse than a crash, and never waits for a slow dest or a large file.
+pub async fn unless_stopped<T>(
+    stop: &tokio::sync::watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        biased;
+        Ok(_) = stop.wait_for(|stopped| *stopped) => None,
+        done = work => Some(done),
+    }
+}
 pub use filter::PathFilter;
 pub use progress::Progress;
 

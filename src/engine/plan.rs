@@ -191,6 +191,7 @@ pub async fn make_plan(
 /// What a sweep would find at the dest. By size only (a dry run reads no content); an object
 /// cutoverfs wrote earlier is replaced, never a conflict.
 async fn fate_at_dest(store: &dyn Store, path: &str, size: u64, owned: bool) -> Fate {
+    crate::testhook::hold_point_async("plan:dest", path).await;
     let Ok(key) = store.key_for(path) else {
         return Fate::Unsupported;
     };

@@ -69,7 +69,14 @@ pub async fn purge(
                 continue;
             }
             report.checked += 1;
-            let outcome = purge_file(manifest, store, source, &file, opts).await?;
+            let Some(outcome) =
+                super::unless_stopped(stop, purge_file(manifest, store, source, &file, opts)).await
+            else {
+                // Stopped mid-file: what this process set aside goes back, as after a crash.
+                finish_interrupted_by(manifest, source, Whose::ThisProcess).await?;
+                return Ok(report);
+            };
+            let outcome = outcome?;
             match outcome {
                 Purged::Refused(reason) => {
                     tracing::warn!(path = %file.path, reason = %reason, "not purged");
@@ -337,6 +344,10 @@ impl Aside {
             || self.pid == std::process::id()
             || Path::new(&format!("/proc/{}", self.pid)).exists()
     }
+
+    fn by_this_process(&self) -> bool {
+        self.host == crate::util::hostname() && self.pid == std::process::id()
+    }
 }
 
 /// What a run did about purges a crash interrupted.
@@ -357,13 +368,34 @@ pub async fn finish_interrupted(
     manifest: &Manifest,
     source: &SourceTree,
 ) -> Result<Finished, ManifestError> {
+    finish_interrupted_by(manifest, source, Whose::Ended).await
+}
+
+/// Whose interrupted purges to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    /// Of processes of this host that ended (crashed) before finishing them.
+    Ended,
+    /// Of this process, which was stopped in the middle of one.
+    ThisProcess,
+}
+
+async fn finish_interrupted_by(
+    manifest: &Manifest,
+    source: &SourceTree,
+    whose: Whose,
+) -> Result<Finished, ManifestError> {
     let mut done = Finished::default();
     for (path, text) in manifest.interrupted_purges().await? {
         let Some(aside) = Aside::from_text(&text) else {
             tracing::warn!(path, aside = text, "unreadable purge record; left as it is");
             continue;
         };
-        if aside.owner_may_run() {
+        let ours = match whose {
+            Whose::Ended => !aside.owner_may_run(),
+            Whose::ThisProcess => aside.by_this_process(),
+        };
+        if !ours {
             continue;
         }
         let rel = PathBuf::from(&path);

@@ -171,7 +171,12 @@ pub async fn rollback(
                 } => (check_local, delete),
             };
             if check_local {
-                if let Err(reason) = check_local_copy(source, &row).await {
+                let Some(checked) =
+                    super::unless_stopped(stop, check_local_copy(source, &row)).await
+                else {
+                    return Ok(report);
+                };
+                if let Err(reason) = checked {
                     refuse(&mut report, &row.path, reason);
                     continue;
                 }
@@ -188,7 +193,16 @@ pub async fn rollback(
                 },
             };
             let outcome = if opts.confirm {
-                match roll_back_one(manifest, store, &writer, &row, key.as_deref(), opts).await? {
+                let one = async {
+                    crate::testhook::hold_point_async("rollback:file", &row.path).await;
+                    roll_back_one(manifest, store, &writer, &row, key.as_deref(), opts).await
+                };
+                // Stopped mid-file, the rollback is left unfinished, as a crash would leave it:
+                // the next run finishes it.
+                let Some(one) = super::unless_stopped(stop, one).await else {
+                    return Ok(report);
+                };
+                match one? {
                     Some(outcome) => outcome,
                     None => {
                         refuse(

@@ -123,6 +123,7 @@ pub async fn verify(
         // no longer polls (tests/verify.rs, many broken files).
         let mut checks = futures_util::stream::iter(files)
             .map(|file| async move {
+                crate::testhook::hold_point_async("verify:check", &file.path).await;
                 let (problem, local_good) =
                     check_one(manifest, store.as_ref(), source, &file, opts.deep).await;
                 let finding = match problem {
@@ -134,14 +135,7 @@ pub async fn verify(
                 (file, finding)
             })
             .buffer_unordered(opts.concurrency.max(1));
-        let mut stopping = stop.clone();
-        loop {
-            let next = tokio::select! {
-                biased;
-                Ok(_) = stopping.wait_for(|stop| *stop) => break,
-                next = checks.next() => next,
-            };
-            let Some((file, finding)) = next else { break };
+        while let Some(Some((file, finding))) = super::unless_stopped(stop, checks.next()).await {
             report.checked += 1;
             report.checked_bytes += file.size;
             report.dest_only += u64::from(file.purged);
