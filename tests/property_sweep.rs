@@ -98,6 +98,7 @@ async fn sweep(manifest: &Manifest, source_dir: &Path, dest_dir: &Path) {
         on_verified: None,
         command: "sweep".into(),
         requests_only: false,
+        stop_grace: Duration::from_secs(30),
     };
     let progress = Progress::start("test", true, Duration::ZERO);
     run_sweep(manifest, source, store, &opts, progress, &stop)

@@ -92,6 +92,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         max_retries: 3,
         retry_delay: Duration::from_secs(1),
         lease_timeout: Duration::from_secs(60),
+        stop_timeout: Duration::from_secs(30),
         dest_timeout: Duration::from_secs(600),
         skip_missing: false,
         dry_run: false,

@@ -59,6 +59,10 @@ pub struct MountArgs {
     /// How long a claimed file stays reserved to this daemon without renewal.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub lease_timeout: Duration,
+    /// After SIGTERM or Ctrl-C, how long copies in flight may take to finish; then they are
+    /// abandoned and redone by a later run (a dest that stalls cannot hold a stop up longer).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stop_timeout: Duration,
     /// How long the kernel may cache names and attributes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub attr_timeout: Duration,
@@ -68,6 +72,11 @@ pub struct MountArgs {
     /// Memory for data fetched ahead of readers of remote files, across all open files.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub prefetch_memory: u64,
+    /// How long a read from an S3 dest may wait for a file that still has its local copy;
+    /// after that the local copy answers and the dest is probed in the background until it
+    /// answers again (a dest that stalls never stalls the application).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub dest_read_timeout: Duration,
     /// Interval of progress lines of the sweeper in the log.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
@@ -148,6 +157,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         prefetch_memory: args.prefetch_memory,
         node: node_id(),
         hold_for: args.lease_timeout,
+        dest_read_deadline: args.dest_read_timeout,
     };
     let parts = Parts {
         source: resolved.source.clone(),
@@ -216,6 +226,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
         keep_running: Some(wake.clone()),
         on_verified: Some(on_verified),
         requests_only: args.no_sweep,
+        stop_grace: args.stop_timeout,
     };
     // Replicas' requests wake the sweeper (with --no-sweep: the copier of requests only).
     let requests = manifest.watch_requests(wake);

@@ -46,6 +46,10 @@ pub struct SweepArgs {
     /// leaves its files to others after this.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub lease_timeout: Duration,
+    /// After SIGTERM or Ctrl-C, how long copies in flight may take to finish; then they are
+    /// abandoned and redone by a later run (a dest that stalls cannot hold a stop up longer).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stop_timeout: Duration,
     /// How long the dest may stay unreachable before the sweep stops (copies pause meanwhile;
     /// a re-run resumes).
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -164,6 +168,7 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
         keep_running: None,
         on_verified: None,
         requests_only: false,
+        stop_grace: args.stop_timeout,
     };
     let report = run_sweep(
         &manifest,

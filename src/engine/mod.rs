@@ -27,9 +27,11 @@ pub async fn unless_stopped<T>(
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     let mut stop = stop.clone();
+    // A plain bool, so no lock guard of the channel lives across an await.
+    let stopped = async move { stop.wait_for(|stopped| *stopped).await.is_ok() };
     tokio::select! {
         biased;
-        Ok(_) = stop.wait_for(|stopped| *stopped) => None,
+        true = stopped => None,
         done = work => Some(done),
     }
 }

@@ -41,6 +41,10 @@ pub struct SweepOptions {
     pub on_verified: Option<VerifiedHook>,
     /// Copy only the files replica mounts request (a daemon with `--no-sweep`), never sweep.
     pub requests_only: bool,
+    /// After a stop, how long copies in flight may take to finish before they are abandoned
+    /// (as a crash would leave them: redone by a later run). A dest that stalls cannot hold a
+    /// stop up for longer.
+    pub stop_grace: Duration,
 }
 
 /// Called with the paths whose verified state was just committed.
@@ -209,9 +213,14 @@ pub async fn run_sweep(
                         .patiently(stop, || manifest.close_batch(id, &empty, "completed"))
                         .await?;
                 }
-                // Files in flight may fail and come due for a retry: finish them first.
-                while let Some(done) = batches.join_next().await {
+                // Files in flight may fail and come due for a retry: finish them first (a stop
+                // goes on to `finish_batches`, which gives them a grace period).
+                while let Some(Some(done)) = super::unless_stopped(stop, batches.join_next()).await
+                {
                     report.add(&done.map_err(join_error)??);
+                }
+                if *stop.borrow() {
+                    continue;
                 }
                 if shared.health.gave_up().is_some() {
                     continue;
@@ -233,10 +242,10 @@ pub async fn run_sweep(
             let batch_id = batch_id.unwrap_or_default();
             copied_since_idle = true;
             let files = dispatch_batch(claimed, &shared).await;
-            let manifest = manifest.clone();
-            let stop = stop.clone();
+            let (manifest, batch_stop) = (manifest.clone(), stop.clone());
             batches.spawn(
                 async move {
+                    let stop = batch_stop;
                     let tally = Arc::new(TallyCounters::default());
                     let mut files = files;
                     while let Some(outcomes) = files.join_next().await {
@@ -260,14 +269,13 @@ pub async fn run_sweep(
                 .instrument(tracing::info_span!("batch", id = batch_id)),
             );
             while batches.len() >= BATCHES_IN_FLIGHT {
-                if let Some(done) = batches.join_next().await {
-                    report.add(&done.map_err(join_error)??);
+                match super::unless_stopped(stop, batches.join_next()).await {
+                    Some(Some(done)) => report.add(&done.map_err(join_error)??),
+                    Some(None) | None => break,
                 }
             }
         }
-        while let Some(done) = batches.join_next().await {
-            report.add(&done.map_err(join_error)??);
-        }
+        finish_batches(&mut batches, &mut report, stop, opts.stop_grace).await?;
         Ok::<(), ManifestError>(())
     }
     .await;
@@ -289,6 +297,45 @@ pub async fn run_sweep(
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Whether a stop came (false: no stop can come any more). Resolves to a plain bool so that no
+/// lock guard of the channel lives across an await of a spawned task.
+async fn stopped(stop: &mut watch::Receiver<bool>) -> bool {
+    stop.wait_for(|s| *s).await.is_ok()
+}
+
+/// Waits for the batches in flight; once a stop came, for `grace` at most, then abandons them
+/// (their copies are cancelled where they stand, and their files are given back).
+async fn finish_batches(
+    batches: &mut JoinSet<Result<BatchTally, ManifestError>>,
+    report: &mut SweepReport,
+    stop: &watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<(), ManifestError> {
+    let mut stop = stop.clone();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if deadline.is_none() && *stop.borrow() {
+            deadline = Some(tokio::time::Instant::now() + grace);
+        }
+        // Far enough never to come before the stop does (then it is set from the stop).
+        let give_up_at = deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(365 * 86_400));
+        tokio::select! {
+            done = batches.join_next() => match done {
+                Some(done) => report.add(&done.map_err(join_error)??),
+                None => return Ok(()),
+            },
+            _ = tokio::time::sleep_until(give_up_at), if deadline.is_some() => {
+                tracing::warn!(batches = batches.len(), grace = ?grace, "copies in flight did not finish in time after the stop; abandoned (they are redone by a later run)");
+                batches.abort_all();
+                while batches.join_next().await.is_some() {}
+                return Ok(());
+            }
+            true = stopped(&mut stop), if deadline.is_none() => {}
+        }
+    }
 }
 
 fn join_error(e: tokio::task::JoinError) -> ManifestError {

@@ -42,6 +42,8 @@ pub(super) enum Route {
     Remote {
         key: String,
         size: u64,
+        /// The local copy is still there (not purged): it answers when the dest is too slow.
+        local_copy: bool,
     },
 }
 
@@ -65,6 +67,7 @@ pub struct FsState {
     pub(super) ttl: Duration,
     pub(super) copy_on_read: CopyOnRead,
     pub(super) dest_health: Arc<DestHealth>,
+    pub(super) dest_read_deadline: Duration,
     pub(super) stats: Arc<ReadStats>,
     pub(super) requests: RequestTimes,
     pub(super) prefetch_budget: Arc<Semaphore>,
@@ -90,6 +93,7 @@ pub(super) struct FsParts {
     pub ttl: Duration,
     pub copy_on_read: CopyOnRead,
     pub dest_health: Arc<DestHealth>,
+    pub dest_read_deadline: Duration,
     pub stats: Arc<ReadStats>,
     pub requests: RequestTimes,
     pub prefetch_budget: Arc<Semaphore>,
@@ -115,6 +119,7 @@ impl FsState {
             ttl: parts.ttl,
             copy_on_read: parts.copy_on_read,
             dest_health: parts.dest_health,
+            dest_read_deadline: parts.dest_read_deadline,
             stats: parts.stats,
             requests: parts.requests,
             prefetch_budget: parts.prefetch_budget,
@@ -162,6 +167,7 @@ impl FsState {
                 None => Route::Remote {
                     key,
                     size: entry.size,
+                    local_copy: !entry.purged,
                 },
             });
         }
@@ -368,12 +374,17 @@ impl FsState {
                     }
                 }
             }
-            Route::Remote { key, size } => {
+            Route::Remote {
+                key,
+                size,
+                local_copy,
+            } => {
                 let file =
                     RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
                 let handle = Handle::Remote {
                     file: Arc::new(file),
                     rel: rel.to_path_buf(),
+                    deadline: local_copy.then_some(self.dest_read_deadline),
                 };
                 Some(self.open_dest_handle(ino, handle, &|f: &File| reply.open_backing(f)))
             }
@@ -533,6 +544,23 @@ fn dest_file_matches(file: &File, entry: &Entry) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Why a read from a remote dest was not answered from there.
+#[derive(Debug, thiserror::Error)]
+enum RemoteReadFailure {
+    #[error(transparent)]
+    Failed(Arc<crate::store::StoreError>),
+    #[error("the dest took longer than {0:?} to answer a read")]
+    TooSlow(Duration),
+    #[error("the dest is down")]
+    DestDown,
+}
+
+impl RemoteReadFailure {
+    fn is_not_found(&self) -> bool {
+        matches!(self, RemoteReadFailure::Failed(e) if e.is_not_found())
+    }
 }
 
 /// How long a writer waits for readers of the dest copy to close.
@@ -784,47 +812,61 @@ impl Filesystem for CutoverFs {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(Errno::from(e)),
             },
-            Handle::Remote { file, rel } => {
-                let (file, rel) = (file.clone(), rel.clone());
+            Handle::Remote {
+                file,
+                rel,
+                deadline,
+            } => {
+                let (file, rel, deadline) = (file.clone(), rel.clone(), *deadline);
                 let source = self.ns.source().clone();
                 let health = self.dest_health.clone();
                 let stats = self.stats.clone();
                 let ns = self.ns.clone();
                 self.rt.spawn(async move {
                     let _timer = timer;
-                    match file.read(offset, size as u64).await {
+                    let read = file.read(offset, size as u64);
+                    let failure = match deadline {
+                        // The dest went down since this file was opened: its local copy answers.
+                        Some(_) if health.is_down() => Err(RemoteReadFailure::DestDown),
+                        Some(deadline) => match tokio::time::timeout(deadline, read).await {
+                            Ok(Ok(data)) => Ok(data),
+                            Ok(Err(e)) => Err(RemoteReadFailure::Failed(e)),
+                            Err(_) => Err(RemoteReadFailure::TooSlow(deadline)),
+                        },
+                        None => read.await.map_err(RemoteReadFailure::Failed),
+                    };
+                    let failure = match failure {
                         Ok(data) => {
                             health.mark_up();
                             stats.bytes_dest.inc_by(data.len() as u64);
+                            return reply.data(&data);
+                        }
+                        Err(failure) => failure,
+                    };
+                    // An object that is gone (a rollback deleted it) says nothing about the
+                    // dest's health; the row behind it changed.
+                    if failure.is_not_found() {
+                        ns.forget_entries(&[rel.to_string_lossy().into_owned()]);
+                    } else if !matches!(failure, RemoteReadFailure::DestDown) {
+                        health.mark_down(&failure.to_string(), file.key());
+                    }
+                    let local = tokio::task::spawn_blocking(move || {
+                        source
+                            .open_at(&rel, libc::O_RDONLY)
+                            .and_then(|file| read_at(&file, offset, size))
+                            .map_err(|le| (rel, le))
+                    })
+                    .await;
+                    match local {
+                        Ok(Ok(data)) => {
+                            stats.fallback_reads.inc();
                             reply.data(&data)
                         }
-                        Err(e) => {
-                            // An object that is gone (a rollback deleted it) says nothing about
-                            // the dest's health; the row behind it changed.
-                            if e.is_not_found() {
-                                ns.forget_entries(&[rel.to_string_lossy().into_owned()]);
-                            } else {
-                                health.mark_down(&e.to_string());
-                            }
-                            let local = tokio::task::spawn_blocking(move || {
-                                source
-                                    .open_at(&rel, libc::O_RDONLY)
-                                    .and_then(|file| read_at(&file, offset, size))
-                                    .map_err(|le| (rel, le))
-                            })
-                            .await;
-                            match local {
-                                Ok(Ok(data)) => {
-                                    stats.fallback_reads.inc();
-                                    reply.data(&data)
-                                }
-                                Ok(Err((rel, le))) => {
-                                    tracing::error!(path = %rel.display(), dest_error = %e, local_error = %le, "read failed at the dest and there is no local copy");
-                                    reply.error(Errno::EIO)
-                                }
-                                Err(_) => reply.error(Errno::EIO),
-                            }
+                        Ok(Err((rel, le))) => {
+                            tracing::error!(path = %rel.display(), dest_error = %failure, local_error = %le, "read failed at the dest and there is no local copy");
+                            reply.error(Errno::EIO)
                         }
+                        Err(_) => reply.error(Errno::EIO),
                     }
                 });
             }

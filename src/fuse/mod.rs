@@ -8,6 +8,7 @@
 
 mod copyup;
 mod fs;
+mod health;
 mod inodes;
 mod local;
 mod namespace;
@@ -21,8 +22,8 @@ mod writes;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::{mpsc, Notify};
@@ -33,45 +34,12 @@ use crate::source::SourceTree;
 use crate::store::Store;
 
 pub use fs::CutoverFs;
+pub use health::DestHealth;
 pub use probe::{probe_kernel, KernelOffer};
 pub use replica::{mount_replica, root_attr, ReplicaSettings};
 
 /// The file system type in /proc/mounts: `fuse.` + this.
 pub const SUBTYPE: &str = "cutoverfs";
-
-/// Whether remote reads work. After a failure, opens go to the local copy for a while
-/// instead of trying the dest again for every file (DESIGN §4.5).
-#[derive(Default)]
-pub struct DestHealth {
-    down_until: Mutex<Option<Instant>>,
-}
-
-const DEST_DOWN_FOR: Duration = Duration::from_secs(15);
-
-impl DestHealth {
-    pub fn is_down(&self) -> bool {
-        let down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        down.is_some_and(|until| Instant::now() < until)
-    }
-
-    pub fn mark_down(&self, why: &str) {
-        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        if down.is_none() {
-            tracing::warn!(
-                error = why,
-                "dest read failed; serving local copies until it answers again"
-            );
-        }
-        *down = Some(Instant::now() + DEST_DOWN_FOR);
-    }
-
-    pub fn mark_up(&self) {
-        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
-        if down.take().is_some() {
-            tracing::info!("dest reads work again");
-        }
-    }
-}
 
 /// Opens of files not copied yet, on their way to the head of the copy queue.
 pub struct CopyOnRead {
@@ -138,6 +106,9 @@ pub struct MountSettings {
     pub node: String,
     /// How long a hold on a file open for writing lasts unless renewed (the lease timeout).
     pub hold_for: Duration,
+    /// How long a read from a remote dest may take for a file that also has a local copy,
+    /// before the local copy answers instead (`--dest-read-timeout`).
+    pub dest_read_deadline: Duration,
 }
 
 /// A live mount: its FUSE session runs on its own threads until unmounted.
@@ -191,11 +162,12 @@ pub fn mount(
     );
     let fs = CutoverFs::new(fs::FsParts {
         ns: ns.clone(),
+        dest_health: DestHealth::new(parts.store.clone(), rt.clone()),
         store: parts.store,
         rt,
         ttl: settings.ttl,
         copy_on_read,
-        dest_health: Arc::new(DestHealth::default()),
+        dest_read_deadline: settings.dest_read_deadline,
         stats: stats.clone(),
         requests: parts.metrics.fuse_requests.clone(),
         prefetch_budget: prefetch::prefetch_budget(settings.prefetch_memory),

@@ -33,8 +33,13 @@ pub enum Handle {
     Passthrough { file: Arc<File> },
     /// A local file (the source, or a `file://` dest) served by the daemon.
     Local(File),
-    /// An object at a remote dest; `rel` names the local copy to fall back to.
-    Remote { file: Arc<RemoteFile>, rel: PathBuf },
+    /// An object at a remote dest; `rel` names the local copy to fall back to, and `deadline`
+    /// (set while there is one) how long a read may wait for the dest before it answers.
+    Remote {
+        file: Arc<RemoteFile>,
+        rel: PathBuf,
+        deadline: Option<std::time::Duration>,
+    },
 }
 
 /// One open handle: its inode, what it serves from, and whether it was opened for writing.

@@ -59,6 +59,10 @@ impl RemoteFile {
         }
     }
 
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// `len` bytes from `offset` (fewer at the end of the file).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, Arc<StoreError>> {
         if offset >= self.size || len == 0 {

@@ -268,9 +268,11 @@ impl Replica {
             None => {
                 let file =
                     RemoteFile::new(self.store.clone(), key, entry.size, self.prefetch.clone());
+                // No local copy here to answer instead: reads wait for the dest.
                 let handle = Handle::Remote {
                     file: Arc::new(file),
                     rel: PathBuf::from(&entry.path),
+                    deadline: None,
                 };
                 self.files.open(ino, |_, _| Ok(daemon_served(ino, handle)))
             }
@@ -631,7 +633,7 @@ impl Filesystem for ReplicaFs {
         match &open.handle {
             Handle::Passthrough { file } => read_local(file, offset, size, reply),
             Handle::Local(file) => read_local(file, offset, size, reply),
-            Handle::Remote { file, rel } => {
+            Handle::Remote { file, rel, .. } => {
                 let (file, rel) = (file.clone(), rel.clone());
                 let replica = self.0.clone();
                 self.0.rt.spawn(async move {

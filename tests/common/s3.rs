@@ -1182,3 +1182,134 @@ macro_rules! s3_tests {
         }
     };
 }
+
+/// How a `StallingProxy` treats the connections it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Bytes pass both ways.
+    None,
+    /// Connections are accepted and read, and never answered.
+    Silent,
+    /// Requests pass; answers come back at one byte per second.
+    Trickle,
+}
+
+/// A TCP proxy in front of a server that can start stalling at any moment: a dest that accepts
+/// connections and never answers, or answers at 1 byte/s. Changing the mode cuts every open
+/// connection, so pooled keep-alive connections meet the new behaviour too.
+pub struct StallingProxy {
+    addr: SocketAddr,
+    mode: Arc<Mutex<(Stall, u64)>>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<ThreadHandle<()>>,
+}
+
+impl StallingProxy {
+    pub fn start(upstream_endpoint: &str) -> StallingProxy {
+        let upstream: SocketAddr = upstream_endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap_or_else(|e| panic!("upstream {upstream_endpoint:?}: {e}"));
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new((Stall::None, 0u64)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let acceptor = {
+            let (mode, stop, sockets) = (mode.clone(), stop.clone(), sockets.clone());
+            std::thread::Builder::new()
+                .name("stalling-proxy".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let client = match listener.accept() {
+                            Ok((s, _)) => s,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(2));
+                                continue;
+                            }
+                            Err(_) => continue,
+                        };
+                        let _ = client.set_nonblocking(false);
+                        sockets.lock().unwrap().push(client.try_clone().unwrap());
+                        let (stall, _) = *mode.lock().unwrap();
+                        if stall == Stall::Silent {
+                            std::thread::spawn(move || swallow(client));
+                            continue;
+                        }
+                        let Ok(server) = TcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        sockets.lock().unwrap().push(server.try_clone().unwrap());
+                        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        std::thread::spawn(move || pump_plain(client, server));
+                        match stall {
+                            Stall::Trickle => std::thread::spawn(move || trickle(s2, c2)),
+                            _ => std::thread::spawn(move || pump_plain(s2, c2)),
+                        };
+                    }
+                })
+                .unwrap()
+        };
+        StallingProxy {
+            addr,
+            mode,
+            stop,
+            sockets,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on, every connection (open ones are cut) behaves as `stall` says.
+    pub fn set(&self, stall: Stall) {
+        let mut mode = self.mode.lock().unwrap();
+        mode.0 = stall;
+        mode.1 += 1;
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        for s in self.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Reads a connection until it is closed, answering nothing.
+fn swallow(mut from: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// Server → client at one byte per second.
+fn trickle(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                for byte in &buf[..n] {
+                    if to.write_all(std::slice::from_ref(byte)).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
