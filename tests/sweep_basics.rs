@@ -591,6 +591,7 @@ fn downgrade_to_the_previous_schema(db: &std::path::Path) {
         db,
         "DROP INDEX entries_purge_aside; \
          ALTER TABLE entries DROP COLUMN purge_aside; \
+         ALTER TABLE entries DROP COLUMN leftover_until; \
          DELETE FROM _sqlx_migrations WHERE version = 7;",
     );
 }

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::manifest::{Manifest, ManifestError};
+use crate::manifest::{Leftover, Manifest, ManifestError};
 use crate::source::SourceTree;
 use crate::store::{Removal, Store};
 
@@ -44,7 +44,7 @@ pub async fn repair_removals(
             .await
         {
             Ok(removal) => {
-                manifest.leftover_cleared(&leftover).await?;
+                settle(manifest, &leftover).await?;
                 match removal {
                     Removal::Deleted => done.deleted += 1,
                     Removal::Absent => {}
@@ -89,9 +89,11 @@ pub async fn clean_leftovers_live(
             .await;
         match removal {
             Ok(removal) => {
-                manifest.leftover_cleared(&leftover).await?;
                 if removal == Removal::Deleted {
                     deleted += 1;
+                }
+                if !settle(manifest, &leftover).await? {
+                    continue;
                 }
                 if manifest.recopy_if_recreated(&leftover.path).await? {
                     tracing::info!(path = %leftover.path, "re-created while its old object was deleted; copying it again");
@@ -106,4 +108,16 @@ pub async fn clean_leftovers_live(
         tracing::info!(objects = deleted, "deleted dest objects of removed files");
     }
     Ok(deleted)
+}
+
+/// Records what deleting a leftover's object did; false when the leftover stays recorded: a
+/// copy in flight when the file was removed may still land at the key after this deletion
+/// (`Leftover::may_still_land`: one that finished after its process was killed, one an S3
+/// server completed for a client that died), so the key is looked at again until then.
+pub async fn settle(manifest: &Manifest, leftover: &Leftover) -> Result<bool, ManifestError> {
+    if leftover.may_still_land() {
+        return Ok(false);
+    }
+    manifest.leftover_cleared(leftover).await?;
+    Ok(true)
 }

@@ -398,7 +398,8 @@ impl FsState {
             ));
             match removal {
                 Ok(_) => {
-                    if let Err(e) = self.block_on(self.manifest.leftover_cleared(&leftover)) {
+                    let settled = crate::engine::repair::settle(&self.manifest, &leftover);
+                    if let Err(e) = self.block_on(settled) {
                         tracing::warn!(path = %leftover.path, error = %e, "dest object deleted; the manifest will learn it at the next start");
                     }
                 }

@@ -32,6 +32,17 @@ pub struct Leftover {
     pub dest_key: String,
     pub owned_sha256: Vec<String>,
     pub version: i64,
+    /// The file was being copied when it was removed: that copy may still land at the key
+    /// until this time (ms since the epoch), so "nothing there" does not settle it before.
+    pub may_land_until: Option<i64>,
+}
+
+impl Leftover {
+    /// Whether an object may still appear at the key (see `may_land_until`): finding nothing
+    /// there now does not clear the leftover.
+    pub fn may_still_land(&self) -> bool {
+        self.may_land_until.is_some_and(|until| now_ms() < until)
+    }
 }
 
 /// What `mark_deleted` changed: each row with its new version, and the leftovers.
@@ -63,7 +74,12 @@ const UPSERT_LOCAL: &str = "INSERT INTO entries (path, kind, state, reason, size
 const SUBTREE: &str = "(path = $1 OR (path >= $2 AND path < $3))";
 
 const LEFTOVER_COLUMNS: &str =
-    "SELECT path, kind, dest_key, dest_owned, dest_sha256, intent_sha256, version FROM entries";
+    "SELECT path, kind, dest_key, dest_owned, dest_sha256, intent_sha256, version, leftover_until FROM entries";
+
+/// How long after its lease ran out a copy in flight may still land at the dest: an S3 server
+/// can finish a request whose sender died for as long as a request attempt may last (the
+/// client's attempt timeout, 5 minutes; src/store/s3/settings.rs), and a little more.
+const STRAY_COPY_MS: i64 = 6 * 60 * 1000;
 
 impl Manifest {
     /// A file is being opened for writing: it waits for a copy again, and no worker may take it
@@ -132,14 +148,17 @@ impl Manifest {
              dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
              dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
                  THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
+             leftover_until = CASE WHEN entries.state = 'copying' \
+                 THEN COALESCE(entries.lease_expires_at, $2) + $3 ELSE NULL END, \
              state = 'deleted', reason = 'removed through the mount', lease_owner = NULL, lease_expires_at = NULL, \
              priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
              FROM d WHERE entries.path = d.path AND entries.state <> 'deleted' \
              RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
-             entries.intent_sha256, entries.version",
+             entries.intent_sha256, entries.version, entries.leftover_until",
         ))
         .bind(serde_json::Value::Array(json).to_string())
         .bind(now_ms())
+        .bind(STRAY_COPY_MS)
         .fetch_all(&self.pool)
         .await?;
         Ok(Removed {
@@ -239,14 +258,17 @@ impl Manifest {
                  dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
                  dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
                      THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
+                 leftover_until = CASE WHEN entries.state = 'copying' \
+                     THEN COALESCE(entries.lease_expires_at, $2) + $3 ELSE NULL END, \
                  state = 'deleted', reason = 'renamed through the mount', lease_owner = NULL, \
                  lease_expires_at = NULL, priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
                  FROM d WHERE entries.path = d.path \
                  RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
-                 entries.intent_sha256, entries.version",
+                 entries.intent_sha256, entries.version, entries.leftover_until",
             ))
             .bind(serde_json::Value::Array(gone).to_string())
             .bind(now)
+            .bind(STRAY_COPY_MS)
             .fetch_all(&mut *tx)
             .await?;
             leftovers = leftovers_from(&rows)?;
@@ -455,6 +477,7 @@ fn leftovers_from(rows: &[AnyRow]) -> Result<Vec<Leftover>> {
                 .chain(intent)
                 .collect(),
             version: row.get(6),
+            may_land_until: row.get(7),
         });
     }
     Ok(found)

@@ -385,7 +385,7 @@ pub fn local_stamp(meta: &std::fs::Metadata) -> String {
 }
 
 /// What `delete_owned` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
     Deleted,
     /// Nothing was at the key.

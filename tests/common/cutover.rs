@@ -100,6 +100,20 @@ impl Cutover {
         }
     }
 
+    /// The relative path of every object at the dest (temporary names of a `file://` dest
+    /// included: none may be left).
+    pub fn dest_paths(&self) -> Vec<String> {
+        match &self.dest {
+            Dest::File if !self.w.dest.exists() => Vec::new(),
+            Dest::File => files_below(&self.w.dest).into_keys().collect(),
+            Dest::S3(server) => server
+                .list(&format!("{PREFIX}/"))
+                .into_iter()
+                .map(|(key, _)| key[PREFIX.len() + 1..].to_string())
+                .collect(),
+        }
+    }
+
     /// Deletes the dest copy of `rel` behind cutoverfs's back.
     pub fn delete_dest(&self, rel: &str) {
         match &self.dest {

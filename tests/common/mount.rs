@@ -132,6 +132,13 @@ impl Daemon {
         Some(status)
     }
 
+    /// Whether the daemon has exited by itself (its status is kept for `crashed`).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().unwrap().is_some())
+    }
+
     /// kill -9: the mount stays behind, stale, as after a crash. The returned guard removes it
     /// when dropped, unless something cleaned it up first.
     pub fn kill9(mut self) -> StaleMount {
@@ -148,7 +155,7 @@ impl Daemon {
     /// the stale mount it left, cleaned up when dropped.
     pub fn crashed(mut self) -> StaleMount {
         let started = Instant::now();
-        while self.try_exit().is_none() {
+        while self.child.is_some() && self.try_exit().is_none() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "the daemon did not die\n{}",

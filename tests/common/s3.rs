@@ -853,10 +853,21 @@ async fn serve_s3s_fs(
                 res = listener.accept() => {
                     let Ok((sock, _)) = res else { continue };
                     let _ = sock.set_nodelay(true);
+                    // Each request is handled on a task of its own, as a real S3 server does: a
+                    // client that goes away after sending a PUT does not cut the server's write
+                    // of that object in half (s3s-fs writes the bytes and the metadata apart).
                     let svc = service.clone();
+                    let detached = hyper::service::service_fn(move |req| {
+                        let svc = svc.clone();
+                        async move {
+                            tokio::spawn(async move { hyper::service::Service::call(&svc, req).await })
+                                .await
+                                .expect("the S3 handler panicked")
+                        }
+                    });
                     conns.spawn(async move {
                         let _ = ConnBuilder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(sock), svc)
+                            .serve_connection(TokioIo::new(sock), detached)
                             .await;
                     });
                 }
