@@ -7,6 +7,7 @@
 //! - `engine`: scanning, planning and the sweeper that copies;
 //! - `cli`: commands, input checks and output.
 
+pub mod beneath;
 pub mod cli;
 pub mod engine;
 pub mod fuse;

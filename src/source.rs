@@ -4,17 +4,20 @@
 //! change while it was read (§4.4). It may not write to the source: cutoverfs never changes a
 //! local file outside `purge` and the mount's own write path.
 //!
-//! Everything is reached through the root's descriptor: files with `openat`/`fstatat` on it,
-//! directory walks through `/proc/self/fd/<root fd>/...`. So the same code keeps working when a
-//! FUSE mount later hides the directory behind itself (the fd still reaches the real tree).
+//! Everything is reached through the root's descriptor (`Beneath`: no path below it can lead
+//! out through `..` or a symlink, even one swapped in mid-copy). So the same code keeps working
+//! when a FUSE mount later hides the directory behind itself (the fd still reaches the real
+//! tree).
 
 use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::beneath::Beneath;
 
 /// The attributes the application sees and that decide whether a file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,8 +76,7 @@ impl Attrs {
 #[derive(Debug)]
 pub struct SourceTree {
     display: PathBuf,
-    _root: OwnedFd,
-    base: PathBuf,
+    root: Beneath,
 }
 
 impl SourceTree {
@@ -86,25 +88,15 @@ impl SourceTree {
     /// Opens the directory at `reach` (e.g. a running daemon's `/proc/PID/fd/N`), known to the
     /// operator as `root`.
     pub fn open_as(reach: &Path, root: &Path) -> io::Result<Self> {
-        let dir = File::open(reach)?;
-        if !dir.metadata()?.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                format!("{} is not a directory", reach.display()),
-            ));
-        }
-        let fd: OwnedFd = dir.into();
-        let base = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         Ok(SourceTree {
             display: root.to_path_buf(),
-            _root: fd,
-            base,
+            root: Beneath::open_root(reach)?,
         })
     }
 
-    /// The root's descriptor, for the mount's write path (`*at` calls below the root).
+    /// The root's descriptor (another process reaches the tree as `/proc/PID/fd/N`).
     pub fn dir_fd(&self) -> std::os::fd::RawFd {
-        self._root.as_raw_fd()
+        self.root.root_fd()
     }
 
     /// The path the operator gave, for messages.
@@ -112,76 +104,67 @@ impl SourceTree {
         &self.display
     }
 
-    /// A path that reaches `rel` through the root descriptor.
-    pub fn path_of(&self, rel: &str) -> PathBuf {
-        if rel.is_empty() {
-            self.base.clone()
-        } else {
-            self.base.join(rel)
-        }
-    }
-
-    pub fn lstat(&self, rel: &str) -> io::Result<Metadata> {
-        std::fs::symlink_metadata(self.path_of(rel))
-    }
-
-    /// `fstatat` below the root without following a final symlink ("" is the root itself).
+    /// `lstat` below the root ("" is the root itself); never leaves the root (`Beneath`).
     pub fn stat_at(&self, rel: &Path) -> io::Result<libc::stat> {
-        let rel = c_rel(rel)?;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: a NUL-terminated relative path, our directory descriptor and a stat buffer.
-        let rc = unsafe {
-            libc::fstatat(
-                self._root.as_raw_fd(),
-                rel.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstatat filled the buffer.
-        Ok(unsafe { st.assume_init() })
+        self.root.stat(rel)
     }
 
-    /// `openat` below the root with these flags (never following a final symlink).
+    /// Opens `rel` below the root with these flags (never following a symlink, never leaving
+    /// the root); O_CREAT takes `mode` from `open_new`.
     pub fn open_at(&self, rel: &Path, flags: libc::c_int) -> io::Result<File> {
-        let rel = c_rel(rel)?;
-        // SAFETY: a NUL-terminated relative path and a directory descriptor we own.
-        let fd = unsafe {
-            libc::openat(
-                self._root.as_raw_fd(),
-                rel.as_ptr(),
-                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: openat just returned this descriptor to us.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        self.root.open(rel, flags, 0)
+    }
+
+    /// Creates (O_CREAT) and opens `rel` with `mode`.
+    pub fn open_new(&self, rel: &Path, flags: libc::c_int, mode: u32) -> io::Result<File> {
+        self.root.open(rel, flags | libc::O_CREAT, mode)
+    }
+
+    /// An unnamed file (O_TMPFILE) in the directory `dir`: nothing is visible until linked.
+    pub fn open_new_unnamed(&self, dir: &Path, mode: u32) -> io::Result<File> {
+        self.root.open(dir, libc::O_TMPFILE | libc::O_RDWR, mode)
+    }
+
+    /// The directory `rel` as an `O_PATH` descriptor.
+    pub fn dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        self.root.dir(rel)
+    }
+
+    /// The directory holding `rel` and its last name, for the `*at` calls of the write path.
+    pub fn parent(&self, rel: &Path) -> io::Result<(OwnedFd, CString)> {
+        self.root.parent(rel)
+    }
+
+    /// The tree below the root, for the changes only purge and the mount's write path make.
+    pub fn beneath(&self) -> &Beneath {
+        &self.root
+    }
+
+    /// `renameat2` of `from` to `to` below the root, with these flags (RENAME_NOREPLACE...).
+    pub fn rename(&self, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+        self.root.rename(from, to, flags)
+    }
+
+    /// Removes the file (not directory) `rel`.
+    pub fn unlink(&self, rel: &Path) -> io::Result<()> {
+        self.root.unlink(rel)
+    }
+
+    /// The entries of the directory `rel`.
+    pub fn read_dir(&self, rel: &Path) -> io::Result<std::fs::ReadDir> {
+        self.root.read_dir(rel)
     }
 
     /// The target of a symlink below the root.
     pub fn read_link_at(&self, rel: &Path) -> io::Result<std::ffi::OsString> {
-        std::fs::read_link(self.path_of_os(rel)).map(|p| p.into_os_string())
-    }
-
-    /// Like `path_of`, for names that need not be UTF-8.
-    pub fn path_of_os(&self, rel: &Path) -> PathBuf {
-        if rel.as_os_str().is_empty() {
-            self.base.clone()
-        } else {
-            self.base.join(rel)
-        }
+        self.root.read_link(rel)
     }
 
     /// Space and inode figures of the file system holding the tree.
     pub fn statvfs(&self) -> io::Result<libc::statvfs> {
         let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
         // SAFETY: our descriptor and a statvfs buffer.
-        let rc = unsafe { libc::fstatvfs(self._root.as_raw_fd(), st.as_mut_ptr()) };
+        let rc = unsafe { libc::fstatvfs(self.dir_fd(), st.as_mut_ptr()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -189,24 +172,9 @@ impl SourceTree {
         Ok(unsafe { st.assume_init() })
     }
 
-    /// Opens a regular file for copying, refusing to follow a symlink at the last component.
-    /// `openat` on the root descriptor: no path walk through /proc for every file.
+    /// Opens a regular file for copying (never through a symlink, never outside the root).
     pub fn open_file(self: &Arc<Self>, rel: &str) -> io::Result<OpenedSource> {
-        let rel = CString::new(rel)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-        // SAFETY: a NUL-terminated relative path and a directory descriptor we own.
-        let fd = unsafe {
-            libc::openat(
-                self._root.as_raw_fd(),
-                rel.as_ptr(),
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: openat just returned this descriptor to us.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = self.open_at(Path::new(rel), libc::O_RDONLY)?;
         let before = Attrs::from_metadata(&file.metadata()?);
         if before.mode & libc::S_IFMT != libc::S_IFREG {
             return Err(io::Error::new(
@@ -218,17 +186,9 @@ impl SourceTree {
             file,
             before,
             tree: self.clone(),
-            rel,
+            rel: PathBuf::from(rel),
         })
     }
-}
-
-/// A relative path for the `*at` calls; the root itself is ".".
-pub fn c_rel(rel: &Path) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = rel.as_os_str().as_bytes();
-    CString::new(if bytes.is_empty() { b"." } else { bytes })
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
 /// An open source file together with what it looked like when opened.
@@ -237,7 +197,7 @@ pub struct OpenedSource {
     pub file: File,
     pub before: Attrs,
     tree: Arc<SourceTree>,
-    rel: CString,
+    rel: PathBuf,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -247,21 +207,7 @@ pub struct SourceChanged(pub &'static str);
 impl OpenedSource {
     /// What the path names now, without following a symlink.
     fn attrs_at_path(&self) -> io::Result<Attrs> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: a NUL-terminated relative path, our directory descriptor and a stat buffer.
-        let rc = unsafe {
-            libc::fstatat(
-                self.tree._root.as_raw_fd(),
-                self.rel.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fstatat filled the buffer.
-        Ok(Attrs::from_stat(unsafe { &st.assume_init() }))
+        Ok(Attrs::from_stat(&self.tree.stat_at(&self.rel)?))
     }
 
     /// Called after the last byte was read: the copy is only good if the open file did not

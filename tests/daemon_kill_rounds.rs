@@ -166,8 +166,8 @@ fn check_and_settle(mnt: &Path, tree: &mut Tree, cut_off: Option<&Op>, round: u6
     if let Some(op) = cut_off {
         if let Op::Rename(a, b) = op {
             let before = tree.get(a).cloned();
-            let ok = (now.get(a) == before.as_ref() && now.get(b).is_none())
-                || (now.get(a).is_none() && now.get(b) == before.as_ref());
+            let ok = (now.get(a) == before.as_ref() && !now.contains_key(b))
+                || (!now.contains_key(a) && now.get(b) == before.as_ref());
             assert!(
                 ok,
                 "round {round}: a rename cut off is neither done nor undone: {op:?}"

@@ -9,7 +9,6 @@
 //! with `paranoid`), and only then removed; otherwise it is put back. A "verified" recorded long
 //! ago is never trusted on its own: the dest copy may have been lost or damaged since.
 
-use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -18,11 +17,26 @@ use std::sync::Arc;
 use super::verify::{check_dest_copy, remove_bad_copy, Problem};
 use super::PathFilter;
 use crate::manifest::{AtDest, Manifest, ManifestError, DATA_AT_RISK};
-use crate::source::{c_rel, Attrs, SourceTree};
+use crate::source::{Attrs, SourceTree};
 use crate::store::Store;
 
-/// Local names starting with this are cutoverfs's own, for an instant; the mount hides them.
-pub const RESERVED_PREFIX: &str = ".cutoverfs-";
+/// A purge sets a local copy aside as `.cutoverfs-purge-PID-NAME` for an instant; names of that
+/// form are cutoverfs's own in the local tree (nothing else is reserved).
+const SET_ASIDE_PREFIX: &str = ".cutoverfs-purge-";
+
+/// The purge's process id if `name` has the form of a set-aside name.
+pub fn set_aside_pid(name: &[u8]) -> Option<u32> {
+    let rest = name.strip_prefix(SET_ASIDE_PREFIX.as_bytes())?;
+    let dash = rest.iter().position(|b| *b == b'-')?;
+    std::str::from_utf8(&rest[..dash]).ok()?.parse().ok()
+}
+
+/// A copy a purge running on this machine has set aside right now: not part of the tree (the
+/// mount hides it, the scan skips it). One whose purge is gone is a file like any other, and
+/// the scan reports it.
+pub fn set_aside_in_flight(name: &[u8]) -> bool {
+    set_aside_pid(name).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct PurgeOptions {
@@ -66,6 +80,11 @@ pub async fn purge(
                 return Ok(report);
             }
             if !opts.filter.matches(&file.path) {
+                continue;
+            }
+            if let Some(why) = crate::manifest::refused_path(&file.path) {
+                tracing::error!("{why}; not purged");
+                report.refused.push((file.path.clone(), why));
                 continue;
             }
             report.checked += 1;
@@ -311,7 +330,7 @@ impl Aside {
     fn new(rel: &Path) -> Aside {
         let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
         let pid = std::process::id();
-        let mut aside = format!("{RESERVED_PREFIX}purge-{pid}-").into_bytes();
+        let mut aside = format!("{SET_ASIDE_PREFIX}{pid}-").into_bytes();
         aside.extend_from_slice(name);
         let aside =
             PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(aside));
@@ -387,6 +406,9 @@ async fn finish_interrupted_by(
 ) -> Result<Finished, ManifestError> {
     let mut done = Finished::default();
     for (path, text) in manifest.interrupted_purges().await? {
+        if super::verify::refused(&path) {
+            continue;
+        }
         let Some(aside) = Aside::from_text(&text) else {
             tracing::warn!(path, aside = text, "unreadable purge record; left as it is");
             continue;
@@ -423,30 +445,9 @@ async fn finish_interrupted_by(
 }
 
 fn rename_no_replace(tree: &SourceTree, from: &Path, to: &Path) -> io::Result<()> {
-    let (from, to): (CString, CString) = (c_rel(from)?, c_rel(to)?);
-    // SAFETY: two NUL-terminated relative paths and the root's descriptor.
-    let rc = unsafe {
-        libc::renameat2(
-            tree.dir_fd(),
-            from.as_ptr(),
-            tree.dir_fd(),
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    tree.rename(from, to, libc::RENAME_NOREPLACE)
 }
 
 fn unlink(tree: &SourceTree, rel: &Path) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: a NUL-terminated relative path and the root's descriptor.
-    if unsafe { libc::unlinkat(tree.dir_fd(), c.as_ptr(), 0) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    tree.unlink(rel)
 }

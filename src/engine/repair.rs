@@ -32,6 +32,9 @@ pub async fn repair_removals(
     let mut done = Repaired::default();
     let writer = manifest.id().to_string();
     for leftover in manifest.leftovers().await? {
+        if super::verify::refused(&leftover.path) || super::verify::refused(&leftover.dest_key) {
+            continue;
+        }
         let local = source.stat_at(Path::new(&leftover.path));
         if local.is_ok() {
             if manifest.undelete(&leftover.path, leftover.version).await? {
@@ -81,6 +84,9 @@ pub async fn clean_leftovers_live(
     let writer = manifest.id().to_string();
     let mut deleted = 0;
     for leftover in manifest.leftovers().await? {
+        if super::verify::refused(&leftover.path) || super::verify::refused(&leftover.dest_key) {
+            continue;
+        }
         if source.stat_at(Path::new(&leftover.path)).is_ok() {
             continue;
         }

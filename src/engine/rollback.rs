@@ -152,6 +152,10 @@ pub async fn rollback(
                 continue;
             }
             report.selected += 1;
+            if let Some(why) = crate::manifest::refused_path(&row.path) {
+                refuse(&mut report, &row.path, why);
+                continue;
+            }
             let (check_local, delete) = match decide(&row, crate::manifest::now_ms()) {
                 Decision::Already => {
                     report.already += 1;

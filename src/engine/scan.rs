@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,7 +98,7 @@ impl<'a> Walker<'a> {
     where
         'a: 's,
     {
-        let entries = match std::fs::read_dir(self.source.path_of(&dir)) {
+        let entries = match self.source.read_dir(Path::new(&dir)) {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::warn!(dir = %display_dir(&dir), error = %e, "cannot read directory; its contents are not scanned");
@@ -139,13 +140,13 @@ impl<'a> Walker<'a> {
 
     fn classify(&self, dir: &str, entry: &std::fs::DirEntry) -> Option<Scanned> {
         let name = entry.file_name();
-        if std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str())
-            .starts_with(super::purge::RESERVED_PREFIX.as_bytes())
-        {
-            // A local copy a purge set aside for an instant (or left by a purge that was killed):
-            // its file is verified at the dest, it is not part of the tree.
+        let name_bytes = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
+        if super::purge::set_aside_in_flight(name_bytes) {
+            // A local copy a running purge set aside for an instant: its file is verified at the
+            // dest, it is not part of the tree.
             return None;
         }
+        let reserved = super::purge::set_aside_pid(name_bytes).is_some();
         let (name_text, bad_name) = match name.to_str() {
             Some(text) => (text.to_string(), None),
             None => (name.to_string_lossy().into_owned(), Some(escaped(&name))),
@@ -195,13 +196,20 @@ impl<'a> Walker<'a> {
             unsupported = Some(format!(
                 "name is not valid UTF-8 ({bad}); the manifest and dest keys need UTF-8"
             ));
+        } else if reserved {
+            unsupported = Some(
+                "the name has the form cutoverfs gives a local copy while purge removes it \
+                 (.cutoverfs-purge-PID-NAME) and is left out; rename the file to migrate it"
+                    .to_string(),
+            );
         } else if kind == Kind::File {
             if let Err(reason) = self.store.key_for(&path) {
                 unsupported = Some(reason);
             }
         }
         let link_target = if kind == Kind::Symlink {
-            std::fs::read_link(entry.path())
+            self.source
+                .read_link_at(Path::new(&path))
                 .ok()
                 .map(|t| t.to_string_lossy().into_owned())
         } else {
@@ -373,7 +381,7 @@ async fn mark_vanished(
         after = last.clone();
         let gone: Vec<String> = page
             .into_iter()
-            .filter(|p| matches!(source.lstat(p), Err(e) if e.kind() == io::ErrorKind::NotFound))
+            .filter(|p| matches!(source.stat_at(Path::new(p)), Err(e) if e.kind() == io::ErrorKind::NotFound))
             .collect();
         marked += manifest.mark_missing(&gone).await?;
     }

@@ -586,7 +586,14 @@ async fn copy_group(files: Vec<Claimed>, pace_above: Option<u64>, shared: &Share
     let mut requests = Vec::with_capacity(files.len());
     let mut requested = Vec::with_capacity(files.len());
     for (i, file) in files.iter().enumerate() {
-        match shared.store.key_for(&file.path) {
+        let key = match crate::manifest::refused_path(&file.path) {
+            Some(why) => {
+                tracing::error!(path = %file.path, "{why}");
+                Err(why)
+            }
+            None => shared.store.key_for(&file.path),
+        };
+        match key {
             Ok(key) => {
                 let paced = pace_above.is_some_and(|above| file.size > above);
                 let source = SourceRef {

@@ -112,7 +112,7 @@ pub async fn verify(
         after = last.path.clone();
         let files: Vec<AtDest> = page
             .into_iter()
-            .filter(|f| opts.filter.matches(&f.path))
+            .filter(|f| opts.filter.matches(&f.path) && !refused(&f.path))
             .collect();
         progress.set_totals(
             report.checked + files.len() as u64,
@@ -172,6 +172,17 @@ pub(crate) async fn remove_bad_copy(manifest: &Manifest, store: &dyn Store, file
         Err(e) => {
             tracing::warn!(path = %file.path, key = %file.dest_key, error = %e, "cannot remove the broken dest object")
         }
+    }
+}
+
+/// A row whose path may not be acted on (`manifest::refused_path`): said, and left alone.
+pub(crate) fn refused(path: &str) -> bool {
+    match crate::manifest::refused_path(path) {
+        Some(why) => {
+            tracing::error!("{why}; left alone");
+            true
+        }
+        None => false,
     }
 }
 

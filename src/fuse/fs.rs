@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -37,8 +37,8 @@ pub(super) enum Route {
     Source,
     /// The local copy of a file verified at the dest, because the dest is down.
     Fallback,
-    /// A `file://` dest file, and the row that says what was verified there.
-    DestFile(PathBuf, Arc<Entry>),
+    /// A `file://` dest file (opened, or why not), and the row that says what was verified.
+    DestFile(io::Result<File>, Arc<Entry>),
     Remote {
         key: String,
         size: u64,
@@ -162,8 +162,8 @@ impl FsState {
         }
         if entry.in_dest() {
             let key = entry.dest_key.clone().unwrap_or_default();
-            return Ok(match self.store.local_file(&key) {
-                Some(path) => Route::DestFile(path, entry),
+            return Ok(match self.store.open_local_file(&key) {
+                Some(opened) => Route::DestFile(opened, entry),
                 None => Route::Remote {
                     key,
                     size: entry.size,
@@ -359,8 +359,8 @@ impl FsState {
         // Why the dest copy could not be served, when it could not.
         let mut dest_problem = None;
         let opened = match route {
-            Route::DestFile(path, entry) => {
-                match self.open_verified_dest_file(rel, &path, &entry) {
+            Route::DestFile(opened, entry) => {
+                match self.open_verified_dest_file(rel, opened, &entry) {
                     Ok(file) => Some(self.open_dest_handle(
                         ino,
                         Handle::Local(file),
@@ -436,15 +436,16 @@ impl FsState {
     fn open_verified_dest_file(
         &self,
         rel: &Path,
-        path: &Path,
+        opened: io::Result<File>,
         entry: &Entry,
     ) -> Result<File, String> {
-        let file = match File::open(path) {
+        let file = match opened {
             Ok(file) => file,
             Err(e) => {
                 // Deleted by a rollback the cached row does not know of yet, or lost.
                 self.forget_row(rel);
-                return Err(format!("dest copy {} unreadable: {e}", path.display()));
+                let key = entry.dest_key.as_deref().unwrap_or_default();
+                return Err(format!("the dest copy {key} cannot be opened: {e}"));
             }
         };
         let Err(why) = dest_file_matches(&file, entry) else {

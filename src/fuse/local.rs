@@ -5,13 +5,13 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::SystemTime;
 
 use crate::manifest::{Kind, LocalFacts};
-use crate::source::{c_rel, Attrs, SourceTree};
+use crate::source::{Attrs, SourceTree};
 
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
@@ -23,27 +23,11 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 /// Creates and opens a file (the caller's flags, O_CREAT added, never following a symlink).
 pub fn create(tree: &SourceTree, rel: &Path, flags: i32, mode: u32) -> io::Result<File> {
-    let c = c_rel(rel)?;
-    // SAFETY: a NUL-terminated relative path and the root's descriptor.
-    let fd = unsafe {
-        libc::openat(
-            tree.dir_fd(),
-            c.as_ptr(),
-            flags | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat just returned this descriptor to us.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    tree.open_new(rel, flags, mode)
 }
 
 pub fn mkdir(tree: &SourceTree, rel: &Path, mode: u32) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`.
-    check(unsafe { libc::mkdirat(tree.dir_fd(), c.as_ptr(), mode as libc::mode_t) })?;
+    tree.beneath().mkdir(rel, mode)?;
     exact_mode(tree, rel, mode)
 }
 
@@ -65,12 +49,12 @@ pub fn exact_mode(tree: &SourceTree, rel: &Path, mode: u32) -> io::Result<()> {
 }
 
 pub fn mknod(tree: &SourceTree, rel: &Path, mode: u32, rdev: u32) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`.
+    let (dir, name) = tree.parent(rel)?;
+    // SAFETY: as in `mkdir`.
     check(unsafe {
         libc::mknodat(
-            tree.dir_fd(),
-            c.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             mode as libc::mode_t,
             rdev as libc::dev_t,
         )
@@ -79,38 +63,24 @@ pub fn mknod(tree: &SourceTree, rel: &Path, mode: u32, rdev: u32) -> io::Result<
 }
 
 pub fn symlink(tree: &SourceTree, target: &Path, rel: &Path) -> io::Result<()> {
-    let c = c_rel(rel)?;
+    let (dir, name) = tree.parent(rel)?;
     let target = CString::new(target.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: two NUL-terminated paths and the root's descriptor.
-    check(unsafe { libc::symlinkat(target.as_ptr(), tree.dir_fd(), c.as_ptr()) })
+    // SAFETY: a NUL-terminated target, a directory descriptor below the root and a name.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })
 }
 
 pub fn unlink(tree: &SourceTree, rel: &Path) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`.
-    check(unsafe { libc::unlinkat(tree.dir_fd(), c.as_ptr(), 0) })
+    tree.unlink(rel)
 }
 
 pub fn rmdir(tree: &SourceTree, rel: &Path) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`.
-    check(unsafe { libc::unlinkat(tree.dir_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })
+    tree.beneath().rmdir(rel)
 }
 
 /// `renameat2` below the root, with the caller's flags (RENAME_NOREPLACE and the like).
 pub fn rename(tree: &SourceTree, from: &Path, to: &Path, flags: u32) -> io::Result<()> {
-    let (from, to) = (c_rel(from)?, c_rel(to)?);
-    // SAFETY: two NUL-terminated relative paths and the root's descriptor.
-    check(unsafe {
-        libc::renameat2(
-            tree.dir_fd(),
-            from.as_ptr(),
-            tree.dir_fd(),
-            to.as_ptr(),
-            flags,
-        )
-    })
+    tree.rename(from, to, flags)
 }
 
 /// Hands a new file to the caller (the daemon runs as root): its user, and its group, or the
@@ -126,35 +96,31 @@ pub fn give_to(tree: &SourceTree, rel: &Path, uid: u32, gid: u32) -> io::Result<
     chown(tree, rel, Some(uid), Some(gid))
 }
 
+/// The directory holding `rel` and its last name ("." of the root for the root itself), for
+/// the `*at` calls that act on `rel` without following it.
+fn at(tree: &SourceTree, rel: &Path) -> io::Result<(OwnedFd, CString)> {
+    if rel.as_os_str().is_empty() {
+        return Ok((tree.dir(rel)?, CString::new(".").expect("no NUL")));
+    }
+    tree.parent(rel)
+}
+
 pub fn chown(tree: &SourceTree, rel: &Path, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`; -1 leaves an id as it is.
+    let (dir, name) = at(tree, rel)?;
+    // SAFETY: a directory descriptor below the root and a name; -1 leaves an id as it is.
     check(unsafe {
         libc::fchownat(
-            tree.dir_fd(),
-            c.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             uid.unwrap_or(u32::MAX),
             gid.unwrap_or(u32::MAX),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH,
+            libc::AT_SYMLINK_NOFOLLOW,
         )
     })
 }
 
 pub fn chmod(tree: &SourceTree, rel: &Path, mode: u32) -> io::Result<()> {
-    if tree.stat_at(rel)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
-        // Links have no mode of their own on Linux.
-        return Ok(());
-    }
-    let c = c_rel(rel)?;
-    // SAFETY: as in `create`; the last component is not a link (checked above).
-    check(unsafe {
-        libc::fchmodat(
-            tree.dir_fd(),
-            c.as_ptr(),
-            (mode & 0o7777) as libc::mode_t,
-            0,
-        )
-    })
+    tree.beneath().chmod(rel, mode)
 }
 
 /// A time to set: a given one, now, or left as it is.
@@ -197,13 +163,13 @@ fn timespec(time: SetTime) -> libc::timespec {
 }
 
 pub fn set_times(tree: &SourceTree, rel: &Path, atime: SetTime, mtime: SetTime) -> io::Result<()> {
-    let c = c_rel(rel)?;
+    let (dir, name) = at(tree, rel)?;
     let times = [timespec(atime), timespec(mtime)];
-    // SAFETY: as in `create`, and two timespecs.
+    // SAFETY: as in `chown`, and two timespecs.
     check(unsafe {
         libc::utimensat(
-            tree.dir_fd(),
-            c.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             times.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
         )
@@ -214,7 +180,7 @@ pub fn set_times(tree: &SourceTree, rel: &Path, atime: SetTime, mtime: SetTime) 
 pub fn set_file_times(file: &File, atime: SetTime, mtime: SetTime) -> io::Result<()> {
     let times = [timespec(atime), timespec(mtime)];
     // SAFETY: a descriptor we own and two timespecs.
-    check(unsafe { libc::futimens(std::os::fd::AsRawFd::as_raw_fd(file), times.as_ptr()) })
+    check(unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) })
 }
 
 pub fn truncate(tree: &SourceTree, rel: &Path, size: u64) -> io::Result<()> {
@@ -260,39 +226,10 @@ pub fn exists(tree: &SourceTree, rel: &Path) -> io::Result<bool> {
 
 /// An unnamed file in directory `dir` (O_TMPFILE): nothing is visible until it is linked.
 pub fn unnamed_file(tree: &SourceTree, dir: &Path) -> io::Result<File> {
-    let c = c_rel(dir)?;
-    // SAFETY: as in `create`.
-    let fd = unsafe {
-        libc::openat(
-            tree.dir_fd(),
-            c.as_ptr(),
-            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat just returned this descriptor to us.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    tree.open_new_unnamed(dir, 0o600)
 }
 
 /// Gives an unnamed file its name; fails with EEXIST if the name is taken.
 pub fn link_unnamed(tree: &SourceTree, file: &File, rel: &Path) -> io::Result<()> {
-    let from = CString::new(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(file)
-    ))
-    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let to = c_rel(rel)?;
-    // SAFETY: NUL-terminated paths and the root's descriptor.
-    check(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            tree.dir_fd(),
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    })
+    tree.beneath().link_file(file, rel)
 }

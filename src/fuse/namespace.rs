@@ -145,7 +145,7 @@ impl Namespace {
     pub fn list(&self, rel: &Path) -> io::Result<Vec<Listed>> {
         let mut listed = Vec::new();
         let mut local_names = std::collections::HashSet::new();
-        match std::fs::read_dir(self.source.path_of_os(rel)) {
+        match self.source.read_dir(rel) {
             Ok(dir) => {
                 for item in dir {
                     let item = item?;
@@ -242,8 +242,7 @@ impl Namespace {
 
 /// Names cutoverfs uses for an instant in the local tree (purge sets files aside under them).
 fn is_reserved(name: &OsStr) -> bool {
-    name.as_bytes()
-        .starts_with(crate::engine::purge::RESERVED_PREFIX.as_bytes())
+    crate::engine::purge::set_aside_in_flight(name.as_bytes())
 }
 
 fn is_absent(e: &io::Error) -> bool {

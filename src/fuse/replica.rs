@@ -238,8 +238,8 @@ impl Replica {
                 .insert(ino, sha.clone())
                 .is_some_and(|was| was == sha && !sha.is_empty())
         };
-        let opened = match self.store.local_file(&key) {
-            Some(path) => match File::open(&path) {
+        let opened = match self.store.open_local_file(&key) {
+            Some(opened) => match opened {
                 Ok(file) if file.metadata().is_ok_and(|m| m.len() != entry.size) => {
                     self.forget(&entry.path);
                     if fresh {

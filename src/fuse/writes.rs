@@ -58,6 +58,19 @@ impl FsState {
         Ok(child_path(&self.path(parent)?, name))
     }
 
+    /// A name the application is about to create: any name but the form purge gives a local
+    /// copy it sets aside (`.cutoverfs-purge-PID-NAME`), which is refused with EPERM and a log
+    /// line saying why (the application would otherwise see its file vanish).
+    fn new_child(&self, parent: INodeNo, name: &OsStr) -> Result<std::path::PathBuf, Errno> {
+        use std::os::unix::ffi::OsStrExt;
+        let rel = self.child(parent, name)?;
+        if crate::engine::purge::set_aside_pid(name.as_bytes()).is_some() {
+            tracing::warn!(path = %rel.display(), "refused (EPERM): names of the form .cutoverfs-purge-PID-NAME are reserved for the local copies purge sets aside");
+            return Err(Errno::EPERM);
+        }
+        Ok(rel)
+    }
+
     fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.rt.block_on(future)
     }
@@ -171,7 +184,7 @@ impl FsState {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let created = self.child(parent, name).and_then(|rel| {
+        let created = self.new_child(parent, name).and_then(|rel| {
             // A name only the dest still holds: O_CREAT opens that file.
             let dest_only = !local::exists(self.ns.source(), &rel).map_err(errno)?
                 && self.ns.attr(&rel).is_ok();
@@ -255,7 +268,7 @@ impl FsState {
         mode: u32,
         reply: ReplyEntry,
     ) {
-        match self.child(parent, name).and_then(|rel| {
+        match self.new_child(parent, name).and_then(|rel| {
             self.refuse_dest_only(&rel)?;
             local::mkdir(self.ns.source(), &rel, mode).map_err(errno)?;
             Ok(rel)
@@ -275,7 +288,7 @@ impl FsState {
         reply: ReplyEntry,
     ) {
         let regular = mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0;
-        match self.child(parent, name).and_then(|rel| {
+        match self.new_child(parent, name).and_then(|rel| {
             self.refuse_dest_only(&rel)?;
             let tree = self.ns.source();
             if regular {
@@ -300,7 +313,7 @@ impl FsState {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.child(parent, name).and_then(|rel| {
+        match self.new_child(parent, name).and_then(|rel| {
             self.refuse_dest_only(&rel)?;
             local::symlink(self.ns.source(), target, &rel).map_err(errno)?;
             Ok(rel)
@@ -420,7 +433,7 @@ impl FsState {
         reply: ReplyEmpty,
     ) {
         let renamed = self.child(parent, name).and_then(|from| {
-            let to = self.child(newparent, newname)?;
+            let to = self.new_child(newparent, newname)?;
             self.rename_between(&from, &to, flags)
         });
         match renamed {
@@ -524,6 +537,9 @@ impl FsState {
             .block_on(self.manifest.purged_below(text))
             .map_err(|_| Errno::EIO)?;
         for path in purged {
+            if crate::manifest::refused_path(&path).is_some() {
+                continue;
+            }
             self.ensure_local(Path::new(&path))?;
         }
         Ok(())

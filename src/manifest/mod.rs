@@ -29,7 +29,7 @@ pub use rollback::{RollbackRow, RollbackSelector};
 pub use verify::{AtDest, DATA_AT_RISK};
 pub use writes::{Leftover, LocalFacts, Removed};
 
-pub use state::{after_scan, Kind, Recorded, ScanChange, Scanned, State};
+pub use state::{after_scan, refused_path, Kind, Recorded, ScanChange, Scanned, State};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -105,7 +105,11 @@ impl Manifest {
                 let entry = entry_from_row(row)?;
                 let rest = &entry.path[prefix.len()..];
                 match rest.find('/') {
-                    None => found.push(entry),
+                    // Not a name of this directory ("..", ".", ""): never shown or followed.
+                    None => match super::refused_path(&entry.path) {
+                        Some(why) => tracing::error!("{why}; not shown"),
+                        None => found.push(entry),
+                    },
                     Some(slash) => {
                         // A row deeper down: its directory's own row (if any) came before it;
                         // jump past the whole subtree.

@@ -6,6 +6,29 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// Why a path read from the manifest may not be acted on, if it may not: a row names a place
+/// below the source root, and one that is absolute or has `..`, `.` or empty components (which
+/// the scan never writes, but a shared PostgreSQL manifest can be written by others) could name
+/// a place outside it, or another row's place. Such rows are refused, never followed.
+pub fn refused_path(path: &str) -> Option<String> {
+    let why = if path.starts_with('/') {
+        "it is absolute"
+    } else if path.split('/').any(|c| c == "..") {
+        "it has a '..' component"
+    } else if path.split('/').any(|c| c == ".") {
+        "it has a '.' component"
+    } else if !path.is_empty() && path.split('/').any(str::is_empty) {
+        "it has an empty component"
+    } else if path.contains('\0') {
+        "it has a NUL byte"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the manifest row's path {path:?} is refused: {why}; cutoverfs never writes such a row, so it was written by something else"
+    ))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {

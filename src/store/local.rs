@@ -16,11 +16,11 @@
 //! of the bytes that landed at the dest; small files are read once, hashed and written.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use super::{blocking, ObjectFacts, Preflight, Removal, PACED_CHUNK};
 use super::{
     canonical_path, PublishGuard, PutOutcome, PutRequest, SourceRef, Store, StoreError, Stored,
 };
+use crate::beneath::Beneath;
 use crate::source::OpenedSource;
 
 /// The extended attribute that marks a file as written by cutoverfs for one manifest.
@@ -46,6 +47,9 @@ const IN_KERNEL_COPY_MIN: u64 = 1 << 20;
 
 pub struct LocalStore {
     root: PathBuf,
+    /// The root, once it exists: every key is reached below it (`Beneath`: never through a
+    /// symlink, never outside it).
+    dir: std::sync::OnceLock<Arc<Beneath>>,
     sync: std::sync::OnceLock<(SyncGroup, u64)>,
     /// Blocking I/O calls at once: many files may be in flight, but only this many threads
     /// read and write at a time.
@@ -62,14 +66,17 @@ impl LocalStore {
         requests: Vec<PutRequest>,
         guard: &dyn PublishGuard,
     ) -> Result<Vec<Result<Stored, StoreError>>, StoreError> {
-        let (root, writer, root_dev) = (self.root.clone(), guard.writer_id(), self.sync_group()?.1);
+        let (writer, root_dev) = (guard.writer_id(), self.sync_group()?.1);
         let owned: Vec<Vec<String>> = requests.iter().map(|r| r.owned_sha256.clone()).collect();
-        let targets: Vec<PathBuf> = requests.iter().map(|r| self.target(&r.key)).collect();
+        let targets: Vec<Target> = requests
+            .iter()
+            .map(|r| self.target(&r.key))
+            .collect::<Result<_, _>>()?;
         let mut staged: Vec<Result<Staged, StoreError>> = self
             .io(move || {
-                let stage_each = requests.iter().zip(&targets);
+                let stage_each = requests.iter().zip(targets);
                 Ok(stage_each
-                    .map(|(req, target)| stage(&root, target, &req.source, &writer, root_dev))
+                    .map(|(req, target)| stage(target, &req.source, &writer, root_dev))
                     .collect())
             })
             .await?;
@@ -138,6 +145,7 @@ impl LocalStore {
         let root = canonical_path(root).map_err(dest_err("resolve", root))?;
         Ok(LocalStore {
             root,
+            dir: std::sync::OnceLock::new(),
             sync: std::sync::OnceLock::new(),
             io_slots: tokio::sync::Semaphore::new(IO_THREADS),
         })
@@ -172,8 +180,85 @@ impl LocalStore {
         group.wait().await.map_err(dest_err("sync", &self.root))
     }
 
-    fn target(&self, key: &str) -> PathBuf {
-        self.root.join(key)
+    /// The dest root, opened the first time it is needed (`prepare` creates it).
+    fn dir(&self) -> Result<Arc<Beneath>, StoreError> {
+        if let Some(dir) = self.dir.get() {
+            return Ok(dir.clone());
+        }
+        let opened = Beneath::open_root(&self.root).map_err(dest_err("open", &self.root))?;
+        Ok(self.dir.get_or_init(|| Arc::new(opened)).clone())
+    }
+
+    /// A key's file below the root.
+    fn target(&self, key: &str) -> Result<Target, StoreError> {
+        Ok(Target {
+            dir: self.dir()?,
+            rel: PathBuf::from(key),
+            shown: self.root.join(key),
+        })
+    }
+}
+
+/// A key of this dest: where its file is below the root, and where that is for messages.
+#[derive(Debug, Clone)]
+struct Target {
+    dir: Arc<Beneath>,
+    rel: PathBuf,
+    shown: PathBuf,
+}
+
+impl Target {
+    fn parent_rel(&self) -> &Path {
+        self.rel.parent().unwrap_or(Path::new(""))
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        dest_err(op, &self.shown)
+    }
+
+    /// `lstat` of the key's file; None when nothing is there.
+    fn stat(&self) -> io::Result<Option<libc::stat>> {
+        match self.dir.stat(&self.rel) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open(&self) -> io::Result<File> {
+        self.dir
+            .open(&self.rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+    }
+
+    /// The ownership mark of the file, if it has one.
+    fn owner_mark(&self) -> Option<String> {
+        self.dir
+            .xattr(&self.rel, OWNER_XATTR)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// Whether the file carries this manifest's mark.
+    fn is_marked_by(&self, writer: &str) -> bool {
+        self.owner_mark().is_some_and(|mark| {
+            mark.strip_prefix(writer)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
+    }
+
+    /// Size and SHA-256 of the regular file there; None when it is something else.
+    fn hash_existing(&self) -> io::Result<Option<(u64, String)>> {
+        let file = self.open()?;
+        if !file.metadata()?.is_file() {
+            return Ok(None);
+        }
+        Ok(Some(crate::util::sha256_of(&file)?))
+    }
+
+    /// Makes the directory entry of the key durable.
+    fn fsync_parent(&self) -> io::Result<()> {
+        self.dir
+            .open(self.parent_rel(), libc::O_RDONLY | libc::O_DIRECTORY, 0)?
+            .sync_all()
     }
 }
 
@@ -199,8 +284,12 @@ impl Store for LocalStore {
     async fn prepare(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
         blocking(move || {
-            create_dirs(Path::new("/"), &root)
-                .and_then(|()| fsync_parent(&root))
+            // The root is the operator's path, taken as given; below it nothing is followed.
+            std::fs::create_dir_all(&root)
+                .and_then(|()| match root.parent() {
+                    Some(parent) => File::open(parent)?.sync_all(),
+                    None => Ok(()),
+                })
                 .map_err(|source| StoreError::Dest {
                     op: "create",
                     target: root.display().to_string(),
@@ -223,19 +312,17 @@ impl Store for LocalStore {
     }
 
     async fn existing_size(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match std::fs::symlink_metadata(self.target(key)) {
-            Ok(meta) => Ok(Some(meta.size())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Dest {
-                op: "stat",
-                target: key.to_string(),
-                source: Arc::new(source),
-            }),
-        }
+        let target = self.target(key)?;
+        let st = target.stat().map_err(target.err("stat"))?;
+        Ok(st.map(|st| st.st_size as u64))
     }
 
-    fn local_file(&self, key: &str) -> Option<PathBuf> {
-        Some(self.target(key))
+    fn open_local_file(&self, key: &str) -> Option<io::Result<File>> {
+        let opened = self
+            .dir()
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|dir| dir.open(Path::new(key), libc::O_RDONLY, 0));
+        Some(opened)
     }
 
     async fn read_range(
@@ -244,44 +331,37 @@ impl Store for LocalStore {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, StoreError> {
-        let path = self.target(key);
-        let key = key.to_string();
+        let target = self.target(key)?;
         self.io(move || {
-            let read = || crate::util::read_full_at(&File::open(&path)?, offset, len as usize);
-            read()
-                .map(bytes::Bytes::from)
-                .map_err(|source| StoreError::Dest {
-                    op: "read",
-                    target: key,
-                    source: Arc::new(source),
-                })
+            let read = || crate::util::read_full_at(&target.open()?, offset, len as usize);
+            read().map(bytes::Bytes::from).map_err(target.err("read"))
         })
         .await
     }
 
     async fn inspect(&self, key: &str, deep: bool) -> Result<Option<ObjectFacts>, StoreError> {
-        let target = self.target(key);
+        let target = self.target(key)?;
         self.io(move || {
-            let meta = match std::fs::symlink_metadata(&target) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(dest_err("stat", &target)(e)),
+            let Some(st) = target.stat().map_err(target.err("stat"))? else {
+                return Ok(None);
             };
-            let recorded_sha256 = owner_mark(&target)
+            let recorded_sha256 = target
+                .owner_mark()
                 .and_then(|mark| mark.split_once(':').map(|(_, sha)| sha.to_string()));
-            let (size, read_sha256) = if deep && meta.is_file() {
-                match hash_existing(&target).map_err(dest_err("read", &target))? {
+            let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+            let (size, read_sha256) = if deep && regular {
+                match target.hash_existing().map_err(target.err("read"))? {
                     Some((size, sha)) => (size, Some(sha)),
-                    None => (meta.size(), None),
+                    None => (st.st_size as u64, None),
                 }
             } else {
-                (meta.size(), None)
+                (st.st_size as u64, None)
             };
             Ok(Some(ObjectFacts {
                 size,
                 recorded_sha256,
                 read_sha256,
-                etag: Some(super::local_stamp(&meta)),
+                etag: Some(super::local_stamp_of(&st)),
             }))
         })
         .await
@@ -293,51 +373,42 @@ impl Store for LocalStore {
         owned_sha256: &[String],
         writer: &str,
     ) -> Result<Removal, StoreError> {
-        let target = self.target(key);
+        let target = self.target(key)?;
         let (owned, writer) = (owned_sha256.to_vec(), writer.to_string());
         self.io(move || {
-            let meta = match std::fs::symlink_metadata(&target) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Absent),
-                Err(e) => return Err(dest_err("stat", &target)(e)),
+            let Some(st) = target.stat().map_err(target.err("stat"))? else {
+                return Ok(Removal::Absent);
             };
-            if !meta.is_file() {
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                 return Ok(Removal::NotOurs);
             }
-            let ours = is_marked_by(&target, &writer)
-                || match hash_existing(&target).map_err(dest_err("read", &target))? {
+            let ours = target.is_marked_by(&writer)
+                || match target.hash_existing().map_err(target.err("read"))? {
                     Some((_, sha256)) => owned.contains(&sha256),
                     None => false,
                 };
             if !ours {
                 return Ok(Removal::NotOurs);
             }
-            match std::fs::remove_file(&target) {
+            match target.dir.unlink(&target.rel) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Absent),
-                Err(e) => return Err(dest_err("delete", &target)(e)),
+                Err(e) => return Err(target.err("delete")(e)),
             }
-            fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+            target
+                .fsync_parent()
+                .map_err(target.err("fsync directory of"))?;
             Ok(Removal::Deleted)
         })
         .await
     }
 
     async fn ensure_dir(&self, rel: &str, mode: u32) -> Result<(), StoreError> {
-        let root = self.root.clone();
-        let dir = self.target(rel);
+        let target = self.target(rel)?;
         blocking(move || {
-            let err = |source: io::Error| StoreError::Dest {
-                op: "mkdir",
-                target: dir.display().to_string(),
-                source: Arc::new(source),
-            };
-            create_dirs(&root, &dir).map_err(err)?;
-            std::fs::set_permissions(
-                &dir,
-                std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777),
-            )
-            .map_err(err)
+            let made = create_dirs(&target.dir, &target.rel)
+                .and_then(|()| target.dir.chmod(&target.rel, mode & 0o7777));
+            made.map_err(target.err("mkdir"))
         })
         .await
     }
@@ -348,7 +419,7 @@ struct Staged {
     file: File,
     /// Set when the fallback named temporary file was used instead of O_TMPFILE.
     temp_name: Option<PathBuf>,
-    target: PathBuf,
+    target: Target,
     sha256: String,
     size: u64,
     /// Whether the file carries the ownership mark.
@@ -361,7 +432,7 @@ struct Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         if let Some(temp) = self.temp_name.take() {
-            let _ = std::fs::remove_file(temp);
+            let _ = self.target.dir.unlink(&temp);
         }
     }
 }
@@ -378,8 +449,7 @@ fn dest_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> S
 /// mark. On a file system other than the dest root's, it is fsynced here (the group sync does
 /// not cover it).
 fn stage(
-    root: &Path,
-    target: &Path,
+    target: Target,
     source: &SourceRef,
     writer: &str,
     root_dev: u64,
@@ -391,13 +461,15 @@ fn stage(
             io::ErrorKind::NotFound => StoreError::SourceMissing,
             _ => StoreError::SourceRead(Arc::new(e)),
         })?;
-    let dir = target.parent().unwrap_or(root);
-    create_dirs(root, dir).map_err(dest_err("mkdir", dir))?;
-    let (mut file, temp_name) = open_temp(dir, target).map_err(dest_err("create temp in", dir))?;
+    let dir_shown = target.shown.parent().unwrap_or(&target.shown).to_path_buf();
+    create_dirs(&target.dir, target.parent_rel()).map_err(dest_err("mkdir", &dir_shown))?;
+    let (mut file, temp_name) =
+        open_temp(&target).map_err(dest_err("create temp in", &dir_shown))?;
+    let shown = target.shown.clone();
     let mut staged = Staged {
-        file: file.try_clone().map_err(dest_err("dup", dir))?,
+        file: file.try_clone().map_err(dest_err("dup", &dir_shown))?,
         temp_name,
-        target: target.to_path_buf(),
+        target,
         sha256: String::new(),
         size: 0,
         marked: false,
@@ -405,17 +477,17 @@ fn stage(
         other_fs: false,
     };
     let (sha256, size) = if opened.before.size >= IN_KERNEL_COPY_MIN {
-        copy_in_kernel(&opened, &mut file, target, source)?
+        copy_in_kernel(&opened, &mut file, &shown, source)?
     } else {
-        copy_hashing(&opened, &mut file, target, source)?
+        copy_hashing(&opened, &mut file, &shown, source)?
     };
     crate::testhook::hold_point("copy:read", &source.rel);
     opened.confirm_unchanged()?;
-    apply_attrs(&file, &opened.before).map_err(dest_err("set attributes on", target))?;
-    staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", target))?;
-    staged.other_fs = file.metadata().map_err(dest_err("stat", target))?.dev() != root_dev;
+    apply_attrs(&file, &opened.before).map_err(dest_err("set attributes on", &shown))?;
+    staged.marked = set_owner_mark(&file, writer, &sha256).map_err(dest_err("mark", &shown))?;
+    staged.other_fs = file.metadata().map_err(dest_err("stat", &shown))?.dev() != root_dev;
     if staged.other_fs {
-        file.sync_all().map_err(dest_err("fsync", target))?;
+        file.sync_all().map_err(dest_err("fsync", &shown))?;
     }
     staged.sha256 = sha256;
     staged.size = size;
@@ -446,31 +518,11 @@ fn set_owner_mark(file: &File, writer: &str, sha256: &str) -> io::Result<bool> {
     }
 }
 
-/// The ownership mark of a file, if it has one.
-fn owner_mark(path: &Path) -> Option<String> {
-    let name = CString::new(OWNER_XATTR).expect("no NUL");
-    let path = cstring(path).ok()?;
-    let mut buf = [0u8; 256];
-    // SAFETY: valid buffers for the call's duration.
-    let n = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
-}
-
-fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
-    let tmpfile = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .mode(0o600)
-        .open(dir);
-    match tmpfile {
+/// An unnamed file in the target's directory (O_TMPFILE); where the file system has none, a
+/// dot-named temporary file there (and its relative path, to publish by rename).
+fn open_temp(target: &Target) -> io::Result<(File, Option<PathBuf>)> {
+    let dir = target.parent_rel();
+    match target.dir.open(dir, libc::O_TMPFILE | libc::O_RDWR, 0o600) {
         Ok(file) => Ok((file, None)),
         Err(e)
             if matches!(
@@ -480,6 +532,7 @@ fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
         {
             static COUNTER: AtomicU64 = AtomicU64::new(0);
             let name = target
+                .rel
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
@@ -489,12 +542,8 @@ fn open_temp(dir: &Path, target: &Path) -> io::Result<(File, Option<PathBuf>)> {
                 COUNTER.fetch_add(1, Ordering::Relaxed),
                 name.chars().take(64).collect::<String>()
             ));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&temp)?;
+            let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+            let file = target.dir.open(&temp, flags, 0o600)?;
             Ok((file, Some(temp)))
         }
         Err(e) => Err(e),
@@ -645,7 +694,9 @@ fn publish(
     match linked {
         Ok(()) => {
             if staged.other_fs {
-                fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+                target
+                    .fsync_parent()
+                    .map_err(target.err("fsync directory of"))?;
             }
             let written = PutOutcome::Written {
                 sha256: staged.sha256.clone(),
@@ -655,23 +706,24 @@ fn publish(
             return Ok((written, staged));
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(dest_err("link", &target)(e)),
+        Err(e) => return Err(target.err("link")(e)),
     }
-    let Some((size, existing)) =
-        hash_existing(&target).map_err(dest_err("read existing", &target))?
+    let Some((size, existing)) = target
+        .hash_existing()
+        .map_err(target.err("read existing"))?
     else {
         let reason = "dest holds something that is not a regular file".to_string();
         return Ok((PutOutcome::Conflict { reason }, staged));
     };
     // Ours: a hash we wrote here, or our mark, whatever the bytes are now (a copy of ours that
     // was damaged at the dest is rewritten, not left as a conflict).
-    let ours = owned.contains(&existing) || is_marked_by(&target, writer);
+    let ours = owned.contains(&existing) || target.is_marked_by(writer);
     if existing == staged.sha256 {
-        let file = File::open(&target).map_err(dest_err("open", &target))?;
+        let file = target.open().map_err(target.err("open"))?;
         if ours {
             // Our object with the right content: bring mode, owner and times up to date (a chmod
             // or touch of the source sends the file back here). A foreign one is left as it is.
-            apply_attrs(&file, &staged.source).map_err(dest_err("set attributes on", &target))?;
+            apply_attrs(&file, &staged.source).map_err(target.err("set attributes on"))?;
         }
         return Ok((
             PutOutcome::AlreadyThere {
@@ -690,7 +742,9 @@ fn publish(
     }
     replace_own_object(&staged, &target)?;
     if staged.other_fs {
-        fsync_parent(&target).map_err(dest_err("fsync directory of", &target))?;
+        target
+            .fsync_parent()
+            .map_err(target.err("fsync directory of"))?;
     }
     Ok((
         PutOutcome::Written {
@@ -703,85 +757,36 @@ fn publish(
 }
 
 /// The stamp recorded for a dest file (see `store::local_stamp`).
-fn stamp_of(file: &File, target: &Path) -> Result<String, StoreError> {
-    let meta = file.metadata().map_err(dest_err("stat", target))?;
+fn stamp_of(file: &File, target: &Target) -> Result<String, StoreError> {
+    let meta = file.metadata().map_err(target.err("stat"))?;
     Ok(super::local_stamp(&meta))
 }
 
-/// Whether the file at `path` carries this manifest's mark.
-fn is_marked_by(path: &Path, writer: &str) -> bool {
-    owner_mark(path).is_some_and(|mark| {
-        mark.strip_prefix(writer)
-            .is_some_and(|rest| rest.starts_with(':'))
-    })
-}
-
-/// Removes `path` if it is an empty directory. A directory renamed or removed through the mount
-/// stays at the dest as an empty directory (directories are not owned objects); a file the
+/// Removes the key if it is an empty directory. A directory renamed or removed through the
+/// mount stays at the dest as an empty directory (directories are not owned objects); a file the
 /// application later creates under that name must not be a conflict forever. An empty
 /// directory holds nothing to lose, and the kernel refuses to remove one that is not empty.
-fn remove_empty_dir(path: &Path) -> bool {
-    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
-    is_dir && std::fs::remove_dir(path).is_ok()
+fn remove_empty_dir(target: &Target) -> bool {
+    let is_dir =
+        matches!(target.stat(), Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+    is_dir && target.dir.rmdir(&target.rel).is_ok()
 }
 
-/// Makes the staged file visible at `target` unless something is already there.
-fn link_no_replace(file: &File, temp_name: Option<&Path>, target: &Path) -> io::Result<()> {
-    let Some(temp) = temp_name else {
-        return link_unnamed(file, target);
-    };
-    rename_no_replace(temp, target)
-}
-
-/// Gives an O_TMPFILE file its name. `AT_EMPTY_PATH` links the descriptor itself (it needs
-/// CAP_DAC_READ_SEARCH, which root has); otherwise the same link goes through /proc.
-fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
-    let dest = cstring(target)?;
-    // SAFETY: a descriptor we own and NUL-terminated paths; linkat does not keep them.
-    let by_fd = check(unsafe {
-        libc::linkat(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            dest.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    });
-    match by_fd {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
-            let proc_path = cstring(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
-            // SAFETY: as above.
-            check(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    proc_path.as_ptr(),
-                    libc::AT_FDCWD,
-                    dest.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })
-        }
-        other => other,
+/// Makes the staged file visible at the key unless something is already there.
+fn link_no_replace(file: &File, temp_name: Option<&Path>, target: &Target) -> io::Result<()> {
+    match temp_name {
+        None => target.dir.link_file(file, &target.rel),
+        Some(temp) => rename_no_replace(&target.dir, temp, &target.rel),
     }
 }
 
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let (from_c, to_c) = (cstring(from)?, cstring(to)?);
-    // SAFETY: two NUL-terminated paths.
-    let renamed = check(unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    });
-    match renamed {
+fn rename_no_replace(dir: &Beneath, from: &Path, to: &Path) -> io::Result<()> {
+    match dir.rename(from, to, libc::RENAME_NOREPLACE) {
         // No RENAME_NOREPLACE on this file system: link() also refuses an existing name.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
+            let file = dir.open(from, libc::O_RDONLY, 0)?;
+            dir.link_file(&file, to)?;
+            dir.unlink(from)
         }
         other => other,
     }
@@ -798,57 +803,44 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 
 /// Replaces an object cutoverfs wrote earlier: via a temporary name and rename, so readers see
 /// the old or the new file, never none.
-fn replace_own_object(staged: &Staged, target: &Path) -> Result<(), StoreError> {
+fn replace_own_object(staged: &Staged, target: &Target) -> Result<(), StoreError> {
     let temp = match &staged.temp_name {
         Some(named) => named.clone(),
         None => {
-            let temp = target.with_file_name(format!(
-                ".cutoverfs-replace.{}.{}",
-                std::process::id(),
-                target
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ));
-            let _ = std::fs::remove_file(&temp);
-            link_no_replace(&staged.file, None, &temp).map_err(dest_err("link", &temp))?;
+            let name = target
+                .rel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let temp = target
+                .parent_rel()
+                .join(format!(".cutoverfs-replace.{}.{name}", std::process::id()));
+            let _ = target.dir.unlink(&temp);
+            target
+                .dir
+                .link_file(&staged.file, &temp)
+                .map_err(target.err("link"))?;
             temp
         }
     };
-    std::fs::rename(&temp, target).map_err(dest_err("rename over", target))
+    target
+        .dir
+        .rename(&temp, &target.rel, 0)
+        .map_err(target.err("rename over"))
 }
 
-/// Size and SHA-256 of a regular file at `path`; None when it is something else.
-fn hash_existing(path: &Path) -> io::Result<Option<(u64, String)>> {
-    let file = File::open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Ok(None);
-    }
-    let (size, sha) = crate::util::sha256_of(&file)?;
-    Ok(Some((size, sha)))
-}
-
-fn fsync_parent(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(parent) => File::open(parent)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-/// Creates `dir` and any missing parents below `root`. New directory entries become durable with
-/// the next sync of the file system (the put that needed them waits for it).
-fn create_dirs(root: &Path, dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+/// Creates the directory `rel` and any missing parents below the root. New directory entries
+/// become durable with the next sync of the file system (the put that needed them waits for it).
+fn create_dirs(dir: &Beneath, rel: &Path) -> io::Result<()> {
+    if rel.as_os_str().is_empty() || dir.dir(rel).is_ok() {
         return Ok(());
     }
-    let parent = dir.parent().unwrap_or(root);
-    if parent != dir {
-        create_dirs(root, parent)?;
+    if let Some(parent) = rel.parent() {
+        create_dirs(dir, parent)?;
     }
-    match std::fs::create_dir(dir) {
+    match dir.mkdir(rel, 0o755) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.dir(rel).is_ok() => Ok(()),
         Err(e) => Err(e),
     }
 }

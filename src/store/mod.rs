@@ -253,9 +253,10 @@ pub trait Store: Send + Sync {
     /// Records a directory of the namespace at the dest, where the dest has directories.
     async fn ensure_dir(&self, rel: &str, mode: u32) -> Result<(), StoreError>;
 
-    /// The local file that holds `key`, where the dest is a local directory: readers open it
-    /// themselves (and the kernel can pass reads straight through to it).
-    fn local_file(&self, _key: &str) -> Option<PathBuf> {
+    /// The local file that holds `key`, opened read-only, where the dest is a local directory:
+    /// readers read it themselves (and the kernel can pass reads straight through to it).
+    /// None for a remote dest. Never reached through a symlink or outside the dest.
+    fn open_local_file(&self, _key: &str) -> Option<std::io::Result<std::fs::File>> {
         None
     }
 
@@ -377,11 +378,16 @@ fn unquoted(etag: &str) -> &str {
 /// a stat can tell (a deep check re-reads them).
 pub fn local_stamp(meta: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
-    format!(
-        "file:ino={},mtime={}",
-        meta.ino(),
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
-    )
+    stamp(meta.ino(), meta.mtime() * 1_000_000_000 + meta.mtime_nsec())
+}
+
+/// `local_stamp` from a `stat`.
+pub fn local_stamp_of(st: &libc::stat) -> String {
+    stamp(st.st_ino, st.st_mtime * 1_000_000_000 + st.st_mtime_nsec)
+}
+
+fn stamp(ino: u64, mtime_ns: i64) -> String {
+    format!("file:ino={ino},mtime={mtime_ns}")
 }
 
 /// What `delete_owned` did.

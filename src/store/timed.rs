@@ -2,7 +2,6 @@
 //! (`cutoverfs_store_request_duration_seconds`). It changes nothing else: every call, the
 //! default ones included, goes to the wrapped store as it is.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -63,8 +62,8 @@ impl Store for TimedStore {
         self.inner.ensure_dir(rel, mode).await
     }
 
-    fn local_file(&self, key: &str) -> Option<PathBuf> {
-        self.inner.local_file(key)
+    fn open_local_file(&self, key: &str) -> Option<std::io::Result<std::fs::File>> {
+        self.inner.open_local_file(key)
     }
 
     async fn delete_owned(

@@ -13,7 +13,7 @@ use super::{command, run_command, Run, Work};
 
 pub enum Dest {
     File,
-    S3(S3Server),
+    S3(Box<S3Server>),
 }
 
 pub struct Cutover {
@@ -35,7 +35,7 @@ impl Cutover {
     pub fn s3() -> Cutover {
         Cutover {
             w: Work::new(),
-            dest: Dest::S3(S3Server::in_process()),
+            dest: Dest::S3(Box::new(S3Server::in_process())),
         }
     }
 
