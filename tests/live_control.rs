@@ -64,12 +64,14 @@ fn wait_for_copies(dest: &Path) {
     std::thread::sleep(Duration::from_millis(700));
 }
 
-/// The measured rate is the limit: at most 10% over, and not far under on a busy machine.
+/// The measured rate is the limit: at most 10% over (what the limit promises), and not far
+/// under. The lower bound only catches a throttle that holds copies back far more than asked;
+/// it is loose because a machine busy with other work may lag behind a limit it could reach.
 fn assert_near(measured: f64, limit: f64, what: &str) {
     let ratio = measured / limit;
     eprintln!("{what}: {:+.1}% of the limit", (ratio - 1.0) * 100.0);
     assert!(
-        (0.8..=1.1).contains(&ratio),
+        (0.6..=1.1).contains(&ratio),
         "{what}: measured {measured:.0}/s for a limit of {limit:.0}/s ({:+.1}%)",
         (ratio - 1.0) * 100.0
     );
@@ -148,8 +150,21 @@ fn a_large_file_is_paced_while_it_is_copied() {
 fn a_stop_is_not_held_up_by_a_paced_copy() {
     let w = Work::new();
     w.write("big.bin", &pseudo_random(32 * MIB as usize, 6));
-    let mut sweep = sweep_in_background(&w, &["--bwlimit", "256KiB"]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Held as its copy starts, then released and stopped at once: the copy is in flight (at
+    // 256 KiB/s it would take two minutes), on a fast machine or a slow one.
+    let hold = Hold::at("copy:start");
+    let mut sweep = command();
+    hold.apply(&mut sweep);
+    let mut sweep = sweep
+        .arg("sweep")
+        .args(w.target())
+        .args(["--no-progress", "--bwlimit", "256KiB"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start cutoverfs sweep");
+    hold.wait_reached(|| sweep.try_wait().unwrap().is_none());
+    hold.release();
     let stopped = Instant::now();
     // SAFETY: signalling a child we spawned.
     unsafe { libc::kill(sweep.id() as libc::pid_t, libc::SIGTERM) };
@@ -319,11 +334,16 @@ fn a_new_scope_on_sighup_applies_to_files_not_yet_copied() {
         "bwlimit = \"128KiB\"\nconcurrency = 4\nexclude = [\"slow/**\"]\n",
     );
     assert!(line.contains("scope: -later/** → -slow/**"), "{line}");
+    let idle = "nothing to copy now; the sweeper waits for work";
+    let idle_before = daemon.log_text().matches(idle).count();
     wait_until(Duration::from_secs(30), "later/ copied", || {
         copied("later") == 8
     });
-    // Copies in flight at the reload finish; nothing of slow/ starts after them.
-    std::thread::sleep(Duration::from_millis(500));
+    // Copies in flight at the reload finish, then the sweeper has nothing left in scope; nothing
+    // of slow/ starts after that.
+    wait_until(Duration::from_secs(60), "the sweeper idle", || {
+        daemon.log_text().matches(idle).count() > idle_before
+    });
     let slow = copied("slow");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(copied("slow"), slow, "slow/ is still being copied");

@@ -103,7 +103,11 @@ fn a_sweep_serves_its_counts_while_it_runs() {
     // Already in the dest with the same content: counted as already there.
     write_file(&w.dest.join("f0"), &vec![b'y'; 64 * 1024]);
     let addr = free_addr();
+    // The copy of f3 is held as it starts, so one scrape is sure to land while copies are still
+    // under way, however fast or slow the machine is.
+    let hold = Hold::at_subject("copy:read", "f3");
     let mut cmd = command();
+    hold.apply(&mut cmd);
     cmd.arg("sweep").args(w.target()).args([
         "--no-progress",
         "--bwlimit",
@@ -111,14 +115,21 @@ fn a_sweep_serves_its_counts_while_it_runs() {
         "--metrics",
         &addr,
     ]);
-    let child = cmd
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
+    hold.wait_reached(|| child.try_wait().unwrap().is_none());
     let mut seen: Vec<HashMap<String, f64>> = Vec::new();
-    while started.elapsed() < Duration::from_secs(30) {
+    wait_until(
+        Duration::from_secs(30),
+        "a scrape of the held sweep",
+        || scrape(&addr).map(|s| seen.push(s)).is_some(),
+    );
+    hold.release();
+    while started.elapsed() < Duration::from_secs(60) {
         if let Some(s) = scrape(&addr) {
             seen.push(s);
         } else if !seen.is_empty() {

@@ -491,10 +491,11 @@ fn files_in(status: &serde_json::Value, states: &[&str]) -> u64 {
 
 /// Waits until the manifest shows nothing left to copy and the dest holds exactly the files of
 /// `model` (content and mode). Err says what was still different: at `timeout`, or once the
-/// manifest has shown nothing to copy for longer than the idle sweeper's recheck (5 s) with the
-/// same difference at the dest (nothing will change it any more).
+/// manifest has shown nothing to copy for well over the idle sweeper's recheck (5 s) with the
+/// same difference at the dest (nothing will change it any more). The grace is four rechecks,
+/// so a busy machine that runs a recheck late does not end a case early.
 fn wait_for_sweeper(w: &Work, model: &Path, timeout: Duration) -> Result<(), String> {
-    const IDLE_GRACE: Duration = Duration::from_secs(6);
+    const IDLE_GRACE: Duration = Duration::from_secs(20);
     let started = Instant::now();
     let mut idle_since: Option<(Instant, Vec<String>)> = None;
     loop {

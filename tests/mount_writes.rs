@@ -275,7 +275,11 @@ fn a_file_changed_after_verification_is_never_served_stale() {
         writer.write_all(b"VERSION TWO").unwrap();
         writer
     });
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(30), "the writer waiting", || {
+        daemon
+            .log_text()
+            .contains("a writer waits for the readers of the dest copy")
+    });
     assert!(
         !writer.is_finished(),
         "the writer must wait for the dest reader"
@@ -495,6 +499,8 @@ fn kill_9_during_fsynced_writes_loses_no_acknowledged_byte() {
         r
     };
     let path = mnt.join("journal.log");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = progress.clone();
     let writer = std::thread::spawn(move || {
         let mut file = OpenOptions::new()
             .create(true)
@@ -507,10 +513,14 @@ fn kill_9_during_fsynced_writes_loses_no_acknowledged_byte() {
                 break;
             }
             acknowledged = i + 1;
+            progress.store(acknowledged, std::sync::atomic::Ordering::SeqCst);
         }
         acknowledged
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed in the middle of the writes, once enough of them are acknowledged.
+    wait_until(Duration::from_secs(60), "20 acknowledged records", || {
+        seen.load(std::sync::atomic::Ordering::SeqCst) >= 20
+    });
     let stale = daemon.kill9();
     let acknowledged = writer.join().unwrap();
     drop(stale);

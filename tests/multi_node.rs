@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use common::mount::{served, Daemon};
 use common::pg::PgCluster;
 use common::s3::S3Server;
-use common::{command, pseudo_random, run_command, small_tree, wait_capturing, Run, Work};
+use common::{command, pseudo_random, run_command, small_tree, wait_capturing, Hold, Run, Work};
 use serde_json::Value;
 
 /// Short, so the dead node's files are taken over within the test's time.
@@ -25,8 +25,23 @@ struct Sweeper {
 
 impl Sweeper {
     fn start(work: &Work, server: &S3Server, dest: &str, manifest: &str, extra: &[&str]) -> Self {
+        Self::start_held(work, server, dest, manifest, extra, None)
+    }
+
+    /// As `start`, held at `hold` when given (src/testhook.rs).
+    fn start_held(
+        work: &Work,
+        server: &S3Server,
+        dest: &str,
+        manifest: &str,
+        extra: &[&str],
+        hold: Option<&Hold>,
+    ) -> Self {
         let mut cmd = command();
         server.apply_env(&mut cmd);
+        if let Some(hold) = hold {
+            hold.apply(&mut cmd);
+        }
         cmd.arg("sweep")
             .arg("--source")
             .arg(&work.src)
@@ -226,14 +241,13 @@ s3_tests! {
         let files = mixed_tree(&work);
         let dest = server.dest_url("nodes");
         let extra = ["--batch-size", "40", "--concurrency", "8"];
-        // The one to be killed copies at a paced 4 MiB/s, so it holds leases most of the time
-        // (unpaced, on a fast server, its leases could all be done between the check and the
-        // kill, and the test would not test).
-        let victim_extra: Vec<&str> = extra.iter().copied().chain(["--bwlimit", "4MiB"]).collect();
+        // The one to be killed is held in its first copy, so it has a lease in hand when it is
+        // killed, however fast the others are (src/testhook.rs).
+        let hold = Hold::at("copy:read");
         let sweepers: Vec<Sweeper> = (0..3)
             .map(|i| {
-                let extra: &[&str] = if i == 0 { &victim_extra } else { &extra };
-                Sweeper::start(&work, server, &dest, &manifest, extra)
+                let hold = (i == 0).then_some(&hold);
+                Sweeper::start_held(&work, server, &dest, &manifest, &extra, hold)
             })
             .collect();
         let mut sweepers = sweepers.into_iter();
@@ -242,12 +256,12 @@ s3_tests! {
         let victim_leases = format!(
             "SELECT count(*) FROM entries WHERE state = 'copying' AND lease_owner LIKE '%:{victim_pid}:%'"
         );
-        // Mid-way: a good part verified, and the victim holding leases right now.
+        // Mid-way: a good part verified, and the victim holding a lease on the copy held.
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             assert!(Instant::now() < deadline, "the sweep made no progress");
             let verified = count_soon(pg, &db, "SELECT count(*) FROM entries WHERE state = 'verified'");
-            if verified as usize >= files.len() / 4 && count_soon(pg, &db, &victim_leases) > 0 {
+            if verified as usize >= files.len() / 4 && hold.is_reached() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));

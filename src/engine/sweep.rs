@@ -540,6 +540,8 @@ async fn open_batch(
 /// An idle daemon sweeper: sleeps until copy-on-read wakes it, a while has passed, or the
 /// run stops.
 async fn wait_for_wake(wake: &tokio::sync::Notify, stop: &watch::Receiver<bool>) {
+    // Tests wait for this line to know every copy in scope has finished (tests/live_control.rs).
+    tracing::debug!("nothing to copy now; the sweeper waits for work");
     let mut stop = stop.clone();
     tokio::select! {
         _ = wake.notified() => {}

@@ -476,6 +476,8 @@ fn stage(
         source: opened.before,
         other_fs: false,
     };
+    // Where tests hold a copy that is about to start (tests/live_control.rs).
+    crate::testhook::hold_point("copy:start", &source.rel);
     let (sha256, size) = if opened.before.size >= IN_KERNEL_COPY_MIN {
         copy_in_kernel(&opened, &mut file, &shown, source)?
     } else {
