@@ -84,17 +84,23 @@ const STRAY_COPY_MS: i64 = 6 * 60 * 1000;
 impl Manifest {
     /// A file is being opened for writing: it waits for a copy again, and no worker may take it
     /// (nor purge remove it) while `holder` holds it, until `until` unless renewed. A worker
-    /// copying it now loses its lease, so what it copied is never recorded as verified.
+    /// copying it now loses its lease, so what it copied is never recorded as verified; that copy
+    /// may still land at the dest (its worker may be a node that died with a request in flight),
+    /// so the row keeps a leftover deadline, and a removal or rename before it passes deletes what
+    /// lands (tests/daemon_kill_rounds.rs found this).
     pub async fn hold_for_write(&self, path: &str, holder: &str, until: i64) -> Result<()> {
         sqlx::query(
             "UPDATE entries SET state = 'pending', reason = NULL, sha256 = NULL, attempts = 0, last_error = NULL, \
              next_retry_at = NULL, lease_owner = $2, lease_expires_at = $3, priority = 0, purged_at = NULL, \
+             leftover_until = CASE WHEN state = 'copying' THEN COALESCE(lease_expires_at, $4) + $5 \
+                 ELSE leftover_until END, \
              version = version + 1, updated_at = $4 WHERE path = $1 AND kind = 'file'",
         )
         .bind(path)
         .bind(holder)
         .bind(until)
         .bind(now_ms())
+        .bind(STRAY_COPY_MS)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -145,11 +151,12 @@ impl Manifest {
         let rows = sqlx::query(&self.sql(
             "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
              UPDATE entries SET \
-             dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
-             dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
+             dest_owned = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 THEN 1 ELSE entries.dest_owned END, \
+             dest_key = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 OR entries.intent_sha256 IS NOT NULL \
                  THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
              leftover_until = CASE WHEN entries.state = 'copying' \
-                 THEN COALESCE(entries.lease_expires_at, $2) + $3 ELSE NULL END, \
+                 THEN COALESCE(entries.lease_expires_at, $2) + $3 \
+                 WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
              state = 'deleted', reason = 'removed through the mount', lease_owner = NULL, lease_expires_at = NULL, \
              priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
              FROM d WHERE entries.path = d.path AND entries.state <> 'deleted' \
@@ -255,11 +262,12 @@ impl Manifest {
             let rows = sqlx::query(&self.sql(
                 "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
                  UPDATE entries SET \
-                 dest_owned = CASE WHEN entries.state = 'copying' THEN 1 ELSE entries.dest_owned END, \
-                 dest_key = CASE WHEN entries.state = 'copying' OR entries.intent_sha256 IS NOT NULL \
+                 dest_owned = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 THEN 1 ELSE entries.dest_owned END, \
+                 dest_key = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 OR entries.intent_sha256 IS NOT NULL \
                      THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
                  leftover_until = CASE WHEN entries.state = 'copying' \
-                     THEN COALESCE(entries.lease_expires_at, $2) + $3 ELSE NULL END, \
+                     THEN COALESCE(entries.lease_expires_at, $2) + $3 \
+                 WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
                  state = 'deleted', reason = 'renamed through the mount', lease_owner = NULL, \
                  lease_expires_at = NULL, priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
                  FROM d WHERE entries.path = d.path \
