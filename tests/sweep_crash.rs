@@ -139,7 +139,13 @@ both_engines! {
             // every odd round with work left dies among the copies on any machine.
             let odd = round % 2 == 1;
             if odd {
-                let left = total as u64 - state_count(&w.status(), "files", "verified");
+                // An even round killed early on a busy machine may have left no manifest yet.
+                let verified = if w.pg_url.is_some() || w.manifest.exists() {
+                    state_count(&w.status(), "files", "verified")
+                } else {
+                    0
+                };
+                let left = total as u64 - verified;
                 let point = if rng.range(0, 2) == 0 { "sweep:copied" } else { "sweep:recorded" };
                 let nth = rng.range(1, 4);
                 let crash = vec![("CUTOVERFS_CRASH_AT".to_string(), format!("{point}#{nth}"))];
