@@ -86,8 +86,13 @@ fn tree(w: &Work, dir: &str, count: usize, size: u64) {
     }
 }
 
-fn sweep_in_background(w: &Work, extra: &[&str]) -> std::process::Child {
-    command()
+/// `cutoverfs sweep` in the background, held at `hold` when given (src/testhook.rs).
+fn sweep_in_background(w: &Work, extra: &[&str], hold: Option<&Hold>) -> std::process::Child {
+    let mut sweep = command();
+    if let Some(hold) = hold {
+        hold.apply(&mut sweep);
+    }
+    sweep
         .arg("sweep")
         .args(w.target())
         .args(["--no-progress"])
@@ -108,7 +113,7 @@ fn stop(mut child: std::process::Child) {
 fn bwlimit_holds_within_ten_percent_over_a_few_seconds() {
     let w = Work::new();
     tree(&w, "media", 400, 64 * KIB);
-    let sweep = sweep_in_background(&w, &["--bwlimit", "2MiB", "--concurrency", "16"]);
+    let sweep = sweep_in_background(&w, &["--bwlimit", "2MiB", "--concurrency", "16"], None);
     wait_for_copies(&w.dest);
     let (_, bytes) = rate_over(&w.dest, Duration::from_secs(6));
     stop(sweep);
@@ -119,7 +124,7 @@ fn bwlimit_holds_within_ten_percent_over_a_few_seconds() {
 fn max_ops_holds_within_ten_percent_over_a_few_seconds() {
     let w = Work::new();
     tree(&w, "media", 600, KIB);
-    let sweep = sweep_in_background(&w, &["--max-ops", "50"]);
+    let sweep = sweep_in_background(&w, &["--max-ops", "50"], None);
     wait_for_copies(&w.dest);
     let (files, _) = rate_over(&w.dest, Duration::from_secs(6));
     stop(sweep);
@@ -153,16 +158,7 @@ fn a_stop_is_not_held_up_by_a_paced_copy() {
     // Held as its copy starts, then released and stopped at once: the copy is in flight (at
     // 256 KiB/s it would take two minutes), on a fast machine or a slow one.
     let hold = Hold::at("copy:start");
-    let mut sweep = command();
-    hold.apply(&mut sweep);
-    let mut sweep = sweep
-        .arg("sweep")
-        .args(w.target())
-        .args(["--no-progress", "--bwlimit", "256KiB"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start cutoverfs sweep");
+    let mut sweep = sweep_in_background(&w, &["--bwlimit", "256KiB"], Some(&hold));
     hold.wait_reached(|| sweep.try_wait().unwrap().is_none());
     hold.release();
     let stopped = Instant::now();

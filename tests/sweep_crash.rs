@@ -140,11 +140,9 @@ both_engines! {
             let odd = round % 2 == 1;
             if odd {
                 // An even round killed early on a busy machine may have left no manifest yet.
-                let verified = if w.pg_url.is_some() || w.manifest.exists() {
-                    state_count(&w.status(), "files", "verified")
-                } else {
-                    0
-                };
+                let verified = w
+                    .status_if_any()
+                    .map_or(0, |status| state_count(&status, "files", "verified"));
                 let left = total as u64 - verified;
                 let point = if rng.range(0, 2) == 0 { "sweep:copied" } else { "sweep:recorded" };
                 let nth = rng.range(1, 4);

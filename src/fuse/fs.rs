@@ -227,7 +227,7 @@ impl FsState {
         let _turn = writable.then(|| self.files.writer_waiting(ino));
         let started = std::time::Instant::now();
         let mut given = given;
-        let mut waited = 0u32;
+        let mut wait_logged = false;
         loop {
             let opened =
                 self.try_open_local_handle(ino, rel, flags, writable, backing_for, &mut given);
@@ -235,11 +235,10 @@ impl FsState {
                 Err(e) if is_dest_readers_busy(&e) => {
                     // Readers of the dest copy hold the inode: the writer waits for them a
                     // little (new readers queue behind it meanwhile), then gives up.
-                    if waited == 0 {
+                    if !std::mem::replace(&mut wait_logged, true) {
                         // tests/mount_writes.rs waits for this line.
                         tracing::debug!(ino, "a writer waits for the readers of the dest copy");
                     }
-                    waited += 1;
                     if started.elapsed() > WRITER_WAIT {
                         tracing::warn!(ino, "a file read from the dest stayed open; refusing to open it for writing (ETXTBSY)");
                         return Err(io::Error::from_raw_os_error(libc::ETXTBSY));

@@ -81,6 +81,28 @@ const LEFTOVER_COLUMNS: &str =
 /// client's attempt timeout, 5 minutes; src/store/s3/settings.rs), and a little more.
 const STRAY_COPY_MS: i64 = 6 * 60 * 1000;
 
+/// The statement that marks the paths of `JSON_ROWS($1)` (`[path, dest_key]`) deleted at `$2`
+/// (now), for removals and for the old names of a rename. A copy that may still land at the key
+/// (the row is `copying`, or was taken from a copying worker less than its leftover deadline ago)
+/// keeps the key as a leftover, owned, until `$3` after that copy's lease ends.
+fn mark_deleted_sql(reason: &str, only_rows: &str) -> String {
+    const MAY_LAND: &str = "(entries.state = 'copying' OR entries.leftover_until > $2)";
+    format!(
+        "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
+         UPDATE entries SET \
+         dest_owned = CASE WHEN {MAY_LAND} THEN 1 ELSE entries.dest_owned END, \
+         dest_key = CASE WHEN {MAY_LAND} OR entries.intent_sha256 IS NOT NULL \
+             THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
+         leftover_until = CASE WHEN entries.state = 'copying' THEN COALESCE(entries.lease_expires_at, $2) + $3 \
+             WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
+         state = 'deleted', reason = '{reason}', lease_owner = NULL, lease_expires_at = NULL, \
+         priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
+         FROM d WHERE entries.path = d.path {only_rows} \
+         RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
+         entries.intent_sha256, entries.version, entries.leftover_until"
+    )
+}
+
 impl Manifest {
     /// A file is being opened for writing: it waits for a copy again, and no worker may take it
     /// (nor purge remove it) while `holder` holds it, until `until` unless renewed. A worker
@@ -148,21 +170,10 @@ impl Manifest {
             .iter()
             .map(|(path, key)| serde_json::json!([path, key]))
             .collect();
-        let rows = sqlx::query(&self.sql(
-            "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
-             UPDATE entries SET \
-             dest_owned = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 THEN 1 ELSE entries.dest_owned END, \
-             dest_key = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 OR entries.intent_sha256 IS NOT NULL \
-                 THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
-             leftover_until = CASE WHEN entries.state = 'copying' \
-                 THEN COALESCE(entries.lease_expires_at, $2) + $3 \
-                 WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
-             state = 'deleted', reason = 'removed through the mount', lease_owner = NULL, lease_expires_at = NULL, \
-             priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
-             FROM d WHERE entries.path = d.path AND entries.state <> 'deleted' \
-             RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
-             entries.intent_sha256, entries.version, entries.leftover_until",
-        ))
+        let rows = sqlx::query(&self.sql(&mark_deleted_sql(
+            "removed through the mount",
+            "AND entries.state <> 'deleted'",
+        )))
         .bind(serde_json::Value::Array(json).to_string())
         .bind(now_ms())
         .bind(STRAY_COPY_MS)
@@ -259,26 +270,12 @@ impl Manifest {
         }
         let mut leftovers = Vec::new();
         if !gone.is_empty() {
-            let rows = sqlx::query(&self.sql(
-                "WITH d AS MATERIALIZED (SELECT value ->> 0 AS path, value ->> 1 AS dest_key FROM JSON_ROWS($1)) \
-                 UPDATE entries SET \
-                 dest_owned = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 THEN 1 ELSE entries.dest_owned END, \
-                 dest_key = CASE WHEN entries.state = 'copying' OR entries.leftover_until > $2 OR entries.intent_sha256 IS NOT NULL \
-                     THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
-                 leftover_until = CASE WHEN entries.state = 'copying' \
-                     THEN COALESCE(entries.lease_expires_at, $2) + $3 \
-                 WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
-                 state = 'deleted', reason = 'renamed through the mount', lease_owner = NULL, \
-                 lease_expires_at = NULL, priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
-                 FROM d WHERE entries.path = d.path \
-                 RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
-                 entries.intent_sha256, entries.version, entries.leftover_until",
-            ))
-            .bind(serde_json::Value::Array(gone).to_string())
-            .bind(now)
-            .bind(STRAY_COPY_MS)
-            .fetch_all(&mut *tx)
-            .await?;
+            let rows = sqlx::query(&self.sql(&mark_deleted_sql("renamed through the mount", "")))
+                .bind(serde_json::Value::Array(gone).to_string())
+                .bind(now)
+                .bind(STRAY_COPY_MS)
+                .fetch_all(&mut *tx)
+                .await?;
             leftovers = leftovers_from(&rows)?;
             sqlx::query(&self.sql(UPSERT_LOCAL))
                 .bind(serde_json::Value::Array(fresh).to_string())

@@ -327,10 +327,22 @@ impl Work {
 
     /// `status --json` parsed; panics with the output when it fails.
     pub fn status(&self) -> Value {
+        self.status_if_any()
+            .expect("status --json: no manifest at the workspace's URL")
+    }
+
+    /// `status --json` parsed, or None while no sweep or mount has created the manifest yet (on
+    /// either engine); panics with the output on any other failure.
+    pub fn status_if_any(&self) -> Option<Value> {
         let run = self.cmd_manifest_only("status", &["--json"]);
+        if run.code == Some(2) && run.stderr.contains("no manifest at") {
+            return None;
+        }
         run.assert_code(0);
-        serde_json::from_str(&run.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{run}"))
+        Some(
+            serde_json::from_str(&run.stdout)
+                .unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{run}")),
+        )
     }
 }
 
