@@ -612,3 +612,48 @@ fn files_removed_while_being_copied_leave_nothing_at_the_dest() {
     assert_eq!(fs::read(w.dest.join("keep.txt")).unwrap(), b"keep");
     daemon.stop();
 }
+
+/// A copy that an open for writing takes from its worker may still be published afterwards, by a
+/// worker past its last check whose daemon then dies (or by an S3 server finishing the request of
+/// a client that died). If the file is removed meanwhile, that late object must not stay at the
+/// dest. The copy is held as it is about to be published while the application appends to the
+/// file and removes it; released, it is published and the daemon kills itself right after
+/// (`sweep:copied`), before it could clean up; the restarted daemon must delete the object.
+#[test]
+fn a_copy_taken_away_by_a_writer_and_published_after_the_removal_is_deleted() {
+    let w = Work::new();
+    w.write("upload.bin", &pseudo_random(5000, 77));
+    let hold = Hold::at_subject("copy:publish", "upload.bin");
+    let mut env = hold.env();
+    env.push(("CUTOVERFS_CRASH_AT".into(), "sweep:copied".into()));
+    let (mnt, mut daemon) = mount_beside(&w, &[], &env);
+    hold.wait_reached(|| daemon.try_exit().is_none());
+    {
+        let mut writer = OpenOptions::new()
+            .append(true)
+            .open(mnt.join("upload.bin"))
+            .unwrap();
+        writer.write_all(b"more").unwrap();
+    }
+    fs::remove_file(mnt.join("upload.bin")).unwrap();
+    hold.release();
+    wait_until(
+        Duration::from_secs(60),
+        "the daemon at its crash point",
+        || daemon.has_exited(),
+    );
+    assert!(
+        w.dest.join("upload.bin").exists(),
+        "the held copy was not published: the test did not test"
+    );
+    drop(daemon.crashed());
+    let daemon = restart(&w, &mnt);
+    daemon.wait_for_scan();
+    wait_until(
+        Duration::from_secs(60),
+        "the late object of the removed file deleted",
+        || !w.dest.join("upload.bin").exists(),
+    );
+    assert!(!mnt.join("upload.bin").exists());
+    daemon.stop();
+}

@@ -684,6 +684,8 @@ fn publish(
     owned: &[String],
     writer: &str,
 ) -> Result<(PutOutcome, Staged), StoreError> {
+    // Where tests hold a copy that is written and about to appear at its key (tests/mount_writes.rs).
+    crate::testhook::hold_point("copy:publish", &staged.target.rel.to_string_lossy());
     let target = staged.target.clone();
     let mut linked = link_no_replace(&staged.file, staged.temp_name.as_deref(), &target);
     if linked
