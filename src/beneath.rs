@@ -150,6 +150,22 @@ impl Beneath {
         })
     }
 
+    /// `linkat` of `from` to the new name `to` (a hard link; neither is followed).
+    pub fn link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let (from_dir, from_name) = self.parent(from)?;
+        let (to_dir, to_name) = self.parent(to)?;
+        // SAFETY: two directory descriptors below the root and two NUL-terminated names.
+        check(unsafe {
+            libc::linkat(
+                from_dir.as_raw_fd(),
+                from_name.as_ptr(),
+                to_dir.as_raw_fd(),
+                to_name.as_ptr(),
+                0,
+            )
+        })
+    }
+
     /// Gives an open file (an unnamed O_TMPFILE one) the name `rel`; EEXIST if it is taken.
     pub fn link_file(&self, file: &File, rel: &Path) -> io::Result<()> {
         let (dir, name) = self.parent(rel)?;

@@ -206,15 +206,17 @@ fn posix_operations_behave_as_on_a_local_directory() {
     assert_eq!((meta.uid(), meta.gid()), (1234, 4321));
     assert_eq!(meta.mtime(), 1_600_000_000);
 
-    // symlinks work; hard links and xattrs are refused with their errno
+    // symlinks and hard links work; xattrs are refused with their errno
     std::os::unix::fs::symlink("keep.txt", mnt.join("link")).unwrap();
     assert_eq!(
         fs::read_link(mnt.join("link")).unwrap(),
         Path::new("keep.txt")
     );
+    fs::hard_link(mnt.join("keep.txt"), mnt.join("hard")).unwrap();
+    assert_eq!(fs::metadata(mnt.join("hard")).unwrap().nlink(), 2);
     assert_eq!(
         errno_of(fs::hard_link(mnt.join("keep.txt"), mnt.join("hard"))),
-        libc::EPERM
+        libc::EEXIST
     );
     let name = CString::new("user.test").unwrap();
     let target = c(&mnt.join("keep.txt"));

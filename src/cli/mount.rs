@@ -17,7 +17,7 @@ use crate::engine::scan::{scan_patiently, ScanError};
 use crate::engine::sweep::{run_sweep, SweepOptions};
 use crate::engine::{node_id, process_node, Limits, LiveLimits, Progress};
 use crate::fuse::{MountSettings, Parts};
-use crate::manifest::Manifest;
+use crate::manifest::{Engine, Manifest};
 use crate::metrics::{Metrics, Role};
 use crate::store::{Preflight, TimedStore};
 
@@ -63,9 +63,15 @@ pub struct MountArgs {
     /// abandoned and redone by a later run (a dest that stalls cannot hold a stop up longer).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub stop_timeout: Duration,
-    /// How long the kernel may cache names and attributes.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub attr_timeout: Duration,
+    /// How long the kernel may cache names and attributes. Default: 1h with a SQLite
+    /// manifest (only this daemon changes the tree it serves, and it tells the kernel), 1s with
+    /// PostgreSQL and on replicas (other nodes change it; see --manifest-cache).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub attr_timeout: Option<Duration>,
+    /// Memory for the manifest rows the mount keeps at hand (the rest is read again with one
+    /// indexed query), and as much again for SQLite's own page cache.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub cache_memory: u64,
     /// Threads answering FUSE requests.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub fuse_threads: u32,
@@ -97,6 +103,19 @@ pub struct MountArgs {
     /// on other nodes show here within this plus --attr-timeout.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub manifest_cache: Duration,
+}
+
+/// How long the kernel may cache names and attributes: `--attr-timeout`, else long where this
+/// daemon is the only one changing the tree (a SQLite manifest), short where other nodes do.
+fn kernel_ttls(args: &MountArgs, engine: Engine) -> crate::fuse::KernelTtls {
+    let ttl = args.attr_timeout.unwrap_or(match engine {
+        Engine::Sqlite if !args.no_source => Duration::from_secs(3600),
+        _ => Duration::from_secs(1),
+    });
+    crate::fuse::KernelTtls {
+        entry: ttl,
+        attr: ttl,
+    }
 }
 
 /// How often the daemon deletes dest objects that removals left behind.
@@ -139,6 +158,9 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     if metrics_listener.is_some() {
         resolved.store = TimedStore::wrap(resolved.store, metrics.store_calls.clone());
     }
+    // The daemon runs for weeks: SQLite's page cache is held to --cache-memory across its
+    // connections (the kernel's page cache keeps the file's pages anyway).
+    crate::manifest::limit_sqlite_cache(args.cache_memory / 4);
     let manifest = Manifest::open(&resolved.manifest_url).await?;
     manifest.check_pair(&resolved.pair, true).await?;
     if !args.no_sweep {
@@ -151,8 +173,9 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     let settings = MountSettings {
         mountpoint: mountpoint.clone(),
         fsname: format!("cutoverfs:{}", resolved.pair.source),
-        ttl: args.attr_timeout,
+        ttl: kernel_ttls(&args, manifest.engine()),
         row_ttl: args.manifest_cache,
+        cache_memory: args.cache_memory,
         threads: args.fuse_threads as usize,
         prefetch_memory: args.prefetch_memory,
         node: node_id(),
@@ -304,6 +327,7 @@ async fn run_replica(args: MountArgs) -> Result<u8> {
         .transpose()?;
     let mountpoint = crate::fuse::prepare_mountpoint(&args.mountpoint)?;
     let url = args.target.manifest_url()?;
+    crate::manifest::limit_sqlite_cache(args.cache_memory / 4);
     let Some(manifest) = Manifest::open_existing(&url).await? else {
         bail!(
             "no manifest at {url}: a replica serves a migration that a node with the source has \
@@ -323,8 +347,9 @@ async fn run_replica(args: MountArgs) -> Result<u8> {
     let settings = crate::fuse::ReplicaSettings {
         mountpoint: mountpoint.clone(),
         fsname: "cutoverfs:replica".into(),
-        ttl: args.attr_timeout,
+        ttl: kernel_ttls(&args, Engine::Postgres),
         row_ttl: args.manifest_cache,
+        cache_memory: args.cache_memory,
         threads: args.fuse_threads as usize,
         prefetch_memory: args.prefetch_memory,
         wait: args.remote_wait,

@@ -7,7 +7,6 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -140,92 +139,97 @@ impl<'a> Walker<'a> {
 
     fn classify(&self, dir: &str, entry: &std::fs::DirEntry) -> Option<Scanned> {
         let name = entry.file_name();
-        let name_bytes = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
-        if super::purge::set_aside_in_flight(name_bytes) {
+        if super::purge::set_aside_in_flight(name.as_bytes()) {
             // A local copy a running purge set aside for an instant: its file is verified at the
             // dest, it is not part of the tree.
             return None;
         }
-        let reserved = super::purge::set_aside_pid(name_bytes).is_some();
-        let (name_text, bad_name) = match name.to_str() {
-            Some(text) => (text.to_string(), None),
-            None => (name.to_string_lossy().into_owned(), Some(escaped(&name))),
-        };
-        let path = if dir.is_empty() {
-            name_text
-        } else {
-            format!("{dir}/{name_text}")
-        };
         let meta = match entry.metadata() {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
             Err(e) => {
-                tracing::warn!(path = %path, error = %e, "cannot stat");
+                tracing::warn!(path = %Path::new(dir).join(&name).display(), error = %e, "cannot stat");
                 return None;
             }
         };
-        let file_type = meta.file_type();
-        let (kind, mut unsupported) = if file_type.is_dir() {
-            (Kind::Dir, None)
-        } else if file_type.is_file() {
-            (Kind::File, None)
-        } else if file_type.is_symlink() {
-            (
-                Kind::Symlink,
-                Some(
-                    "symbolic link: recorded, not followed; cutoverfs migrates regular files"
-                        .to_string(),
-                ),
-            )
-        } else {
-            let what = if file_type.is_fifo() {
-                "fifo"
-            } else if file_type.is_socket() {
-                "socket"
-            } else if file_type.is_char_device() {
-                "character device"
-            } else {
-                "block device"
+        let attrs = crate::source::Attrs::from_metadata(&meta);
+        Some(describe(&self.source, &*self.store, dir, &name, &attrs))
+    }
+}
+
+/// What a scan records of the entry `name` in the directory `dir` (relative, "" for the root),
+/// whose attributes are `attrs`: its kind, and why cutoverfs cannot migrate it, if it cannot.
+/// The mount records entries it meets before the scan the same way (`fuse::records`).
+pub fn describe(
+    source: &SourceTree,
+    store: &dyn Store,
+    dir: &str,
+    name: &OsStr,
+    attrs: &crate::source::Attrs,
+) -> Scanned {
+    let reserved = super::purge::set_aside_pid(name.as_bytes()).is_some();
+    let (name_text, bad_name) = match name.to_str() {
+        Some(text) => (text.to_string(), None),
+        None => (name.to_string_lossy().into_owned(), Some(escaped(name))),
+    };
+    let path = if dir.is_empty() {
+        name_text
+    } else {
+        format!("{dir}/{name_text}")
+    };
+    let (kind, mut unsupported) = match attrs.mode & libc::S_IFMT {
+        libc::S_IFDIR => (Kind::Dir, None),
+        libc::S_IFREG => (Kind::File, None),
+        libc::S_IFLNK => (
+            Kind::Symlink,
+            Some("symbolic link: recorded, not followed; cutoverfs migrates regular files".to_string()),
+        ),
+        other => {
+            let what = match other {
+                libc::S_IFIFO => "fifo",
+                libc::S_IFSOCK => "socket",
+                libc::S_IFCHR => "character device",
+                _ => "block device",
             };
             (
                 Kind::Special,
                 Some(format!("{what}: only regular files can be migrated")),
             )
-        };
-        if let Some(bad) = bad_name {
-            unsupported = Some(format!(
-                "name is not valid UTF-8 ({bad}); the manifest and dest keys need UTF-8"
-            ));
-        } else if reserved {
-            unsupported = Some(
-                "the name has the form cutoverfs gives a local copy while purge removes it \
-                 (.cutoverfs-purge-PID-NAME) and is left out; rename the file to migrate it"
-                    .to_string(),
-            );
-        } else if kind == Kind::File {
-            if let Err(reason) = self.store.key_for(&path) {
-                unsupported = Some(reason);
-            }
         }
-        let link_target = if kind == Kind::Symlink {
-            self.source
-                .read_link_at(Path::new(&path))
-                .ok()
-                .map(|t| t.to_string_lossy().into_owned())
-        } else {
-            None
-        };
-        Some(Scanned {
-            path,
-            kind,
-            size: if kind == Kind::File { meta.size() } else { 0 },
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            link_target,
-            unsupported,
-        })
+    };
+    if let Some(bad) = bad_name {
+        unsupported = Some(format!(
+            "name is not valid UTF-8 ({bad}); the manifest and dest keys need UTF-8"
+        ));
+    } else if reserved {
+        unsupported = Some(
+            "the name has the form cutoverfs gives a local copy while purge removes it \
+             (.cutoverfs-purge-PID-NAME) and is left out; rename the file to migrate it"
+                .to_string(),
+        );
+    } else if kind == Kind::File {
+        if let Err(reason) = store.key_for(&path) {
+            unsupported = Some(reason);
+        }
+    }
+    let link_target = if kind == Kind::Symlink {
+        source
+            .read_link_at(Path::new(&path))
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Scanned {
+        path,
+        kind,
+        size: if kind == Kind::File { attrs.size } else { 0 },
+        mtime_ns: attrs.mtime_ns,
+        mode: attrs.mode,
+        uid: attrs.uid,
+        gid: attrs.gid,
+        link_target,
+        unsupported,
     }
 }
 

@@ -11,22 +11,23 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::local;
-use super::namespace::Namespace;
+use super::rows::Rows;
 use crate::manifest::{Entry, Kind};
+use crate::source::SourceTree;
 use crate::store::Store;
 
 const CHUNK: u64 = 8 << 20;
 
 /// Brings `entry`'s file back to the local tree (a no-op if a local copy appeared meanwhile).
 pub fn copy_up(
-    ns: &Namespace,
+    tree: &SourceTree,
+    rows: &Rows,
     store: &dyn Store,
     rt: &tokio::runtime::Handle,
     entry: &Entry,
 ) -> io::Result<()> {
     let rel = Path::new(&entry.path);
     let _span = tracing::info_span!("copy_up", path = %entry.path).entered();
-    let tree = ns.source();
     if local::exists(tree, rel)? {
         return Ok(());
     }
@@ -35,7 +36,7 @@ pub fn copy_up(
         return Err(io::Error::from_raw_os_error(libc::EIO));
     };
     let parent = rel.parent().unwrap_or(Path::new(""));
-    ensure_local_dirs(ns, parent)?;
+    ensure_local_dirs(tree, rows, parent)?;
     let mut file = local::unnamed_file(tree, parent)?;
     let mut hasher = Sha256::new();
     let mut offset = 0;
@@ -89,20 +90,20 @@ fn restore_attributes(file: &std::fs::File, entry: &Entry) -> io::Result<()> {
 
 /// Creates the local directories above a dest-only file, with the modes and owners the
 /// manifest recorded for them.
-pub fn ensure_local_dirs(ns: &Namespace, dir: &Path) -> io::Result<()> {
-    if dir.as_os_str().is_empty() || local::exists(ns.source(), dir)? {
+pub fn ensure_local_dirs(tree: &SourceTree, rows: &Rows, dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || local::exists(tree, dir)? {
         return Ok(());
     }
-    ensure_local_dirs(ns, dir.parent().unwrap_or(Path::new("")))?;
-    let recorded = ns.entry(dir)?.filter(|e| e.kind == Kind::Dir);
+    ensure_local_dirs(tree, rows, dir.parent().unwrap_or(Path::new("")))?;
+    let recorded = rows.entry(dir)?.filter(|e| e.kind == Kind::Dir);
     let mode = recorded.as_ref().map_or(0o755, |e| e.mode & 0o7777);
-    match local::mkdir(ns.source(), dir, mode) {
+    match local::mkdir(tree, dir, mode) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok(()),
         Err(e) => return Err(e),
     }
     if let Some(e) = recorded {
-        local::chown(ns.source(), dir, Some(e.uid), Some(e.gid))?;
+        local::chown(tree, dir, Some(e.uid), Some(e.gid))?;
     }
     Ok(())
 }

@@ -1,22 +1,29 @@
 //! The mount (DESIGN §1, §5): a FUSE file system over the application's directory that
-//! serves every file from wherever it lives right now.
+//! serves every file from wherever it lives right now, and the read-only replica of it on
+//! machines without the local tree.
 //!
-//! Owns: inode numbers, the union namespace, open files and their routes (dest, local,
-//! fallback), the copy-on-read queue and mounting/unmounting. It reads the source through
-//! `SourceTree`, the dest only through the `Store` trait (never S3 directly) and the manifest
-//! through its queries; copying is the engine's job, which this part only wakes.
+//! Layout: `adapter.rs` is the thin fuser adapter; `core.rs`, `open.rs` and `writes.rs` are the
+//! file system, one core for both kinds of mount, which differ in their namespace
+//! (`namespace/`); `inode.rs` holds one record per inode with something to remember, `rows.rs`
+//! the manifest as the mount reads it. The mount reads the source through `SourceTree`, the
+//! dest only through the `Store` trait (never S3 directly) and the manifest through its
+//! queries; copying is the engine's job, which this part only wakes. This file mounts and
+//! unmounts.
 
+mod adapter;
 mod copyup;
-mod fs;
+mod core;
+mod handles;
 mod health;
-mod inodes;
+mod inode;
 mod local;
 mod namespace;
 mod open;
 mod prefetch;
 mod probe;
+mod queue;
 mod records;
-mod replica;
+mod rows;
 mod writes;
 
 use std::ffi::CString;
@@ -26,79 +33,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::sync::{mpsc, Notify};
+use fuser::FileAttr;
+use tokio::sync::Notify;
 
 use crate::manifest::Manifest;
 pub use crate::metrics::ReadStats;
 use crate::source::SourceTree;
 use crate::store::Store;
 
-pub use fs::CutoverFs;
+use self::core::{Core, CoreParts, Ttls, WritePath};
 pub use health::DestHealth;
+use inode::Inodes;
+pub use namespace::replica::root_attr;
+use namespace::{Numbering, Recorder};
 pub use probe::{probe_kernel, KernelOffer};
-pub use replica::{mount_replica, root_attr, ReplicaSettings};
+use rows::Rows;
 
 /// The file system type in /proc/mounts: `fuse.` + this.
 pub const SUBTYPE: &str = "cutoverfs";
-
-/// Opens of files not copied yet, on their way to the head of the copy queue.
-pub struct CopyOnRead {
-    tx: mpsc::UnboundedSender<String>,
-    recent: moka::sync::Cache<String, ()>,
-}
-
-impl CopyOnRead {
-    /// The queue, and the task that records queued files in the manifest and wakes `wake`.
-    pub fn start(manifest: Manifest, wake: Arc<Notify>, stats: Arc<ReadStats>) -> CopyOnRead {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            // Queued files wait while the manifest is unreachable, for as long as the mount.
-            let (_never, patience) = tokio::sync::watch::channel(false);
-            let mut paths = Vec::new();
-            while rx.recv_many(&mut paths, 256).await > 0 {
-                match manifest
-                    .patiently(&patience, || manifest.prioritize(&paths))
-                    .await
-                {
-                    Ok(queued) if queued > 0 => {
-                        stats.copy_on_read_queued.inc_by(queued);
-                        tracing::debug!(files = queued, "copy-on-read queued");
-                        wake.notify_one();
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot queue files for copy-on-read"),
-                }
-                paths.clear();
-            }
-        });
-        CopyOnRead {
-            tx,
-            recent: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(60))
-                .build(),
-        }
-    }
-
-    /// Never blocks the open: the manifest is written by the queue's task.
-    pub fn queue(&self, path: &str) {
-        if self.recent.contains_key(path) {
-            return;
-        }
-        self.recent.insert(path.to_string(), ());
-        let _ = self.tx.send(path.to_string());
-    }
-}
 
 /// How the mount looks and behaves.
 #[derive(Debug, Clone)]
 pub struct MountSettings {
     pub mountpoint: PathBuf,
     pub fsname: String,
-    /// Kernel entry and attribute cache lifetime.
-    pub ttl: Duration,
+    /// Kernel cache lifetimes of names and attributes.
+    pub ttl: Ttls,
     /// How long a manifest row read by the mount is trusted before it is read again.
     pub row_ttl: Duration,
+    /// Bytes the cached manifest rows may take (`--cache-memory`).
+    pub cache_memory: u64,
     pub threads: usize,
     /// Bytes of remote data fetched ahead, across all open files.
     pub prefetch_memory: u64,
@@ -110,6 +74,24 @@ pub struct MountSettings {
     /// before the local copy answers instead (`--dest-read-timeout`).
     pub dest_read_deadline: Duration,
 }
+
+/// How a replica mount looks and behaves.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    pub mountpoint: PathBuf,
+    pub fsname: String,
+    pub ttl: Ttls,
+    pub row_ttl: Duration,
+    pub cache_memory: u64,
+    pub threads: usize,
+    pub prefetch_memory: u64,
+    /// How long an open waits for a requested file to be copied.
+    pub wait: Duration,
+    /// Attributes of the root directory (the mountpoint's own).
+    pub root: FileAttr,
+}
+
+pub use self::core::Ttls as KernelTtls;
 
 /// A live mount: its FUSE session runs on its own threads until unmounted.
 pub struct Mounted {
@@ -137,44 +119,58 @@ pub fn mount(
 ) -> Result<(Mounted, crate::engine::sweep::VerifiedHook)> {
     let rt = tokio::runtime::Handle::current();
     let stats = parts.metrics.served.clone();
-    let copy_on_read = CopyOnRead::start(
-        parts.manifest.clone(),
-        parts.wake_sweeper.clone(),
-        stats.clone(),
-    );
-    let ns = Arc::new(namespace::Namespace::new(
-        parts.source.clone(),
+    let rows = Arc::new(Rows::new(
         parts.manifest.clone(),
         rt.clone(),
         settings.row_ttl,
+        settings.cache_memory,
     ));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let inodes = Arc::new(Inodes::new());
     let holds = records::Holds {
         holder: format!("{}/writes", settings.node),
         lasts: settings.hold_for.max(Duration::from_secs(3)),
     };
-    let records = records::WriteRecords::start(
+    let records = Arc::new(records::WriteRecords::start(
         parts.manifest.clone(),
-        ns.clone(),
+        rows.clone(),
+        inodes.clone(),
         parts.wake_sweeper.clone(),
         holds.clone(),
         rt.clone(),
+    ));
+    let numbers = Numbering::new(
+        inodes.clone(),
+        parts.manifest.clone(),
+        rt.clone(),
+        Some(Recorder {
+            records: records.clone(),
+            source: parts.source.clone(),
+            store: parts.store.clone(),
+        }),
     );
-    let fs = CutoverFs::new(fs::FsParts {
-        ns: ns.clone(),
+    let ns = namespace::source::SourceNamespace::new(parts.source.clone(), rows.clone(), numbers);
+    let core = Core::new(CoreParts {
+        ns: Box::new(ns),
+        rows: rows.clone(),
+        inodes,
         dest_health: DestHealth::new(parts.store.clone(), rt.clone()),
         store: parts.store,
         rt,
-        ttl: settings.ttl,
-        copy_on_read,
+        ttls: settings.ttl,
         dest_read_deadline: settings.dest_read_deadline,
         stats: stats.clone(),
-        requests: parts.metrics.fuse_requests.clone(),
         prefetch_budget: prefetch::prefetch_budget(settings.prefetch_memory),
-        ready: ready_tx,
-        manifest: parts.manifest.clone(),
-        records,
-        holds,
+        copy_on_read: Some(queue::CopyOnRead::start(
+            parts.manifest.clone(),
+            parts.wake_sweeper.clone(),
+            stats.clone(),
+        )),
+        writes: Some(WritePath {
+            records,
+            holds,
+            rename_gate: std::sync::RwLock::new(()),
+        }),
+        copy_waits: None,
     });
     let session = SessionSettings {
         mountpoint: &settings.mountpoint,
@@ -182,12 +178,53 @@ pub fn mount(
         threads: settings.threads,
         read_only: false,
     };
-    let mounted = start_session(fs, &session, ready_rx, stats)?;
-    let hook_ns = ns;
+    let mounted = start_session(Arc::new(core), parts.metrics.fuse_requests.clone(), &session, stats)?;
     let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
-        hook_ns.forget_entries(paths)
+        rows.forget(paths)
     }));
     Ok((mounted, hook))
+}
+
+/// Mounts a replica; returns once the mount is live.
+pub fn mount_replica(
+    manifest: Manifest,
+    store: Arc<dyn Store>,
+    settings: &ReplicaSettings,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Mounted> {
+    let rt = tokio::runtime::Handle::current();
+    let stats = metrics.served.clone();
+    let rows = Arc::new(Rows::new(
+        manifest.clone(),
+        rt.clone(),
+        settings.row_ttl,
+        settings.cache_memory,
+    ));
+    let inodes = Arc::new(Inodes::new());
+    let numbers = Numbering::new(inodes.clone(), manifest, rt.clone(), None);
+    let ns = namespace::replica::ReplicaNamespace::new(rows.clone(), numbers, settings.root);
+    let core = Core::new(CoreParts {
+        ns: Box::new(ns),
+        rows: rows.clone(),
+        inodes,
+        dest_health: DestHealth::new(store.clone(), rt.clone()),
+        store,
+        rt,
+        ttls: settings.ttl,
+        dest_read_deadline: Duration::ZERO,
+        stats: stats.clone(),
+        prefetch_budget: prefetch::prefetch_budget(settings.prefetch_memory),
+        copy_on_read: None,
+        writes: None,
+        copy_waits: Some(namespace::replica::CopyWaits::new(rows, settings.wait)),
+    });
+    let session = SessionSettings {
+        mountpoint: &settings.mountpoint,
+        fsname: &settings.fsname,
+        threads: settings.threads,
+        read_only: true,
+    };
+    start_session(Arc::new(core), metrics.fuse_requests.clone(), &session, stats)
 }
 
 /// What every mount passes to the kernel.
@@ -199,14 +236,16 @@ pub(crate) struct SessionSettings<'a> {
     pub read_only: bool,
 }
 
-/// Mounts `fs` and runs its FUSE session on its own threads; returns once the kernel has
-/// finished the handshake (`ready` is told by the file system's `init`).
-fn start_session<F: fuser::Filesystem + Send + Sync + 'static>(
-    fs: F,
+/// Mounts the core behind the adapter and runs its FUSE session on its own threads; returns
+/// once the kernel has finished the handshake.
+fn start_session(
+    core: Arc<Core>,
+    times: crate::metrics::RequestTimes,
     settings: &SessionSettings,
-    ready: std::sync::mpsc::Receiver<bool>,
     stats: Arc<ReadStats>,
 ) -> Result<Mounted> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let fs = adapter::Adapter::new(core.clone(), times, ready_tx);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(settings.fsname.to_string()),
@@ -223,6 +262,7 @@ fn start_session<F: fuser::Filesystem + Send + Sync + 'static>(
     config.clone_fd = true;
     let session = fuser::Session::new(fs, settings.mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", settings.mountpoint.display()))?;
+    core.set_invalidate(Box::new(adapter::Notifier(session.notifier())));
     let ended = Arc::new(Notify::new());
     let session_ended = ended.clone();
     let thread = std::thread::Builder::new()

@@ -1,6 +1,7 @@
-//! The manifest records of the write path that need not hold up the application: files
-//! written and closed, directories made. They are applied in order, many per transaction, by one
-//! task; an operation that must see them first (unlink, rename, a hold) calls `flush`.
+//! The manifest records of the mount that need not hold up the application: files written and
+//! closed, directories made, and the numbers handed to the kernel for paths no row held yet
+//! (`pin`). They are applied in order, many per transaction, by one task; an operation that must
+//! see them first (unlink, rename, a hold) calls `flush`.
 //!
 //! The same task renews the holds on files open for writing, so no worker takes them meanwhile.
 
@@ -9,11 +10,15 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::namespace::Namespace;
-use crate::manifest::{now_ms, LocalFacts, Manifest};
+use super::inode::Inodes;
+use super::rows::Rows;
+use crate::manifest::{now_ms, LocalFacts, Manifest, Scanned};
 
 enum Message {
     Record(String, LocalFacts),
+    /// The number `.1` was handed out for the path `.0.path`: insert its row as a scan would, or
+    /// give the row that appeared meanwhile this number.
+    Pin(Scanned, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -39,7 +44,8 @@ impl Holds {
 impl WriteRecords {
     pub fn start(
         manifest: Manifest,
-        ns: Arc<Namespace>,
+        rows: Arc<Rows>,
+        inodes: Arc<Inodes>,
         wake: Arc<Notify>,
         holds: Holds,
         rt: tokio::runtime::Handle,
@@ -56,7 +62,8 @@ impl WriteRecords {
                         if n == 0 {
                             break;
                         }
-                        apply(&manifest, &ns, &wake, std::mem::take(&mut messages)).await;
+                        let batch = std::mem::take(&mut messages);
+                        apply(&manifest, &rows, &inodes, &wake, batch).await;
                     }
                     _ = renew.tick() => {
                         if manifest.reachability().is_down() {
@@ -83,6 +90,11 @@ impl WriteRecords {
         let _ = self.tx.send(Message::Record(path, facts));
     }
 
+    /// Queues the row that records the number `ino` handed out for `seen.path`.
+    pub fn pin(&self, seen: Scanned, ino: u64) {
+        let _ = self.tx.send(Message::Pin(seen, ino));
+    }
+
     /// Waits until everything queued so far is in the manifest.
     pub fn flush(&self) {
         let (done, wait) = oneshot::channel();
@@ -92,30 +104,55 @@ impl WriteRecords {
     }
 }
 
-async fn apply(manifest: &Manifest, ns: &Namespace, wake: &Notify, messages: Vec<Message>) {
-    let mut rows: Vec<(String, LocalFacts)> = Vec::new();
+async fn apply(
+    manifest: &Manifest,
+    rows: &Rows,
+    inodes: &Inodes,
+    wake: &Notify,
+    messages: Vec<Message>,
+) {
+    let mut records: Vec<(String, LocalFacts)> = Vec::new();
+    let mut pins: Vec<(Scanned, u64)> = Vec::new();
     let mut flushed = Vec::new();
     for message in messages {
         match message {
             Message::Record(path, facts) => {
                 // The last record of a path wins.
-                rows.retain(|(p, _)| *p != path);
-                rows.push((path, facts));
+                records.retain(|(p, _)| *p != path);
+                records.push((path, facts));
             }
+            Message::Pin(seen, ino) => pins.push((seen, ino)),
             Message::Flush(done) => flushed.push(done),
         }
     }
-    if !rows.is_empty() {
-        let refs: Vec<(&str, &LocalFacts)> = rows.iter().map(|(p, f)| (p.as_str(), f)).collect();
+    // Numbers first: a record of the same path must find its row holding the kernel's number.
+    if !pins.is_empty() {
+        let refs: Vec<(&Scanned, i64)> = pins.iter().map(|(s, ino)| (s, *ino as i64)).collect();
+        let pinned = manifest.pin_inos(&refs).await;
+        let paths: Vec<String> = pins.iter().map(|(s, _)| s.path.clone()).collect();
+        rows.forget(&paths);
+        for (seen, ino) in &pins {
+            match &pinned {
+                Ok(()) => inodes.persisted(std::path::Path::new(&seen.path), *ino),
+                Err(_) => inodes.not_persisted(*ino),
+            }
+        }
+        if let Err(e) = pinned {
+            tracing::warn!(error = %e, paths = pins.len(), "cannot record inode numbers; they stay this mount's until it ends");
+        }
+    }
+    if !records.is_empty() {
+        let refs: Vec<(&str, &LocalFacts)> =
+            records.iter().map(|(p, f)| (p.as_str(), f)).collect();
         match manifest.record_local(&refs, true).await {
             Ok(()) => {
-                let paths: Vec<String> = rows.into_iter().map(|(p, _)| p).collect();
-                ns.forget_entries(&paths);
+                let paths: Vec<String> = records.into_iter().map(|(p, _)| p).collect();
+                rows.forget(&paths);
                 wake.notify_one();
             }
             Err(e) => {
                 // The files are on disk; the next scan records them.
-                tracing::error!(error = %e, files = rows.len(), "cannot record written files; the next scan will");
+                tracing::error!(error = %e, files = records.len(), "cannot record written files; the next scan will");
             }
         }
     }

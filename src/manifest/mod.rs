@@ -12,6 +12,7 @@
 
 mod audit;
 mod health;
+mod inodes;
 mod namespace;
 mod reach;
 mod requests;
@@ -410,6 +411,20 @@ pub struct Manifest {
     id: String,
     engine: Engine,
     reach: std::sync::Arc<Reachability>,
+    /// Inode numbers this process may hand out (`inodes.rs`).
+    inos: std::sync::Arc<inodes::InoBlock>,
+}
+
+/// SQLite's page cache per connection, in KiB (`PRAGMA cache_size`).
+static SQLITE_CACHE_KIB: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(131_072);
+
+/// Caps SQLite's page cache of the connections this process opens from now on, per connection.
+/// A long-running daemon keeps its memory bounded this way (issue 15): the file's pages stay
+/// in the kernel's page cache, which the kernel gives back under pressure, and a read of a page
+/// from there costs a system call, not a disk read.
+pub fn limit_sqlite_cache(bytes: u64) {
+    let kib = (bytes / 1024).max(256) as i64;
+    SQLITE_CACHE_KIB.store(kib, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How long a query waits for a connection to PostgreSQL before it fails (and the caller
@@ -625,8 +640,11 @@ impl Manifest {
                             conn.execute("PRAGMA synchronous = NORMAL").await?;
                             conn.execute("PRAGMA busy_timeout = 30000").await?;
                             // A million rows with their indexes are a few hundred MiB: keep the
-                            // hot part in memory instead of re-reading pages through syscalls.
-                            conn.execute("PRAGMA cache_size = -131072").await?;
+                            // hot part in memory instead of re-reading pages through syscalls
+                            // (a mount keeps less: see `limit_sqlite_cache`).
+                            let kib = SQLITE_CACHE_KIB.load(std::sync::atomic::Ordering::Relaxed);
+                            conn.execute(format!("PRAGMA cache_size = -{kib}").as_str())
+                                .await?;
                             conn.execute("PRAGMA temp_store = MEMORY").await?;
                             audit::install_sqlite(conn).await?;
                             Ok(())
@@ -657,6 +675,7 @@ impl Manifest {
             pool,
             url: url.clone(),
             reach: Reachability::new(url.host()),
+            inos: inodes::InoBlock::new(),
             location,
             id: String::new(),
             engine: url.engine(),
@@ -831,6 +850,8 @@ impl Manifest {
         changes: &[(&Scanned, ScanChange, i64)],
     ) -> Result<()> {
         let now = now_ms();
+        // New rows need numbers; rows that have one keep it (`SCAN_INSERT`).
+        let mut inos = self.new_inos(changes.len()).await?.into_iter();
         let mut tx = self.pool.begin().await?;
         if !seen.is_empty() {
             sqlx::query(&self.sql(
@@ -860,7 +881,8 @@ impl Manifest {
                         scanned.uid,
                         scanned.gid,
                         scanned.link_target,
-                        version
+                        version,
+                        inos.next()
                     ])),
                     _ => None,
                 })
@@ -1369,11 +1391,12 @@ fn json_list<S: AsRef<str>>(items: &[S]) -> String {
 }
 
 const SCAN_INSERT: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
-     link_target, seen_scan, version, created_at, updated_at, queued_at) \
+     link_target, seen_scan, version, created_at, updated_at, queued_at, ino) \
      SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, CAST(r.value ->> 4 AS BIGINT), CAST(r.value ->> 5 AS BIGINT), \
      CAST(r.value ->> 6 AS BIGINT), CAST(r.value ->> 7 AS BIGINT), CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, $2, \
-     CAST(r.value ->> 10 AS BIGINT), $3, $3, $3 FROM JSON_ROWS($1) AS r WHERE true \
+     CAST(r.value ->> 10 AS BIGINT), $3, $3, $3, CAST(r.value ->> 11 AS BIGINT) FROM JSON_ROWS($1) AS r WHERE true \
      ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
+     ino = COALESCE(entries.ino, excluded.ino), \
      size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
      gid = excluded.gid, link_target = excluded.link_target, seen_scan = excluded.seen_scan, \
      updated_at = excluded.updated_at, version = entries.version + 1";

@@ -32,6 +32,9 @@ pub struct Entry {
     /// The local copy was removed by purge.
     pub purged: bool,
     pub version: i64,
+    /// The inode number the mount gives this path (none: marked deleted, or written by an older
+    /// cutoverfs).
+    pub ino: Option<u64>,
 }
 
 impl Entry {
@@ -51,7 +54,7 @@ impl Entry {
 
 const SELECT_ENTRY: &str =
     "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key, sha256, \
-     dest_etag, purged_at, version FROM entries";
+     dest_etag, purged_at, version, ino FROM entries";
 const CHILDREN_BELOW: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path < $2 ORDER BY path LIMIT $3"
@@ -79,6 +82,15 @@ impl Manifest {
     pub async fn entry(&self, path: &str) -> Result<Option<Entry>> {
         let row = sqlx::query(concatcp!(SELECT_ENTRY, " WHERE path = $1"))
             .bind(path)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(entry_from_row).transpose()
+    }
+
+    /// The row holding inode number `ino` (the root's, 1, is never stored).
+    pub async fn entry_by_ino(&self, ino: u64) -> Result<Option<Entry>> {
+        let row = sqlx::query(concatcp!(SELECT_ENTRY, " WHERE ino = $1"))
+            .bind(ino as i64)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(entry_from_row).transpose()
@@ -207,5 +219,6 @@ fn entry_from_row(row: &AnyRow) -> Result<Entry> {
         dest_etag: row.get(11),
         purged: row.get::<Option<i64>, _>(12).is_some(),
         version: row.get(13),
+        ino: row.get::<Option<i64>, _>(14).map(|ino| ino as u64),
     })
 }

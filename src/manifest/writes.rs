@@ -6,6 +6,7 @@
 //! and keeps the key of an object cutoverfs may have written there (a "leftover") until that
 //! object is gone, so a crash between the steps is repaired on the next start.
 
+use const_format::concatcp;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -56,11 +57,12 @@ pub struct Removed {
 /// when `priority`), directories are recorded as they are. What an earlier copy recorded about
 /// the content is cleared; what is known about the object at the key (ours or not) is kept, so
 /// the next copy may replace our own object there and nothing else.
-const UPSERT_LOCAL: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
-     link_target, seen_scan, version, created_at, updated_at, queued_at, priority) \
+const UPSERT_LOCAL_HEAD: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
+     link_target, seen_scan, version, created_at, updated_at, queued_at, priority, ino) \
      SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, CAST(r.value ->> 4 AS BIGINT), \
      CAST(r.value ->> 5 AS BIGINT), CAST(r.value ->> 6 AS BIGINT), CAST(r.value ->> 7 AS BIGINT), \
-     CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, 0, 0, $2, $2, $2, CAST(r.value ->> 10 AS BIGINT) \
+     CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, 0, 0, $2, $2, $2, CAST(r.value ->> 10 AS BIGINT), \
+     CAST(r.value ->> 11 AS BIGINT) \
      FROM JSON_ROWS($1) AS r WHERE true \
      ON CONFLICT (path) DO UPDATE SET kind = excluded.kind, state = excluded.state, reason = excluded.reason, \
      size = excluded.size, mtime_ns = excluded.mtime_ns, mode = excluded.mode, uid = excluded.uid, \
@@ -68,7 +70,15 @@ const UPSERT_LOCAL: &str = "INSERT INTO entries (path, kind, state, reason, size
      last_error = NULL, next_retry_at = NULL, lease_owner = NULL, lease_expires_at = NULL, \
      copy_started_at = NULL, copied_at = NULL, verified_at = NULL, batch_id = NULL, purged_at = NULL, \
      priority = excluded.priority, queued_at = excluded.queued_at, version = entries.version + 1, \
-     updated_at = excluded.updated_at";
+     updated_at = excluded.updated_at, ";
+
+/// `UPSERT_LOCAL_HEAD` for a path changed in place: a row keeps its inode number (one marked
+/// deleted has none and takes the new one).
+const UPSERT_LOCAL: &str =
+    concatcp!(UPSERT_LOCAL_HEAD, "ino = COALESCE(entries.ino, excluded.ino)");
+
+/// `UPSERT_LOCAL_HEAD` for the new paths of a rename: the numbers move with the files.
+const UPSERT_MOVED: &str = concatcp!(UPSERT_LOCAL_HEAD, "ino = excluded.ino");
 
 /// Rows of a path and everything below it ($1 the path, $2 path + '/', $3 path + '0').
 const SUBTREE: &str = "(path = $1 OR (path >= $2 AND path < $3))";
@@ -95,7 +105,7 @@ fn mark_deleted_sql(reason: &str, only_rows: &str) -> String {
              THEN COALESCE(entries.dest_key, d.dest_key) ELSE entries.dest_key END, \
          leftover_until = CASE WHEN entries.state = 'copying' THEN COALESCE(entries.lease_expires_at, $2) + $3 \
              WHEN entries.leftover_until > $2 THEN entries.leftover_until ELSE NULL END, \
-         state = 'deleted', reason = '{reason}', lease_owner = NULL, lease_expires_at = NULL, \
+         state = 'deleted', reason = '{reason}', lease_owner = NULL, lease_expires_at = NULL, ino = NULL, \
          priority = 0, purged_at = NULL, version = entries.version + 1, updated_at = $2 \
          FROM d WHERE entries.path = d.path {only_rows} \
          RETURNING entries.path, entries.kind, entries.dest_key, entries.dest_owned, entries.dest_sha256, \
@@ -147,9 +157,12 @@ impl Manifest {
         if rows.is_empty() {
             return Ok(());
         }
+        // Numbers for rows that have none yet (`UPSERT_LOCAL` keeps a row's own).
+        let inos = self.new_inos(rows.len()).await?;
         let json: Vec<serde_json::Value> = rows
             .iter()
-            .map(|(path, facts)| local_row(path, facts, None, priority))
+            .zip(inos)
+            .map(|((path, facts), ino)| local_row(path, facts, None, priority, Some(ino)))
             .collect();
         sqlx::query(&self.sql(UPSERT_LOCAL))
             .bind(serde_json::Value::Array(json).to_string())
@@ -236,7 +249,7 @@ impl Manifest {
             .execute(&mut *tx)
             .await?;
         let old = sqlx::query(&format!(
-            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, link_target FROM entries \
+            "SELECT path, kind, state, reason, size, mtime_ns, mode, uid, gid, link_target, ino FROM entries \
              WHERE {SUBTREE} AND state NOT IN ('deleted', 'missing')"
         ))
         .bind(from)
@@ -260,7 +273,10 @@ impl Manifest {
             // Links and special files are never copied: they keep what the scan said of them.
             let kept = (!matches!(facts.kind, Kind::File | Kind::Dir))
                 .then(|| (parse_state(row.get(2)), row.get::<Option<String>, _>(3)));
-            let mut json = local_row(&new_path, &facts, row.get(9), true);
+            // The number moves with the file. (A row without one, written by an older
+            // cutoverfs, stays without: the mount numbers such paths itself.)
+            let ino: Option<i64> = row.get(10);
+            let mut json = local_row(&new_path, &facts, row.get(9), true, ino);
             if let Some((Ok(state), reason)) = kept {
                 json[2] = state.as_str().into();
                 json[3] = reason.into();
@@ -277,7 +293,7 @@ impl Manifest {
                 .fetch_all(&mut *tx)
                 .await?;
             leftovers = leftovers_from(&rows)?;
-            sqlx::query(&self.sql(UPSERT_LOCAL))
+            sqlx::query(&self.sql(UPSERT_MOVED))
                 .bind(serde_json::Value::Array(fresh).to_string())
                 .bind(now)
                 .execute(&mut *tx)
@@ -440,6 +456,7 @@ fn local_row(
     facts: &LocalFacts,
     link_target: Option<String>,
     priority: bool,
+    ino: Option<i64>,
 ) -> serde_json::Value {
     let state = match facts.kind {
         Kind::Dir => State::Verified,
@@ -456,7 +473,8 @@ fn local_row(
         facts.uid,
         facts.gid,
         link_target,
-        i64::from(priority && facts.kind == Kind::File)
+        i64::from(priority && facts.kind == Kind::File),
+        ino
     ])
 }
 

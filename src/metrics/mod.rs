@@ -160,10 +160,12 @@ impl RequestTimes {
     /// Starts timing `op`; the time is recorded when the timer is dropped, so a reply sent
     /// later (from another thread) is timed by moving the timer along with it.
     pub fn start(&self, op: &'static str) -> Timer {
-        Timer {
-            histogram: self.family.get_or_create_owned(&[("op", op)]),
-            started: Instant::now(),
-        }
+        Timer::on(self.histogram(op))
+    }
+
+    /// The histogram of `op`, to time many requests without looking it up each time.
+    pub fn histogram(&self, op: &'static str) -> Histogram {
+        self.family.get_or_create_owned(&[("op", op)])
     }
 }
 
@@ -171,6 +173,16 @@ impl RequestTimes {
 pub struct Timer {
     histogram: Histogram,
     started: Instant,
+}
+
+impl Timer {
+    /// Starts timing into `histogram`.
+    pub fn on(histogram: Histogram) -> Timer {
+        Timer {
+            histogram,
+            started: Instant::now(),
+        }
+    }
 }
 
 impl Drop for Timer {

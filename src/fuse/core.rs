@@ -1,0 +1,342 @@
+//! The mount's file system logic, one core for both kinds of mount: the daemon's over the local
+//! tree and a replica's over the manifest alone, which differ only in their namespace
+//! (`namespace/`) and in that a replica has no write path.
+//!
+//! Owns: what every request means — numbers to paths, lookups, attributes, listings — and the
+//! state shared by the handlers (`Core`). Opens and reads are in `open.rs`, changes in
+//! `writes.rs`. Handlers return `Result<T, Errno>` and know nothing of FUSE replies; the adapter
+//! (`adapter.rs`) turns requests into calls and results into replies, so the core can be driven
+//! in-process by tests (`model.rs`). It reads the dest only through the `Store` and the
+//! manifest only through `Rows` and the write path's records.
+
+use std::ffi::{OsStr, OsString};
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fuser::{Errno, INodeNo};
+use tokio::sync::Semaphore;
+
+use super::handles::Handles;
+use super::health::DestHealth;
+use super::inode::{Inodes, ROOT};
+use super::namespace::replica::CopyWaits;
+use super::namespace::{attr_from_metadata, child_path, found, is_bad_name, Found, Listed};
+use super::namespace::Namespace;
+use super::queue::CopyOnRead;
+use super::records::{Holds, WriteRecords};
+use super::rows::Rows;
+use super::ReadStats;
+use crate::store::Store;
+
+/// A directory listing as readdir serves it: sorted by offset, each entry's offset a hash of
+/// its name, so a reader resumes after the last name it got even if the listing was built
+/// again in between (names added or removed meanwhile may or may not show, as POSIX allows).
+pub type Listing = Vec<(u64, Listed)>;
+
+/// How long the kernel may cache what it is told.
+#[derive(Debug, Clone, Copy)]
+pub struct Ttls {
+    /// Names (a lookup's answer).
+    pub entry: Duration,
+    /// Attributes.
+    pub attr: Duration,
+}
+
+/// What the write path needs beyond the namespace: the daemon's mount only.
+pub struct WritePath {
+    pub records: Arc<WriteRecords>,
+    pub holds: Holds,
+    /// Renames and removals (write) against the recording of a closed file under its path
+    /// (read): a close that read the old name of a file being renamed must queue its record
+    /// before the rename moves the rows, or see the new name. Taken only there, never on a
+    /// lookup, open, read or write.
+    pub rename_gate: std::sync::RwLock<()>,
+}
+
+/// Tells the kernel to drop what it cached, for changes it did not make itself. Sent from
+/// another thread than the request's (the kernel may hold locks the request waits on).
+pub trait Invalidate: Send + Sync {
+    fn entry(&self, parent: u64, name: &OsStr);
+    fn inode(&self, ino: u64);
+}
+
+/// Everything the handlers share.
+pub struct Core {
+    pub(super) ns: Box<dyn Namespace>,
+    /// The manifest's rows, as the namespace reads them.
+    pub(super) rows: Arc<Rows>,
+    pub(super) inodes: Arc<Inodes>,
+    pub(super) handles: Handles,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) rt: tokio::runtime::Handle,
+    pub(super) ttls: Ttls,
+    pub(super) dest_health: Arc<DestHealth>,
+    pub(super) dest_read_deadline: Duration,
+    pub(super) stats: Arc<ReadStats>,
+    pub(super) prefetch_budget: Arc<Semaphore>,
+    pub(super) passthrough: AtomicBool,
+    /// The daemon's mount: copies asked for by first reads.
+    pub(super) copy_on_read: Option<CopyOnRead>,
+    /// The daemon's mount: the write path. None on a replica (every change is EROFS).
+    pub(super) writes: Option<WritePath>,
+    /// A replica: opens of files not copied yet wait here.
+    pub(super) copy_waits: Option<CopyWaits>,
+    /// The content (SHA-256) each inode was last opened from the dest with: the kernel may keep
+    /// its cached pages only for the same content. Bounded: forgetting one costs a re-read.
+    pub(super) opened_content: moka::sync::Cache<u64, Arc<str>>,
+    listings: moka::sync::Cache<u64, Arc<Listing>>,
+    invalidate: OnceLock<Box<dyn Invalidate>>,
+}
+
+/// The parts a `Core` is made of.
+pub struct CoreParts {
+    pub ns: Box<dyn Namespace>,
+    pub rows: Arc<Rows>,
+    pub inodes: Arc<Inodes>,
+    pub store: Arc<dyn Store>,
+    pub rt: tokio::runtime::Handle,
+    pub ttls: Ttls,
+    pub dest_health: Arc<DestHealth>,
+    pub dest_read_deadline: Duration,
+    pub stats: Arc<ReadStats>,
+    pub prefetch_budget: Arc<Semaphore>,
+    pub copy_on_read: Option<CopyOnRead>,
+    pub writes: Option<WritePath>,
+    pub copy_waits: Option<CopyWaits>,
+}
+
+/// Listings kept for readdir calls that continue one (the kernel caches whole directories
+/// itself; this only spares building one listing once per call).
+const LISTINGS_KEPT: u64 = 64 << 20;
+const LISTING_ENTRY_BYTES: u32 = 256;
+
+impl Core {
+    pub fn new(parts: CoreParts) -> Core {
+        Core {
+            ns: parts.ns,
+            rows: parts.rows,
+            inodes: parts.inodes,
+            handles: Handles::default(),
+            store: parts.store,
+            rt: parts.rt,
+            ttls: parts.ttls,
+            dest_health: parts.dest_health,
+            dest_read_deadline: parts.dest_read_deadline,
+            stats: parts.stats,
+            prefetch_budget: parts.prefetch_budget,
+            passthrough: AtomicBool::new(false),
+            copy_on_read: parts.copy_on_read,
+            writes: parts.writes,
+            copy_waits: parts.copy_waits,
+            opened_content: moka::sync::Cache::new(16_384),
+            listings: moka::sync::Cache::builder()
+                .max_capacity(LISTINGS_KEPT)
+                .weigher(|_: &u64, listing: &Arc<Listing>| {
+                    (listing.len() as u32 + 1).saturating_mul(LISTING_ENTRY_BYTES)
+                })
+                .time_to_live(Duration::from_secs(1))
+                .build(),
+            invalidate: OnceLock::new(),
+        }
+    }
+
+    /// How the kernel is told to drop what it cached (set once the session exists).
+    pub fn set_invalidate(&self, invalidate: Box<dyn Invalidate>) {
+        let _ = self.invalidate.set(invalidate);
+    }
+
+    /// Asks the kernel to forget `name` in `parent`, off this thread.
+    pub(super) fn invalidate_entry(self: &Arc<Self>, parent: u64, name: &OsStr) {
+        if self.invalidate.get().is_none() {
+            return;
+        }
+        let (core, name) = (self.clone(), name.to_os_string());
+        self.rt.spawn_blocking(move || {
+            if let Some(invalidate) = core.invalidate.get() {
+                invalidate.entry(parent, &name);
+            }
+        });
+    }
+
+    /// Asks the kernel to drop the attributes and pages it cached of `ino`, off this thread.
+    pub(super) fn invalidate_inode(self: &Arc<Self>, ino: u64) {
+        if self.invalidate.get().is_none() {
+            return;
+        }
+        let core = self.clone();
+        self.rt.spawn_blocking(move || {
+            if let Some(invalidate) = core.invalidate.get() {
+                invalidate.inode(ino);
+            }
+        });
+    }
+
+    /// Whether handlers that read the manifest must leave the FUSE threads: it is PostgreSQL,
+    /// reached over the network.
+    pub fn manifest_is_remote(&self) -> bool {
+        self.rows.manifest().engine() == crate::manifest::Engine::Postgres
+    }
+
+    /// Whether the dest is reached over the network (copy-up reads it).
+    pub fn store_is_remote(&self) -> bool {
+        self.store.open_local_file("").is_none()
+    }
+
+    /// The path of `ino` below the root: from its record, else from the manifest's row.
+    pub fn path(&self, ino: u64) -> Result<Arc<Path>, Errno> {
+        if ino == ROOT {
+            return Ok(Arc::from(Path::new("")));
+        }
+        match self.inodes.path_of(ino) {
+            Some(Some(path)) => return Ok(path),
+            // Unlinked while open: reachable through its handles only.
+            Some(None) => return Err(Errno::ENOENT),
+            None => {}
+        }
+        match self.rows.by_ino(ino).map_err(Errno::from)? {
+            Some(row) => Ok(Arc::from(Path::new(&row.path))),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Found, Errno> {
+        if is_bad_name(name) {
+            return Err(Errno::ENOENT);
+        }
+        let dir = self.path(parent)?;
+        let found = self.ns.lookup(&dir, name)?;
+        self.inodes.looked_up(found.ino());
+        Ok(found)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    /// Attributes of `ino`; through the open handle `fh` when the kernel gives one (fstat),
+    /// and through the local copy its record keeps when it was unlinked while open.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Found, Errno> {
+        if let Some(file) = fh
+            .and_then(|fh| self.handles.get(fh))
+            .filter(|h| h.inode.ino == ino)
+            .and_then(|h| h.file().map(|f| f.metadata()))
+        {
+            return Ok(found(attr_from_metadata(&file.map_err(Errno::from)?, ino)));
+        }
+        if let Some(inode) = self.inodes.get(ino) {
+            let local = {
+                let state = inode.lock();
+                state.unlinked().then(|| state.local.clone())
+            };
+            if let Some(local) = local {
+                let file = local.ok_or(Errno::ENOENT)?;
+                return Ok(found(attr_from_metadata(
+                    &file.metadata().map_err(Errno::from)?,
+                    ino,
+                )));
+            }
+        }
+        let path = self.path(ino)?;
+        self.ns.attr(&path, ino)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<OsString, Errno> {
+        let path = self.path(ino)?;
+        self.ns.read_link(&path)
+    }
+
+    /// With default_permissions the kernel checks modes itself; this only says it exists.
+    pub fn access(&self, ino: u64) -> Result<(), Errno> {
+        self.getattr(ino, None).map(|_| ())
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs, Errno> {
+        self.ns.statfs()
+    }
+
+    /// The listing of the directory `ino`, from the last call while it is fresh (a readdir
+    /// stream continuing), else built anew: one directory read and one query.
+    pub fn listing(&self, ino: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        if offset > 0 {
+            if let Some(listing) = self.listings.get(&ino) {
+                return Ok(listing);
+            }
+        }
+        let dir = self.path(ino)?;
+        let mut listing: Listing = self
+            .ns
+            .list(&dir)?
+            .into_iter()
+            .map(|listed| (name_offset(&listed.name), listed))
+            .collect();
+        listing.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let listing = Arc::new(listing);
+        self.listings.insert(ino, listing.clone());
+        Ok(listing)
+    }
+
+    /// A change in the directory `ino` made here: its listing is built anew.
+    pub(super) fn dir_changed(&self, ino: u64) {
+        self.listings.invalidate(&ino);
+    }
+
+    /// The entries of a listing after `offset`, for readdir.
+    pub fn entries_after(listing: &Listing, offset: u64) -> &[(u64, Listed)] {
+        let start = listing.partition_point(|(o, _)| *o <= offset);
+        &listing[start..]
+    }
+
+    /// The kernel was given `found` in a readdirplus reply.
+    pub fn listed(&self, found: &Found) {
+        self.inodes.looked_up(found.ino());
+    }
+
+    /// The parent path and name of `rel` as numbers and names, for invalidations.
+    pub(super) fn parent_of(&self, rel: &Path) -> Option<(u64, OsString)> {
+        let name = rel.file_name()?.to_os_string();
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let parent_ino = if parent.as_os_str().is_empty() {
+            ROOT
+        } else {
+            self.ns.lookup(
+                parent.parent().unwrap_or(Path::new("")),
+                parent.file_name()?,
+            )
+            .ok()?
+            .ino()
+        };
+        Some((parent_ino, name))
+    }
+
+    /// A child's path, refusing names that must never reach a path join.
+    pub(super) fn child(&self, parent: u64, name: &OsStr) -> Result<std::path::PathBuf, Errno> {
+        if is_bad_name(name) {
+            return Err(Errno::EINVAL);
+        }
+        Ok(child_path(&self.path(parent)?, name))
+    }
+
+    /// The row cache's weighed bytes and the records kept, for memory figures.
+    pub fn memory_figures(&self) -> (u64, usize, usize) {
+        (
+            self.rows.weighed_bytes(),
+            self.inodes.len(),
+            self.handles.len(),
+        )
+    }
+
+    pub fn inode_number(found: &Found) -> INodeNo {
+        found.attr.ino
+    }
+}
+
+/// A name's readdir offset: a 63-bit hash, never 0 (0 asks for the start).
+fn name_offset(name: &OsStr) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut hasher);
+    (hasher.finish() >> 1).max(1)
+}
