@@ -180,16 +180,10 @@ fn reply_opened(reply: ReplyOpen, opened: Result<Opened, Errno>) {
     }
 }
 
-/// The kernel's cache, told to drop entries and inodes through the session's notifier.
+/// The kernel's cache, told to drop what it knows of an inode through the session's notifier.
 pub struct Notifier(pub fuser::Notifier);
 
 impl Invalidate for Notifier {
-    fn entry(&self, parent: u64, name: &OsStr) {
-        if let Err(e) = self.0.inval_entry(INodeNo(parent), name) {
-            tracing::debug!(error = %e, "cannot invalidate a cached entry");
-        }
-    }
-
     fn inode(&self, ino: u64) {
         if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
             tracing::debug!(error = %e, "cannot invalidate a cached inode");

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fuser::{Errno, INodeNo};
+use fuser::Errno;
 use tokio::sync::Semaphore;
 
 use super::handles::Handles;
@@ -59,7 +59,6 @@ pub struct WritePath {
 /// Tells the kernel to drop what it cached, for changes it did not make itself. Sent from
 /// another thread than the request's (the kernel may hold locks the request waits on).
 pub trait Invalidate: Send + Sync {
-    fn entry(&self, parent: u64, name: &OsStr);
     fn inode(&self, ino: u64);
 }
 
@@ -86,8 +85,8 @@ pub struct Core {
     pub(super) copy_waits: Option<CopyWaits>,
     /// The content (SHA-256) each inode was last opened from the dest with: the kernel may keep
     /// its cached pages only for the same content. Bounded: forgetting one costs a re-read.
-    pub(super) opened_content: moka::sync::Cache<u64, Arc<str>>,
-    listings: moka::sync::Cache<u64, Arc<Listing>>,
+    pub(super) opened_content: moka::sync::Cache<u64, Arc<str>, foldhash::fast::RandomState>,
+    listings: moka::sync::Cache<u64, Arc<Listing>, foldhash::fast::RandomState>,
     invalidate: OnceLock<Box<dyn Invalidate>>,
 }
 
@@ -131,14 +130,16 @@ impl Core {
             copy_on_read: parts.copy_on_read,
             writes: parts.writes,
             copy_waits: parts.copy_waits,
-            opened_content: moka::sync::Cache::new(16_384),
+            opened_content: moka::sync::Cache::builder()
+                .max_capacity(16_384)
+                .build_with_hasher(Default::default()),
             listings: moka::sync::Cache::builder()
                 .max_capacity(LISTINGS_KEPT)
                 .weigher(|_: &u64, listing: &Arc<Listing>| {
                     (listing.len() as u32 + 1).saturating_mul(LISTING_ENTRY_BYTES)
                 })
                 .time_to_live(Duration::from_secs(1))
-                .build(),
+                .build_with_hasher(Default::default()),
             invalidate: OnceLock::new(),
         }
     }
@@ -146,19 +147,6 @@ impl Core {
     /// How the kernel is told to drop what it cached (set once the session exists).
     pub fn set_invalidate(&self, invalidate: Box<dyn Invalidate>) {
         let _ = self.invalidate.set(invalidate);
-    }
-
-    /// Asks the kernel to forget `name` in `parent`, off this thread.
-    pub(super) fn invalidate_entry(self: &Arc<Self>, parent: u64, name: &OsStr) {
-        if self.invalidate.get().is_none() {
-            return;
-        }
-        let (core, name) = (self.clone(), name.to_os_string());
-        self.rt.spawn_blocking(move || {
-            if let Some(invalidate) = core.invalidate.get() {
-                invalidate.entry(parent, &name);
-            }
-        });
     }
 
     /// Asks the kernel to drop the attributes and pages it cached of `ino`, off this thread.
@@ -295,42 +283,12 @@ impl Core {
         self.inodes.looked_up(found.ino());
     }
 
-    /// The parent path and name of `rel` as numbers and names, for invalidations.
-    pub(super) fn parent_of(&self, rel: &Path) -> Option<(u64, OsString)> {
-        let name = rel.file_name()?.to_os_string();
-        let parent = rel.parent().unwrap_or(Path::new(""));
-        let parent_ino = if parent.as_os_str().is_empty() {
-            ROOT
-        } else {
-            self.ns.lookup(
-                parent.parent().unwrap_or(Path::new("")),
-                parent.file_name()?,
-            )
-            .ok()?
-            .ino()
-        };
-        Some((parent_ino, name))
-    }
-
     /// A child's path, refusing names that must never reach a path join.
     pub(super) fn child(&self, parent: u64, name: &OsStr) -> Result<std::path::PathBuf, Errno> {
         if is_bad_name(name) {
             return Err(Errno::EINVAL);
         }
         Ok(child_path(&self.path(parent)?, name))
-    }
-
-    /// The row cache's weighed bytes and the records kept, for memory figures.
-    pub fn memory_figures(&self) -> (u64, usize, usize) {
-        (
-            self.rows.weighed_bytes(),
-            self.inodes.len(),
-            self.handles.len(),
-        )
-    }
-
-    pub fn inode_number(found: &Found) -> INodeNo {
-        found.attr.ino
     }
 }
 

@@ -50,14 +50,14 @@ impl Handle {
 }
 
 pub struct Handles {
-    open: DashMap<u64, Arc<Handle>>,
+    open: DashMap<u64, Arc<Handle>, foldhash::fast::RandomState>,
     next: AtomicU64,
 }
 
 impl Default for Handles {
     fn default() -> Self {
         Handles {
-            open: DashMap::new(),
+            open: DashMap::default(),
             next: AtomicU64::new(1),
         }
     }

@@ -77,8 +77,6 @@ pub struct InodeState {
     /// A descriptor of the local copy while handles are open: what fstat, fchmod, ftruncate
     /// and fsync reach once the file was unlinked.
     pub local: Option<Arc<File>>,
-    /// Held in the manifest for writing (no worker may copy or purge it).
-    pub held: bool,
     /// Dest objects of a file unlinked while open, deleted when its last handle closes.
     pub leftovers: Vec<Leftover>,
     /// Removed from the table: whoever still holds the record must look again.
@@ -143,18 +141,23 @@ impl Inode {
 }
 
 /// The records, and the numbers of paths no row holds yet.
+type Hasher = foldhash::fast::RandomState;
+
 pub struct Inodes {
-    records: DashMap<u64, Arc<Inode>>,
+    records: DashMap<u64, Arc<Inode>, Hasher>,
     /// Paths numbered here, by path: the same path keeps its number until the manifest has it.
-    pins: DashMap<PathBuf, u64>,
+    pins: DashMap<PathBuf, u64, Hasher>,
+    /// How many pins there are: most lookups find none and need not hash their path.
+    pinned_count: AtomicU64,
     next_memory_only: AtomicU64,
 }
 
 impl Default for Inodes {
     fn default() -> Self {
         Inodes {
-            records: DashMap::new(),
-            pins: DashMap::new(),
+            records: DashMap::default(),
+            pins: DashMap::default(),
+            pinned_count: AtomicU64::new(0),
             next_memory_only: AtomicU64::new(MEMORY_ONLY_BASE),
         }
     }
@@ -220,7 +223,13 @@ impl Inodes {
             true
         });
         if let Some(path) = pinned_path {
-            self.pins.remove_if(&path.to_path_buf(), |_, pinned| *pinned == ino);
+            if self
+                .pins
+                .remove_if(&path.to_path_buf(), |_, pinned| *pinned == ino)
+                .is_some()
+            {
+                self.pin_removed();
+            }
         }
     }
 
@@ -234,7 +243,18 @@ impl Inodes {
 
     /// The number given to `path` here while no row holds one.
     pub fn pinned(&self, path: &Path) -> Option<u64> {
+        if self.pinned_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.pins.get(path).map(|n| *n)
+    }
+
+    fn pin_added(&self) {
+        self.pinned_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn pin_removed(&self) {
+        self.pinned_count.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Gives `path` the number `ino` from the manifest's counter, kept here until `persisted`
@@ -245,6 +265,7 @@ impl Inodes {
             dashmap::Entry::Occupied(taken) => (*taken.get(), false),
             dashmap::Entry::Vacant(free) => {
                 free.insert(ino);
+                self.pin_added();
                 self.with(ino, path, |state| {
                     state.memory_only = true;
                     state.pin_pending = true;
@@ -264,6 +285,7 @@ impl Inodes {
             dashmap::Entry::Occupied(taken) => *taken.get(),
             dashmap::Entry::Vacant(free) => {
                 free.insert(ino);
+                self.pin_added();
                 self.with(ino, path, |state| state.memory_only = true);
                 ino
             }
@@ -272,7 +294,13 @@ impl Inodes {
 
     /// The manifest now holds `ino` for `path`: the record may go.
     pub fn persisted(&self, path: &Path, ino: u64) {
-        self.pins.remove_if(&path.to_path_buf(), |_, pinned| *pinned == ino);
+        if self
+            .pins
+            .remove_if(&path.to_path_buf(), |_, pinned| *pinned == ino)
+            .is_some()
+        {
+            self.pin_removed();
+        }
         if let Some(inode) = self.get(ino) {
             let mut state = inode.lock();
             state.memory_only = false;
@@ -313,6 +341,7 @@ impl Inodes {
     /// handles keep working) and a number pinned there is dropped.
     pub fn unlinked(&self, rel: &Path) {
         if let Some((_, ino)) = self.pins.remove(rel) {
+            self.pin_removed();
             if let Some(inode) = self.get(ino) {
                 let mut state = inode.lock();
                 state.memory_only = false;
@@ -340,7 +369,9 @@ impl Inodes {
         for (old, ino) in moved_pins {
             if self.pins.remove_if(&old, |_, n| *n == ino).is_some() {
                 let rest = old.strip_prefix(from).unwrap_or(Path::new(""));
-                self.pins.insert(join(to, rest), ino);
+                if self.pins.insert(join(to, rest), ino).is_some() {
+                    self.pin_removed();
+                }
             }
         }
         for ino in self.records_at(from, true) {

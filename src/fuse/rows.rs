@@ -20,11 +20,15 @@ use crate::manifest::{Entry, Manifest};
 /// What the cache knows of a path: its row, or that it has none.
 type Slot = Option<Arc<Entry>>;
 
+type Hasher = foldhash::fast::RandomState;
+
 pub struct Rows {
     manifest: Manifest,
     rt: tokio::runtime::Handle,
-    by_path: Option<moka::sync::Cache<Box<str>, Slot>>,
-    by_ino: Option<moka::sync::Cache<u64, Arc<Entry>>>,
+    by_path: Option<moka::sync::Cache<Box<str>, Slot, Hasher>>,
+    by_ino: Option<moka::sync::Cache<u64, Arc<Entry>, Hasher>>,
+    /// The manifest answers on the calling thread from a local file (`Manifest::entry_now`).
+    reads_in_place: bool,
     /// Bumped by every forget. A row read from the manifest is cached only if no forget ran
     /// while it was read: a forget means the row may have changed since, and caching the older
     /// read would bring back what the forget dropped (a file held for writing served from the
@@ -62,16 +66,17 @@ impl Rows {
                         .map_or((ROW_OVERHEAD + path.len()) as u32, weight)
                 })
                 .time_to_live(row_ttl)
-                .build()
+                .build_with_hasher(Hasher::default())
         });
         let by_ino = cached.then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(budget / 2)
                 .weigher(|_: &u64, entry: &Arc<Entry>| weight(entry))
                 .time_to_live(row_ttl)
-                .build()
+                .build_with_hasher(Hasher::default())
         });
         Rows {
+            reads_in_place: manifest.reads_in_place(),
             manifest,
             rt,
             by_path,
@@ -82,10 +87,6 @@ impl Rows {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
-    }
-
-    pub fn runtime(&self) -> &tokio::runtime::Handle {
-        &self.rt
     }
 
     /// The manifest cannot be reached now (issue 7.5): callers serve what they can locally.
@@ -107,11 +108,14 @@ impl Rows {
         }
         let read_at = self.generation();
         let manifest = &self.manifest;
-        let row = self
-            .rt
-            .block_on(async { manifest.note(manifest.entry(text).await) })
-            .map_err(|e| manifest_error(text, e))?
-            .map(Arc::new);
+        let row = match manifest.entry_now(text) {
+            Some(row) => row,
+            None => self
+                .rt
+                .block_on(async { manifest.note(manifest.entry(text).await) }),
+        }
+        .map_err(|e| manifest_error(text, e))?
+        .map(Arc::new);
         self.cache(read_at, [(text, row.clone())]);
         Ok(row)
     }
@@ -126,10 +130,13 @@ impl Rows {
         }
         let read_at = self.generation();
         let manifest = &self.manifest;
-        let row = self
-            .rt
-            .block_on(async { manifest.note(manifest.entry_by_ino(ino).await) })
-            .map_err(|e| manifest_error(&format!("inode {ino}"), e))?
+        let row = match manifest.entry_by_ino_now(ino) {
+            Some(row) => row,
+            None => self
+                .rt
+                .block_on(async { manifest.note(manifest.entry_by_ino(ino).await) }),
+        }
+        .map_err(|e| manifest_error(&format!("inode {ino}"), e))?
             .filter(|row| crate::manifest::refused_path(&row.path).is_none())
             .map(Arc::new);
         if let Some(row) = &row {
@@ -149,16 +156,24 @@ impl Rows {
         }
         let read_at = self.generation();
         let manifest = &self.manifest;
-        match self
-            .rt
-            .block_on(async { manifest.note(manifest.children(text).await) })
-        {
+        let rows = match manifest.children_now(text) {
+            Some(rows) => rows,
+            None => self
+                .rt
+                .block_on(async { manifest.note(manifest.children(text).await) }),
+        };
+        match rows {
             Ok(rows) => {
                 let rows: Vec<Arc<Entry>> = rows.into_iter().map(Arc::new).collect();
-                self.cache(
-                    read_at,
-                    rows.iter().map(|row| (row.path.as_str(), Some(row.clone()))),
-                );
+                // Rows of a remote manifest are kept for the opens that usually follow a
+                // listing; a local one answers those in microseconds, less than keeping every
+                // listed row would cost a walk.
+                if !self.reads_in_place {
+                    self.cache(
+                        read_at,
+                        rows.iter().map(|row| (row.path.as_str(), Some(row.clone()))),
+                    );
+                }
                 Ok(Some(rows))
             }
             Err(e) if e.is_unreachable() => {
@@ -178,7 +193,9 @@ impl Rows {
     /// Remembers that `rel` has no row (a listing found it local only), unless a forget ran
     /// since `read_at`.
     pub fn note_absent(&self, read_at: u64, rel: &str) {
-        self.cache(read_at, [(rel, None)]);
+        if !self.reads_in_place {
+            self.cache(read_at, [(rel, None)]);
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -231,18 +248,6 @@ impl Rows {
         if let Some(by_ino) = &self.by_ino {
             by_ino.invalidate_all();
         }
-    }
-
-    /// Bytes the cached rows take now (as weighed), for the memory figures.
-    pub fn weighed_bytes(&self) -> u64 {
-        let size = |c: Option<u64>| c.unwrap_or(0);
-        size(self.by_path.as_ref().map(|c| {
-            c.run_pending_tasks();
-            c.weighted_size()
-        })) + size(self.by_ino.as_ref().map(|c| {
-            c.run_pending_tasks();
-            c.weighted_size()
-        }))
     }
 }
 

@@ -390,7 +390,7 @@ impl Core {
 
     /// link(2): another name for a file with a local copy (a file only the dest holds is
     /// brought back first). The new name is a file of its own for the manifest and the dest.
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Found, Errno> {
+    pub fn link(self: &Arc<Self>, ino: u64, newparent: u64, newname: &OsStr) -> Result<Found, Errno> {
         let (_, tree) = self.writable()?;
         let from = self.path(ino)?;
         let to = self.new_child(newparent, newname)?;
@@ -399,10 +399,9 @@ impl Core {
         tree.beneath().link(&from, &to).map_err(errno)?;
         self.record_path(&to);
         self.dir_changed(newparent);
-        // The file's link count and ctime changed for every name it has.
-        if let Some(inode) = self.inodes.get(ino) {
-            inode.changed();
-        }
+        // The kernel made an inode of its own for the new name (each name has its number) and
+        // still holds the old name's link count: it asks again.
+        self.invalidate_inode(ino);
         self.lookup(newparent, newname)
     }
 

@@ -15,6 +15,7 @@ mod health;
 mod inodes;
 mod namespace;
 mod reach;
+mod reader;
 mod requests;
 mod rollback;
 mod state;
@@ -413,6 +414,8 @@ pub struct Manifest {
     reach: std::sync::Arc<Reachability>,
     /// Inode numbers this process may hand out (`inodes.rs`).
     inos: std::sync::Arc<inodes::InoBlock>,
+    /// SQLite: the mount's reads, made in place (`reader.rs`).
+    reader: Option<std::sync::Arc<reader::SqliteReader>>,
 }
 
 /// SQLite's page cache per connection, in KiB (`PRAGMA cache_size`).
@@ -676,6 +679,12 @@ impl Manifest {
             url: url.clone(),
             reach: Reachability::new(url.host()),
             inos: inodes::InoBlock::new(),
+            reader: match url {
+                ManifestUrl::Sqlite(path) if !read_only => Some(std::sync::Arc::new(
+                    reader::SqliteReader::new(path, SQLITE_CACHE_KIB.load(std::sync::atomic::Ordering::Relaxed) / 4),
+                )),
+                _ => None,
+            },
             location,
             id: String::new(),
             engine: url.engine(),

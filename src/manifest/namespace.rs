@@ -52,34 +52,148 @@ impl Entry {
     }
 }
 
-const SELECT_ENTRY: &str =
+pub(super) const SELECT_ENTRY: &str =
     "SELECT path, kind, state, size, mtime_ns, mode, uid, gid, link_target, dest_key, sha256, \
      dest_etag, purged_at, version, ino FROM entries";
-const CHILDREN_BELOW: &str = concatcp!(
+pub(super) const CHILDREN_BELOW: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path < $2 ORDER BY path LIMIT $3"
 );
-const CHILDREN_OF_ROOT: &str = concatcp!(
+pub(super) const CHILDREN_OF_ROOT: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path >= $1 AND path <> '' ORDER BY path LIMIT $2"
 );
 // The next page after a full one ($1 its last path): PostgreSQL text holds no NUL, so "the
 // smallest path after it" cannot be spelled as `last || '\0'`.
-const CHILDREN_BELOW_AFTER: &str = concatcp!(
+pub(super) const CHILDREN_BELOW_AFTER: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path > $1 AND path < $2 ORDER BY path LIMIT $3"
 );
-const CHILDREN_OF_ROOT_AFTER: &str = concatcp!(
+pub(super) const CHILDREN_OF_ROOT_AFTER: &str = concatcp!(
     SELECT_ENTRY,
     " WHERE path > $1 AND path <> '' ORDER BY path LIMIT $2"
 );
 
 /// Rows read per query when listing a directory.
-const CHILDREN_PAGE: i64 = 512;
+pub(super) const CHILDREN_PAGE: i64 = 512;
+
+/// One query of a directory listing: rows from `from` (after it, with `after`) up to `end`
+/// (the end of the directory's range; None for the root).
+pub(super) struct Page {
+    pub from: String,
+    pub after: bool,
+    pub end: Option<String>,
+}
+
+/// The walk of a directory's rows that `children` makes, page by page: a row deeper down says
+/// where its subtree ends, and the next page starts after it.
+pub(super) struct ChildWalk {
+    prefix: String,
+    next: Option<Page>,
+    pub found: Vec<Entry>,
+    /// Rows taken from the current page, whether it ended in a jump, and its last row.
+    read: i64,
+    jumped: bool,
+    last: Option<String>,
+}
+
+impl ChildWalk {
+    pub fn new(dir: &str) -> ChildWalk {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        // '0' is the byte after '/': everything below `dir` sorts before `dir` + "0".
+        let end = (!dir.is_empty()).then(|| format!("{dir}0"));
+        ChildWalk {
+            next: Some(Page {
+                from: prefix.clone(),
+                after: false,
+                end,
+            }),
+            prefix,
+            found: Vec::new(),
+            read: 0,
+            jumped: false,
+            last: None,
+        }
+    }
+
+    /// The next query to make, if any.
+    pub fn next_page(&mut self) -> Option<Page> {
+        self.next.take()
+    }
+
+    /// Takes the next row of the current page (in path order); false: stop reading this page
+    /// (the row is deeper down, and the next page starts past its subtree).
+    pub fn take(&mut self, entry: Entry) -> bool {
+        self.read += 1;
+        let rest = &entry.path[self.prefix.len()..];
+        if let Some(slash) = rest.find('/') {
+            // A row deeper down: its directory's own row (if any) came before it; jump past the
+            // whole subtree.
+            self.next = Some(Page {
+                from: format!("{}{}0", self.prefix, &rest[..slash]),
+                after: false,
+                end: self.end(),
+            });
+            self.jumped = true;
+            return false;
+        }
+        self.last = Some(entry.path.clone());
+        // Not a name of this directory ("..", ".", ""): never shown or followed.
+        match super::refused_path(&entry.path) {
+            Some(why) => tracing::error!("{why}; not shown"),
+            None => self.found.push(entry),
+        }
+        true
+    }
+
+    /// The current page is read: a full one continues after its last row.
+    pub fn page_done(&mut self) {
+        let full = self.read == CHILDREN_PAGE;
+        if let (false, true, Some(last)) = (self.jumped, full, self.last.take()) {
+            self.next = Some(Page {
+                from: last,
+                after: true,
+                end: self.end(),
+            });
+        }
+        self.read = 0;
+        self.jumped = false;
+        self.last = None;
+    }
+
+    fn end(&self) -> Option<String> {
+        (!self.prefix.is_empty()).then(|| format!("{}0", self.prefix.trim_end_matches('/')))
+    }
+}
 
 impl Manifest {
+    /// `entry`, `entry_by_ino` and `children` answered on this thread without waiting on
+    /// anything but the local file (a SQLite manifest); None: use the async ones.
+    pub fn reads_in_place(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    pub fn entry_now(&self, path: &str) -> Option<Result<Option<Entry>>> {
+        self.reader.as_ref().map(|r| r.entry(path))
+    }
+
+    pub fn entry_by_ino_now(&self, ino: u64) -> Option<Result<Option<Entry>>> {
+        self.reader.as_ref().map(|r| r.entry_by_ino(ino))
+    }
+
+    pub fn children_now(&self, dir: &str) -> Option<Result<Vec<Entry>>> {
+        self.reader.as_ref().map(|r| r.children(dir))
+    }
+
     /// The row for one path, whatever its state.
     pub async fn entry(&self, path: &str) -> Result<Option<Entry>> {
+        if let Some(reader) = &self.reader {
+            return reader.entry(path);
+        }
         let row = sqlx::query(concatcp!(SELECT_ENTRY, " WHERE path = $1"))
             .bind(path)
             .fetch_optional(&self.pool)
@@ -89,6 +203,9 @@ impl Manifest {
 
     /// The row holding inode number `ino` (the root's, 1, is never stored).
     pub async fn entry_by_ino(&self, ino: u64) -> Result<Option<Entry>> {
+        if let Some(reader) = &self.reader {
+            return reader.entry_by_ino(ino);
+        }
         let row = sqlx::query(concatcp!(SELECT_ENTRY, " WHERE ino = $1"))
             .bind(ino as i64)
             .fetch_optional(&self.pool)
@@ -96,63 +213,38 @@ impl Manifest {
         row.as_ref().map(entry_from_row).transpose()
     }
 
-    /// Every row directly below `dir` ("" for the root), in path order. Whole subtrees are skipped with one query each, so listing the root of a
-    /// million files reads its direct children and not every row.
+    /// Every row directly below `dir` ("" for the root), in path order. Whole subtrees are
+    /// skipped with one query each, so listing the root of a million files reads its direct
+    /// children and not every row.
     pub async fn children(&self, dir: &str) -> Result<Vec<Entry>> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
-        // '0' is the byte after '/': everything below `dir` sorts before `dir` + "0".
-        let end = (!dir.is_empty()).then(|| format!("{dir}0"));
-        let mut from = prefix.clone();
-        let mut after_from = false;
-        let mut found = Vec::new();
-        loop {
-            let rows = self.rows_from(&from, after_from, end.as_deref()).await?;
-            let full_page = rows.len() as i64 == CHILDREN_PAGE;
-            let mut next = None;
-            for row in &rows {
-                let entry = entry_from_row(row)?;
-                let rest = &entry.path[prefix.len()..];
-                match rest.find('/') {
-                    // Not a name of this directory ("..", ".", ""): never shown or followed.
-                    None => match super::refused_path(&entry.path) {
-                        Some(why) => tracing::error!("{why}; not shown"),
-                        None => found.push(entry),
-                    },
-                    Some(slash) => {
-                        // A row deeper down: its directory's own row (if any) came before it;
-                        // jump past the whole subtree.
-                        next = Some(format!("{prefix}{}0", &rest[..slash]));
-                        break;
-                    }
-                }
-            }
-            match (next, rows.last()) {
-                (Some(jump), _) => {
-                    from = jump;
-                    after_from = false;
-                }
-                (None, Some(last)) if full_page => {
-                    from = last.get::<String, _>(0);
-                    after_from = true;
-                }
-                _ => break,
-            }
+        if let Some(reader) = &self.reader {
+            return reader.children(dir);
         }
-        Ok(found)
+        let mut walk = ChildWalk::new(dir);
+        while let Some(page) = walk.next_page() {
+            self.walk_page(&page, &mut walk).await?;
+            walk.page_done();
+        }
+        Ok(walk.found)
     }
 
-    async fn rows_from(&self, from: &str, after: bool, end: Option<&str>) -> Result<Vec<AnyRow>> {
-        let query = match (end, after) {
-            (Some(end), false) => sqlx::query(CHILDREN_BELOW).bind(from).bind(end),
-            (Some(end), true) => sqlx::query(CHILDREN_BELOW_AFTER).bind(from).bind(end),
-            (None, false) => sqlx::query(CHILDREN_OF_ROOT).bind(from),
-            (None, true) => sqlx::query(CHILDREN_OF_ROOT_AFTER).bind(from),
+    /// Feeds the rows of `page` to `walk` until it has had enough (rows are streamed: a page
+    /// that meets a subtree stops there).
+    async fn walk_page(&self, page: &Page, walk: &mut ChildWalk) -> Result<()> {
+        use futures_util::TryStreamExt;
+        let query = match (&page.end, page.after) {
+            (Some(end), false) => sqlx::query(CHILDREN_BELOW).bind(&page.from).bind(end),
+            (Some(end), true) => sqlx::query(CHILDREN_BELOW_AFTER).bind(&page.from).bind(end),
+            (None, false) => sqlx::query(CHILDREN_OF_ROOT).bind(&page.from),
+            (None, true) => sqlx::query(CHILDREN_OF_ROOT_AFTER).bind(&page.from),
         };
-        Ok(query.bind(CHILDREN_PAGE).fetch_all(&self.pool).await?)
+        let mut rows = query.bind(CHILDREN_PAGE).fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            if !walk.take(entry_from_row(&row)?) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Puts pending files at the head of the copy queue (copy-on-read); returns how many were
@@ -203,7 +295,7 @@ impl Manifest {
     }
 }
 
-fn entry_from_row(row: &AnyRow) -> Result<Entry> {
+pub(super) fn entry_from_row(row: &AnyRow) -> Result<Entry> {
     Ok(Entry {
         path: row.get(0),
         kind: parse_kind(row.get(1))?,

@@ -26,7 +26,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo};
 
 use super::inode::{Inodes, ROOT};
 use super::records::WriteRecords;
-use super::rows::Rows;
+
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::source::{Attrs, SourceTree};
 use crate::store::Store;
@@ -87,8 +87,6 @@ pub trait Namespace: Send + Sync {
     fn read_link(&self, path: &Path) -> Result<OsString, Errno>;
     /// The file system's figures for statfs.
     fn statfs(&self) -> Result<libc::statvfs, Errno>;
-    /// The manifest's rows as this mount reads them.
-    fn rows(&self) -> &Rows;
     /// The local tree, on a mount that has one (None: a replica, which changes nothing).
     fn local(&self) -> Option<&Arc<SourceTree>>;
 }

@@ -109,10 +109,6 @@ impl Namespace for ReplicaNamespace {
         Ok(st)
     }
 
-    fn rows(&self) -> &Rows {
-        &self.rows
-    }
-
     fn local(&self) -> Option<&Arc<SourceTree>> {
         None
     }

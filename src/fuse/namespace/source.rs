@@ -114,7 +114,7 @@ impl Namespace for SourceNamespace {
         let read_at = self.rows.generation();
         let rows = self.rows.children(dir).map_err(Errno::from)?;
         let reachable = rows.is_some();
-        let mut by_name: HashMap<OsString, Arc<Entry>> = rows
+        let mut by_name: HashMap<OsString, Arc<Entry>, foldhash::fast::RandomState> = rows
             .unwrap_or_default()
             .into_iter()
             .filter_map(|row| {
@@ -173,10 +173,6 @@ impl Namespace for SourceNamespace {
 
     fn statfs(&self) -> Result<libc::statvfs, Errno> {
         self.source.statvfs().map_err(Errno::from)
-    }
-
-    fn rows(&self) -> &Rows {
-        &self.rows
     }
 
     fn local(&self) -> Option<&Arc<SourceTree>> {
