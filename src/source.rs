@@ -31,6 +31,7 @@ pub struct Attrs {
     pub gid: u32,
     pub ino: u64,
     pub dev: u64,
+    pub nlink: u64,
 }
 
 impl Attrs {
@@ -45,6 +46,7 @@ impl Attrs {
             gid: m.gid(),
             ino: m.ino(),
             dev: m.dev(),
+            nlink: m.nlink(),
         }
     }
 
@@ -59,6 +61,7 @@ impl Attrs {
             gid: st.st_gid,
             ino: st.st_ino,
             dev: st.st_dev,
+            nlink: st.st_nlink as u64,
         }
     }
 

@@ -213,6 +213,14 @@ async fn check_local(
     if attrs.mode & libc::S_IFMT != libc::S_IFREG {
         return Err("the local path is no longer a regular file".into());
     }
+    if attrs.nlink > 1 {
+        // Its names would become separate files (each served from its own dest copy): a write
+        // through one would no longer show through the others.
+        return Err(format!(
+            "the local copy has {} names (hard links); it is kept while it has more than one",
+            attrs.nlink
+        ));
+    }
     if attrs.size != file.size || attrs.mtime_ns != file.mtime_ns {
         return Err(format!(
             "the local copy changed after it was verified (now {} bytes, mtime {} ns; verified {} bytes, mtime {} ns)",

@@ -36,6 +36,16 @@ pub const ROOT: u64 = 1;
 /// replica's row written without a number): above every number the manifest hands out.
 const MEMORY_ONLY_BASE: u64 = 1 << 62;
 
+/// What numbering a path came to (`Inodes::pin_with`).
+pub enum NewNumber {
+    /// The manifest's row has one now.
+    Theirs(u64),
+    /// A new one from the manifest's counter.
+    Ours(u64),
+    /// The manifest gave none: this mount's own.
+    MemoryOnly,
+}
+
 /// How the open handles of an inode do their I/O. The kernel lets every open of one inode use
 /// the same passthrough backing file or none: the first open picks, the others follow.
 #[derive(Clone)]
@@ -257,20 +267,33 @@ impl Inodes {
         self.pinned_count.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Gives `path` the number `ino` from the manifest's counter, kept here until `persisted`
-    /// says the manifest has it. Returns the number the path has, and whether it is `ino` (the
-    /// caller records it) rather than one given before.
-    pub fn pin(&self, path: &Path, ino: u64) -> (u64, bool) {
+    /// The number of a path no row held when its caller looked: the one already given here,
+    /// else what `decide` says, decided while no other thread can number this path. A new
+    /// number of ours is kept here until `persisted` says the manifest has it. Returns the
+    /// number, and whether it is a new one of ours (the caller records it).
+    pub fn pin_with(&self, path: &Path, decide: impl FnOnce() -> NewNumber) -> (u64, bool) {
         match self.pins.entry(path.to_path_buf()) {
             dashmap::Entry::Occupied(taken) => (*taken.get(), false),
             dashmap::Entry::Vacant(free) => {
+                let (ino, pending) = match decide() {
+                    NewNumber::Theirs(ino) => return (ino, false),
+                    NewNumber::Ours(ino) => (ino, true),
+                    NewNumber::MemoryOnly => {
+                        (self.next_memory_only.fetch_add(1, Ordering::Relaxed), false)
+                    }
+                };
                 free.insert(ino);
                 self.pin_added();
                 self.with(ino, path, |state| {
                     state.memory_only = true;
-                    state.pin_pending = true;
+                    state.pin_pending = pending;
+                    // Counted as handed out already: the caller is about to give it to the
+                    // kernel, and if the manifest keeps another number for the path (a scan
+                    // recorded it first), the record must outlive that answer. At worst one
+                    // reference too many keeps this small record until unmount.
+                    state.lookups = 1;
                 });
-                (ino, true)
+                (ino, pending)
             }
         }
     }
@@ -441,8 +464,21 @@ mod tests {
     #[test]
     fn a_pinned_number_stays_with_its_path_until_persisted() {
         let inodes = Inodes::new();
-        assert_eq!(inodes.pin(Path::new("a/b"), 10), (10, true));
-        assert_eq!(inodes.pin(Path::new("a/b"), 11), (10, false), "the first number stays");
+        assert_eq!(
+            inodes.pin_with(Path::new("a/b"), || NewNumber::Ours(10)),
+            (10, true)
+        );
+        assert_eq!(
+            inodes.pin_with(Path::new("a/b"), || NewNumber::Ours(11)),
+            (10, false),
+            "the first number stays"
+        );
+        assert_eq!(
+            inodes.pin_with(Path::new("c"), || NewNumber::Theirs(12)),
+            (12, false),
+            "a row's number is not pinned"
+        );
+        assert_eq!(inodes.pinned(Path::new("c")), None);
         assert_eq!(inodes.pinned(Path::new("a/b")), Some(10));
         assert_eq!(inodes.path_of(10), Some(Some(Arc::from(Path::new("a/b")))));
         inodes.renamed(Path::new("a"), Path::new("z"));

@@ -17,6 +17,8 @@ mod handles;
 mod health;
 mod inode;
 mod local;
+#[cfg(test)]
+mod model;
 mod namespace;
 mod open;
 mod prefetch;
@@ -117,6 +119,25 @@ pub fn mount(
     parts: Parts,
     settings: &MountSettings,
 ) -> Result<(Mounted, crate::engine::sweep::VerifiedHook)> {
+    let times = parts.metrics.fuse_requests.clone();
+    let stats = parts.metrics.served.clone();
+    let (core, hook) = source_core(parts, settings);
+    let session = SessionSettings {
+        mountpoint: &settings.mountpoint,
+        fsname: &settings.fsname,
+        threads: settings.threads,
+        read_only: false,
+    };
+    let mounted = start_session(core, times, &session, stats)?;
+    Ok((mounted, hook))
+}
+
+/// The daemon's file system over the local tree, not mounted yet (tests drive it in-process:
+/// `model.rs`). Must be called within the runtime.
+fn source_core(
+    parts: Parts,
+    settings: &MountSettings,
+) -> (Arc<Core>, crate::engine::sweep::VerifiedHook) {
     let rt = tokio::runtime::Handle::current();
     let stats = parts.metrics.served.clone();
     let rows = Arc::new(Rows::new(
@@ -163,7 +184,7 @@ pub fn mount(
         copy_on_read: Some(queue::CopyOnRead::start(
             parts.manifest.clone(),
             parts.wake_sweeper.clone(),
-            stats.clone(),
+            stats,
         )),
         writes: Some(WritePath {
             records,
@@ -172,17 +193,10 @@ pub fn mount(
         }),
         copy_waits: None,
     });
-    let session = SessionSettings {
-        mountpoint: &settings.mountpoint,
-        fsname: &settings.fsname,
-        threads: settings.threads,
-        read_only: false,
-    };
-    let mounted = start_session(Arc::new(core), parts.metrics.fuse_requests.clone(), &session, stats)?;
     let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
         rows.forget(paths)
     }));
-    Ok((mounted, hook))
+    (Arc::new(core), hook)
 }
 
 /// Mounts a replica; returns once the mount is live.

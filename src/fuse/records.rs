@@ -131,19 +131,32 @@ async fn apply(
         let pinned = manifest.pin_inos(&refs).await;
         let paths: Vec<String> = pins.iter().map(|(s, _)| s.path.clone()).collect();
         rows.forget(&paths);
-        for (seen, ino) in &pins {
-            match &pinned {
-                Ok(()) => inodes.persisted(std::path::Path::new(&seen.path), *ino),
-                Err(_) => inodes.not_persisted(*ino),
+        let taken: std::collections::HashSet<&str> = match &pinned {
+            Ok(taken) => taken.iter().map(String::as_str).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, paths = pins.len(), "cannot record inode numbers; they stay this mount's while the kernel holds them");
+                Default::default()
             }
-        }
-        if let Err(e) = pinned {
-            tracing::warn!(error = %e, paths = pins.len(), "cannot record inode numbers; they stay this mount's until it ends");
+        };
+        for (seen, ino) in &pins {
+            if taken.contains(seen.path.as_str()) {
+                inodes.persisted(std::path::Path::new(&seen.path), *ino);
+            } else {
+                // The row got a number of its own first (a scan): this mount keeps answering
+                // with the one the kernel holds until the kernel forgets it.
+                inodes.not_persisted(*ino);
+            }
         }
     }
     if !records.is_empty() {
-        let refs: Vec<(&str, &LocalFacts)> =
-            records.iter().map(|(p, f)| (p.as_str(), f)).collect();
+        // A path this mount numbered before any row held it gets that number.
+        let refs: Vec<(&str, &LocalFacts, Option<i64>)> = records
+            .iter()
+            .map(|(p, f)| {
+                let pinned = inodes.pinned(std::path::Path::new(p)).map(|ino| ino as i64);
+                (p.as_str(), f, pinned)
+            })
+            .collect();
         match manifest.record_local(&refs, true).await {
             Ok(()) => {
                 let paths: Vec<String> = records.into_iter().map(|(p, _)| p).collect();

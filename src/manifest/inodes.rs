@@ -33,15 +33,17 @@ impl InoBlock {
 
 /// The new rows the mount records for paths it numbered before any row stood for them (files
 /// the scan has not reached yet, or made through the mount): inserted as a scan would record
-/// them, or, where a row appeared meanwhile, only given that number, which the kernel already
-/// holds.
+/// them, or, where a row without a number appeared meanwhile (one marked deleted), given that
+/// number. A row that got a number of its own meanwhile (a scan recorded the path first) keeps
+/// it: RETURNING names the paths that took the mount's.
 const PIN_INOS: &str = "INSERT INTO entries (path, kind, state, reason, size, mtime_ns, mode, uid, gid, \
      link_target, seen_scan, version, created_at, updated_at, queued_at, ino) \
      SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, CAST(r.value ->> 4 AS BIGINT), \
      CAST(r.value ->> 5 AS BIGINT), CAST(r.value ->> 6 AS BIGINT), CAST(r.value ->> 7 AS BIGINT), \
      CAST(r.value ->> 8 AS BIGINT), r.value ->> 9, 0, 0, $2, $2, $2, CAST(r.value ->> 10 AS BIGINT) \
      FROM JSON_ROWS($1) AS r WHERE true \
-     ON CONFLICT (path) DO UPDATE SET ino = excluded.ino";
+     ON CONFLICT (path) DO UPDATE SET ino = excluded.ino WHERE entries.ino IS NULL \
+     RETURNING path";
 
 impl Manifest {
     /// `n` inode numbers nobody else will get (not necessarily consecutive across blocks).
@@ -85,10 +87,11 @@ impl Manifest {
         Ok(end - size..end)
     }
 
-    /// Records the numbers the mount handed out for paths no row stood for (see `PIN_INOS`).
-    pub async fn pin_inos(&self, rows: &[(&Scanned, i64)]) -> Result<()> {
+    /// Records the numbers the mount handed out for paths no row stood for (see `PIN_INOS`);
+    /// returns the paths whose rows now hold those numbers (the others kept their own).
+    pub async fn pin_inos(&self, rows: &[(&Scanned, i64)]) -> Result<Vec<String>> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let json: Vec<serde_json::Value> = rows
             .iter()
@@ -112,11 +115,11 @@ impl Manifest {
                 ])
             })
             .collect();
-        sqlx::query(&self.sql(PIN_INOS))
+        let taken = sqlx::query(&self.sql(PIN_INOS))
             .bind(serde_json::Value::Array(json).to_string())
             .bind(now_ms())
-            .execute(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(())
+        Ok(taken.iter().map(|row| row.get(0)).collect())
     }
 }

@@ -153,16 +153,27 @@ impl Manifest {
     /// Records paths as the local tree holds them now (created, written, truncated, chmod-ed
     /// through the mount). Files wait for a copy, first in line when `priority`; a hold on them
     /// ends.
-    pub async fn record_local(&self, rows: &[(&str, &LocalFacts)], priority: bool) -> Result<()> {
+    ///
+    /// A row without an inode number takes the one given with its path (the number the mount
+    /// already handed out for it), else a new one; a row keeps its own.
+    pub async fn record_local(
+        &self,
+        rows: &[(&str, &LocalFacts, Option<i64>)],
+        priority: bool,
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        // Numbers for rows that have none yet (`UPSERT_LOCAL` keeps a row's own).
-        let inos = self.new_inos(rows.len()).await?;
+        let mut fresh = self
+            .new_inos(rows.iter().filter(|(_, _, ino)| ino.is_none()).count())
+            .await?
+            .into_iter();
         let json: Vec<serde_json::Value> = rows
             .iter()
-            .zip(inos)
-            .map(|((path, facts), ino)| local_row(path, facts, None, priority, Some(ino)))
+            .map(|(path, facts, ino)| {
+                let ino = ino.or_else(|| fresh.next());
+                local_row(path, facts, None, priority, ino)
+            })
             .collect();
         sqlx::query(&self.sql(UPSERT_LOCAL))
             .bind(serde_json::Value::Array(json).to_string())

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 
-use super::inode::{Inodes, ROOT};
+use super::inode::{Inodes, NewNumber, ROOT};
 use super::records::WriteRecords;
 
 use crate::manifest::{Entry, Kind, Manifest};
@@ -135,19 +135,30 @@ impl Numbering {
         if let Some(ino) = row.and_then(|r| r.ino) {
             return ino;
         }
-        let (Some(recorder), Some(local), Some(_)) = (&self.recorder, local, path.to_str())
+        let (Some(recorder), Some(local), Some(text)) = (&self.recorder, local, path.to_str())
         else {
             return self.inodes.pin_in_memory(path);
         };
         let manifest = &self.manifest;
-        let ino = match self.rt.block_on(async { manifest.note(manifest.new_ino().await) }) {
-            Ok(ino) => ino as u64,
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "no inode number from the manifest; this mount keeps its own");
-                return self.inodes.pin_in_memory(path);
+        let (ino, fresh) = self.inodes.pin_with(path, || {
+            // Decided while no one else can number this path: a row may have appeared since the
+            // caller read none (the write path's record, or the scan, committed meanwhile), and
+            // its number wins while the kernel has not seen ours.
+            let row = match manifest.entry_now(text) {
+                Some(row) => row,
+                None => self.rt.block_on(manifest.entry(text)),
+            };
+            if let Ok(Some(theirs)) = row.map(|row| row.and_then(|row| row.ino)) {
+                return NewNumber::Theirs(theirs);
             }
-        };
-        let (pinned, fresh) = self.inodes.pin(path, ino);
+            match self.rt.block_on(async { manifest.note(manifest.new_ino().await) }) {
+                Ok(ino) => NewNumber::Ours(ino as u64),
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "no inode number from the manifest; this mount keeps its own");
+                    NewNumber::MemoryOnly
+                }
+            }
+        });
         if fresh {
             let dir = path.parent().unwrap_or(Path::new(""));
             let name = path.file_name().unwrap_or_default();
@@ -158,9 +169,9 @@ impl Numbering {
                 name,
                 local,
             );
-            recorder.records.pin(seen, pinned);
+            recorder.records.pin(seen, ino);
         }
-        pinned
+        ino
     }
 }
 
