@@ -160,7 +160,7 @@ pub async fn run(args: MountArgs) -> Result<u8> {
     }
     // The daemon runs for weeks: SQLite's page cache is held to --cache-memory across its
     // connections (the kernel's page cache keeps the file's pages anyway).
-    crate::manifest::limit_sqlite_cache(args.cache_memory / 4);
+    crate::manifest::limit_sqlite_cache(args.cache_memory);
     let manifest = Manifest::open(&resolved.manifest_url).await?;
     manifest.check_pair(&resolved.pair, true).await?;
     if !args.no_sweep {
@@ -327,7 +327,7 @@ async fn run_replica(args: MountArgs) -> Result<u8> {
         .transpose()?;
     let mountpoint = crate::fuse::prepare_mountpoint(&args.mountpoint)?;
     let url = args.target.manifest_url()?;
-    crate::manifest::limit_sqlite_cache(args.cache_memory / 4);
+    crate::manifest::limit_sqlite_cache(args.cache_memory);
     let Some(manifest) = Manifest::open_existing(&url).await? else {
         bail!(
             "no manifest at {url}: a replica serves a migration that a node with the source has \

@@ -10,7 +10,6 @@
 //! manifest only through `Rows` and the write path's records.
 
 use std::ffi::{OsStr, OsString};
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -26,6 +25,7 @@ use super::namespace::replica::CopyWaits;
 use super::namespace::{attr_from_metadata, child_path, found, is_bad_name, Found, Listed};
 use super::namespace::Namespace;
 use super::queue::CopyOnRead;
+use super::readahead::ReadAhead;
 use super::records::{Holds, WriteRecords};
 use super::rows::Rows;
 use super::ReadStats;
@@ -35,6 +35,12 @@ use crate::store::Store;
 /// its name, so a reader resumes after the last name it got even if the listing was built
 /// again in between (names added or removed meanwhile may or may not show, as POSIX allows).
 pub type Listing = Vec<(u64, Listed)>;
+
+type ListingFlights = dashmap::DashMap<
+    u64,
+    Arc<std::sync::OnceLock<Result<Arc<Listing>, Errno>>>,
+    foldhash::fast::RandomState,
+>;
 
 /// How long the kernel may cache what it is told.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +93,10 @@ pub struct Core {
     /// its cached pages only for the same content. Bounded: forgetting one costs a re-read.
     pub(super) opened_content: moka::sync::Cache<u64, Arc<str>, foldhash::fast::RandomState>,
     listings: moka::sync::Cache<u64, Arc<Listing>, foldhash::fast::RandomState>,
+    /// Directories listed ahead of the kernel's readdir.
+    pub(super) readahead: Arc<ReadAhead>,
+    /// Listings being built, so that a request and the read-ahead never build one twice.
+    listing_flights: ListingFlights,
     invalidate: OnceLock<Box<dyn Invalidate>>,
 }
 
@@ -109,7 +119,7 @@ pub struct CoreParts {
 
 /// Listings kept for readdir calls that continue one (the kernel caches whole directories
 /// itself; this only spares building one listing once per call).
-const LISTINGS_KEPT: u64 = 64 << 20;
+const LISTINGS_KEPT: u64 = 8 << 20;
 const LISTING_ENTRY_BYTES: u32 = 256;
 
 impl Core {
@@ -135,13 +145,25 @@ impl Core {
                 .build_with_hasher(Default::default()),
             listings: moka::sync::Cache::builder()
                 .max_capacity(LISTINGS_KEPT)
+                // Plain LRU: the default admission policy turns away entries seen once, which
+                // every listing is, and a listing built ahead or continued must be found.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .weigher(|_: &u64, listing: &Arc<Listing>| {
                     (listing.len() as u32 + 1).saturating_mul(LISTING_ENTRY_BYTES)
                 })
                 .time_to_live(Duration::from_secs(1))
                 .build_with_hasher(Default::default()),
             invalidate: OnceLock::new(),
+            readahead: Arc::default(),
+            listing_flights: Default::default(),
         }
+    }
+
+    /// The core, shared, with its helpers started (the thread that lists directories ahead).
+    pub fn start(parts: CoreParts) -> Arc<Core> {
+        let core = Arc::new(Core::new(parts));
+        ReadAhead::start(&core);
+        core
     }
 
     /// How the kernel is told to drop what it cached (set once the session exists).
@@ -246,29 +268,70 @@ impl Core {
         self.ns.statfs()
     }
 
-    /// The listing of the directory `ino`, from the last call while it is fresh (a readdir
-    /// stream continuing), else built anew: one directory read and one query.
+    /// The listing of the directory `ino`, for a readdir at `offset`: a stream going on gets
+    /// the listing its start got, a new one a listing built now (or just ahead of it:
+    /// `readahead.rs`) — one directory read and one query.
     pub fn listing(&self, ino: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
-        if offset > 0 {
-            if let Some(listing) = self.listings.get(&ino) {
-                return Ok(listing);
-            }
+        let cached = (offset > 0 || self.readahead.take(ino))
+            .then(|| self.listings.get(&ino))
+            .flatten();
+        let listing = match cached {
+            Some(listing) => listing,
+            None => self.build_listing(ino)?,
+        };
+        if offset == 0 {
+            self.readahead.listed(
+                listing
+                    .iter()
+                    .filter(|(_, item)| item.found.attr.kind == fuser::FileType::Directory)
+                    .map(|(_, item)| item.found.ino()),
+            );
         }
+        Ok(listing)
+    }
+
+    /// Lists the directory `ino` now and keeps the listing for the calls that continue it; a
+    /// request that comes while the same listing is being built (ahead) waits for it.
+    fn build_listing(&self, ino: u64) -> Result<Arc<Listing>, Errno> {
+        let flight = self.listing_flights.entry(ino).or_default().clone();
+        let built = flight.get_or_init(|| self.list_now(ino)).clone();
+        self.listing_flights
+            .remove_if(&ino, |_, f| Arc::ptr_eq(f, &flight));
+        built
+    }
+
+    fn list_now(&self, ino: u64) -> Result<Arc<Listing>, Errno> {
         let dir = self.path(ino)?;
-        let mut listing: Listing = self
-            .ns
-            .list(&dir)?
-            .into_iter()
-            .map(|listed| (name_offset(&listed.name), listed))
+        let listed = self.ns.list(&dir)?;
+        // Sorted by offset through a small key each: moving the entries themselves (a name and
+        // attributes, ~150 bytes) in a sort cost more than building them.
+        let mut order: Vec<(u64, u32)> = listed
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (name_offset(&item.name), i as u32))
             .collect();
-        listing.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| listed[a.1 as usize].name.cmp(&listed[b.1 as usize].name))
+        });
+        let mut slots: Vec<Option<Listed>> = listed.into_iter().map(Some).collect();
+        let listing: Listing = order
+            .into_iter()
+            .filter_map(|(offset, i)| slots[i as usize].take().map(|item| (offset, item)))
+            .collect();
         let listing = Arc::new(listing);
         self.listings.insert(ino, listing.clone());
         Ok(listing)
     }
 
+    /// Lists `ino` ahead of the kernel (`readahead.rs`), unless a listing of it is at hand.
+    pub(super) fn build_ahead(&self, ino: u64) -> bool {
+        !self.listings.contains_key(&ino) && self.build_listing(ino).is_ok()
+    }
+
     /// A change in the directory `ino` made here: its listing is built anew.
     pub(super) fn dir_changed(&self, ino: u64) {
+        self.readahead.forget(ino);
         self.listings.invalidate(&ino);
     }
 
@@ -294,7 +357,8 @@ impl Core {
 
 /// A name's readdir offset: a 63-bit hash, never 0 (0 asks for the start).
 fn name_offset(name: &OsStr) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    name.hash(&mut hasher);
-    (hasher.finish() >> 1).max(1)
+    use std::hash::BuildHasher;
+    // A fixed seed: a listing built again must give every name the same offset.
+    let hash = foldhash::fast::FixedState::with_seed(0x6375_746f_7665_7266).hash_one(name);
+    (hash >> 1).max(1)
 }

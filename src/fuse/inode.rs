@@ -259,6 +259,11 @@ impl Inodes {
         self.pins.get(path).map(|n| *n)
     }
 
+    /// Whether any path is pinned (most of the time none is).
+    pub fn has_pins(&self) -> bool {
+        self.pinned_count.load(Ordering::Acquire) > 0
+    }
+
     fn pin_added(&self) {
         self.pinned_count.fetch_add(1, Ordering::AcqRel);
     }

@@ -24,6 +24,7 @@ mod open;
 mod prefetch;
 mod probe;
 mod queue;
+mod readahead;
 mod records;
 mod rows;
 mod writes;
@@ -170,7 +171,7 @@ fn source_core(
         }),
     );
     let ns = namespace::source::SourceNamespace::new(parts.source.clone(), rows.clone(), numbers);
-    let core = Core::new(CoreParts {
+    let core = Core::start(CoreParts {
         ns: Box::new(ns),
         rows: rows.clone(),
         inodes,
@@ -196,7 +197,7 @@ fn source_core(
     let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
         rows.forget(paths)
     }));
-    (Arc::new(core), hook)
+    (core, hook)
 }
 
 /// Mounts a replica; returns once the mount is live.
@@ -217,7 +218,7 @@ pub fn mount_replica(
     let inodes = Arc::new(Inodes::new());
     let numbers = Numbering::new(inodes.clone(), manifest, rt.clone(), None);
     let ns = namespace::replica::ReplicaNamespace::new(rows.clone(), numbers, settings.root);
-    let core = Core::new(CoreParts {
+    let core = Core::start(CoreParts {
         ns: Box::new(ns),
         rows: rows.clone(),
         inodes,
@@ -238,7 +239,7 @@ pub fn mount_replica(
         threads: settings.threads,
         read_only: true,
     };
-    start_session(Arc::new(core), metrics.fuse_requests.clone(), &session, stats)
+    start_session(core, metrics.fuse_requests.clone(), &session, stats)
 }
 
 /// What every mount passes to the kernel.

@@ -418,16 +418,22 @@ pub struct Manifest {
     reader: Option<std::sync::Arc<reader::SqliteReader>>,
 }
 
-/// SQLite's page cache per connection, in KiB (`PRAGMA cache_size`).
-static SQLITE_CACHE_KIB: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(131_072);
+/// SQLite's page cache of this process, in KiB (`PRAGMA cache_size`), shared out between its
+/// connections: an eighth to each of the (at most four) connections of the pool, a sixteenth
+/// to each of the (at most eight) kept by the mount's reader (`reader.rs`).
+static SQLITE_CACHE_KIB: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1 << 20);
 
-/// Caps SQLite's page cache of the connections this process opens from now on, per connection.
+/// Caps SQLite's page cache of the connections this process opens from now on, all together.
 /// A long-running daemon keeps its memory bounded this way (issue 15): the file's pages stay
 /// in the kernel's page cache, which the kernel gives back under pressure, and a read of a page
 /// from there costs a system call, not a disk read.
 pub fn limit_sqlite_cache(bytes: u64) {
-    let kib = (bytes / 1024).max(256) as i64;
+    let kib = (bytes / 1024).max(4096) as i64;
     SQLITE_CACHE_KIB.store(kib, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn sqlite_cache_kib(share: i64) -> i64 {
+    SQLITE_CACHE_KIB.load(std::sync::atomic::Ordering::Relaxed) / share
 }
 
 /// How long a query waits for a connection to PostgreSQL before it fails (and the caller
@@ -645,7 +651,7 @@ impl Manifest {
                             // A million rows with their indexes are a few hundred MiB: keep the
                             // hot part in memory instead of re-reading pages through syscalls
                             // (a mount keeps less: see `limit_sqlite_cache`).
-                            let kib = SQLITE_CACHE_KIB.load(std::sync::atomic::Ordering::Relaxed);
+                            let kib = sqlite_cache_kib(8);
                             conn.execute(format!("PRAGMA cache_size = -{kib}").as_str())
                                 .await?;
                             conn.execute("PRAGMA temp_store = MEMORY").await?;
@@ -681,7 +687,7 @@ impl Manifest {
             inos: inodes::InoBlock::new(),
             reader: match url {
                 ManifestUrl::Sqlite(path) if !read_only => Some(std::sync::Arc::new(
-                    reader::SqliteReader::new(path, SQLITE_CACHE_KIB.load(std::sync::atomic::Ordering::Relaxed) / 4),
+                    reader::SqliteReader::new(path, sqlite_cache_kib(16)),
                 )),
                 _ => None,
             },

@@ -18,7 +18,7 @@ use crossbeam_queue::ArrayQueue;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::namespace::{ChildWalk, Entry, CHILDREN_PAGE, SELECT_ENTRY};
-use super::{parse_kind, parse_state, ManifestError, Result};
+use super::{ManifestError, Result};
 
 /// Connections kept for reuse; more may be open at once, the extra ones are closed after use.
 const KEPT: usize = 8;
@@ -132,11 +132,12 @@ impl SqliteReader {
 
 /// A row of `SELECT_ENTRY`; a value the manifest cannot hold is an error of its own.
 fn row_entry(row: &rusqlite::Row) -> rusqlite::Result<Result<Entry>> {
-    let kind: String = row.get(1)?;
-    let state: String = row.get(2)?;
-    let (kind, state) = match (parse_kind(kind), parse_state(state)) {
+    // Parsed in place: no string made for either.
+    let kind = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?.parse();
+    let state = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?.parse();
+    let (kind, state) = match (kind, state) {
         (Ok(kind), Ok(state)) => (kind, state),
-        (Err(e), _) | (_, Err(e)) => return Ok(Err(e)),
+        (Err(e), _) | (_, Err(e)) => return Ok(Err(ManifestError::Corrupt(e))),
     };
     Ok(Ok(Entry {
         path: row.get(0)?,
@@ -157,21 +158,3 @@ fn row_entry(row: &rusqlite::Row) -> rusqlite::Result<Result<Entry>> {
     }))
 }
 
-#[cfg(test)]
-mod bench {
-    #[test]
-    #[ignore]
-    fn children_speed() {
-        let path = std::env::var("READER_DB").unwrap();
-        let reader = super::SqliteReader::new(std::path::Path::new(&path), 4096);
-        for round in 0..2 {
-            let t = std::time::Instant::now();
-            let mut n = 0;
-            for d in 0..1000 {
-                let dir = format!("d{:02}/s{:04}", d / 100, d);
-                n += reader.children(&dir).unwrap().len();
-            }
-            eprintln!("round {round}: {n} rows {:?} per dir", t.elapsed() / 1000);
-        }
-    }
-}

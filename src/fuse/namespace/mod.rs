@@ -123,6 +123,23 @@ impl Numbering {
         }
     }
 
+    /// `number` of `name` in `dir`, without building its path when the row has a number and
+    /// nothing is pinned (a listing's common case). `local`: its local copy's attributes, if
+    /// it has one (asked for only when a new number is needed).
+    pub fn number_in(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        row: Option<&Entry>,
+        local: impl FnOnce() -> Attrs,
+    ) -> u64 {
+        if let (Some(ino), false) = (row.and_then(|r| r.ino), self.inodes.has_pins()) {
+            return ino;
+        }
+        let attrs = row.is_none().then(local);
+        self.number(&child_path(dir, name), row, attrs.as_ref())
+    }
+
     /// The number of `path`, whose row (if any) is `row` and whose local copy (if any) has
     /// `local` attributes.
     pub fn number(&self, path: &Path, row: Option<&Entry>, local: Option<&Attrs>) -> u64 {

@@ -45,6 +45,28 @@ impl SourceNamespace {
         }
     }
 
+    /// The local directory's names with their attributes (none if it has no local copy).
+    fn read_local(&self, dir: &Path) -> Result<Vec<(OsString, std::fs::Metadata)>, Errno> {
+        let mut local = Vec::new();
+        match self.source.read_dir(dir) {
+            Ok(entries) => {
+                for item in entries {
+                    let item = item.map_err(Errno::from)?;
+                    let name = item.file_name();
+                    if is_reserved(&name) {
+                        continue;
+                    }
+                    // Gone since the directory was read: not listed.
+                    let Ok(meta) = item.metadata() else { continue };
+                    local.push((name, meta));
+                }
+            }
+            Err(e) if is_absent(&e) => {}
+            Err(e) => return Err(Errno::from(e)),
+        }
+        Ok(local)
+    }
+
     fn local_found(&self, rel: &Path, st: &libc::stat) -> Result<Found, Errno> {
         let row = self.row_if_reachable(rel)?;
         let ino = self
@@ -92,61 +114,52 @@ impl Namespace for SourceNamespace {
     /// The union of the local directory and the manifest's rows below it: one directory read
     /// and one query.
     fn list(&self, dir: &Path) -> Result<Vec<Listed>, Errno> {
-        let mut local = Vec::new();
-        match self.source.read_dir(dir) {
-            Ok(entries) => {
-                for item in entries {
-                    let item = item.map_err(Errno::from)?;
-                    let name = item.file_name();
-                    if is_reserved(&name) {
-                        continue;
-                    }
-                    // Gone since the directory was read: not listed.
-                    let Ok(meta) = item.metadata() else { continue };
-                    local.push((name, meta));
-                }
-            }
-            Err(e) if is_absent(&e) => {}
-            Err(e) => return Err(Errno::from(e)),
-        }
+        // The directory read (a stat per name) and the query go on at once, on two threads:
+        // a listing of a large directory takes the longer of the two, not their sum.
+        let read_at = self.rows.generation();
+        let (local, rows) = rayon::join(|| self.read_local(dir), || self.rows.children(dir));
+        let local = local?;
         // Without the manifest a listing shows the local names only: what lives on only at the
         // dest (purged files) is missing from it until the manifest is back.
-        let read_at = self.rows.generation();
-        let rows = self.rows.children(dir).map_err(Errno::from)?;
+        let rows = rows.map_err(Errno::from)?;
         let reachable = rows.is_some();
-        let mut by_name: HashMap<OsString, Arc<Entry>, foldhash::fast::RandomState> = rows
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|row| {
-                let name = Path::new(&row.path).file_name()?.to_os_string();
-                Some((name, row))
-            })
+        let rows = rows.unwrap_or_default();
+        // Names borrowed from the rows: no allocation per name.
+        let mut by_name: HashMap<&OsStr, usize, foldhash::fast::RandomState> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, row)| Some((Path::new(&row.path).file_name()?, i)))
             .collect();
         let mut listed = Vec::with_capacity(local.len() + by_name.len());
         for (name, meta) in local {
-            let rel = child_path(dir, &name);
-            let row = by_name.remove(&name);
+            let row = by_name.remove(name.as_os_str()).map(|i| &rows[i]);
             if row.is_none() && reachable {
-                if let Some(text) = rel.to_str() {
+                if let Some(text) = child_path(dir, &name).to_str() {
                     self.rows.note_absent(read_at, text);
                 }
             }
-            let attrs = Attrs::from_metadata(&meta);
-            let ino = self.numbers.number(&rel, row.as_deref(), Some(&attrs));
+            let ino = self.numbers.number_in(dir, &name, row.map(|r| &**r), || {
+                Attrs::from_metadata(&meta)
+            });
             listed.push(Listed {
-                name,
                 found: found(attr_from_metadata(&meta, ino)),
+                name,
             });
         }
-        for (name, row) in by_name {
-            if !row.visible_without_local_copy() || is_reserved(&name) {
+        let mut rest: Vec<usize> = by_name.into_values().collect();
+        rest.sort_unstable();
+        for i in rest {
+            let row = &rows[i];
+            let Some(name) = Path::new(&row.path).file_name() else {
+                continue;
+            };
+            if !row.visible_without_local_copy() || is_reserved(name) {
                 continue;
             }
-            let rel = child_path(dir, &name);
-            let ino = self.numbers.number(&rel, Some(&row), None);
+            let ino = self.numbers.number_in(dir, name, Some(row), || Attrs::default());
             listed.push(Listed {
-                name,
-                found: found(attr_from_entry(&row, ino)),
+                name: name.to_os_string(),
+                found: found(attr_from_entry(row, ino)),
             });
         }
         if dir.as_os_str().is_empty() && listed.is_empty() {
