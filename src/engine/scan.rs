@@ -182,7 +182,10 @@ pub fn describe(
         libc::S_IFREG => (Kind::File, None),
         libc::S_IFLNK => (
             Kind::Symlink,
-            Some("symbolic link: recorded, not followed; cutoverfs migrates regular files".to_string()),
+            Some(
+                "symbolic link: recorded, not followed; cutoverfs migrates regular files"
+                    .to_string(),
+            ),
         ),
         other => {
             let what = match other {

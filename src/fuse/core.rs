@@ -22,13 +22,14 @@ use super::handles::Handles;
 use super::health::DestHealth;
 use super::inode::{Inodes, ROOT};
 use super::namespace::replica::CopyWaits;
-use super::namespace::{attr_from_metadata, child_path, found, is_bad_name, Found, Listed};
 use super::namespace::Namespace;
+use super::namespace::{attr_from_metadata, child_path, found, is_bad_name, Found, Listed};
 use super::queue::CopyOnRead;
 use super::readahead::ReadAhead;
 use super::records::{Holds, WriteRecords};
 use super::rows::Rows;
 use super::ReadStats;
+use crate::manifest::Entry;
 use crate::store::Store;
 
 /// A directory listing as readdir serves it: sorted by offset, each entry's offset a hash of
@@ -36,9 +37,12 @@ use crate::store::Store;
 /// again in between (names added or removed meanwhile may or may not show, as POSIX allows).
 pub type Listing = Vec<(u64, Listed)>;
 
+/// A listing and the change epoch it was built at.
+type Built = (u64, Arc<Listing>);
+
 type ListingFlights = dashmap::DashMap<
     u64,
-    Arc<std::sync::OnceLock<Result<Arc<Listing>, Errno>>>,
+    Arc<std::sync::OnceLock<Result<Built, Errno>>>,
     foldhash::fast::RandomState,
 >;
 
@@ -76,6 +80,8 @@ pub struct Core {
     pub(super) inodes: Arc<Inodes>,
     pub(super) handles: Handles,
     pub(super) store: Arc<dyn Store>,
+    /// The dest is reached over the network (asked once: the question opens a file).
+    store_is_remote: bool,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) ttls: Ttls,
     pub(super) dest_health: Arc<DestHealth>,
@@ -92,7 +98,12 @@ pub struct Core {
     /// The content (SHA-256) each inode was last opened from the dest with: the kernel may keep
     /// its cached pages only for the same content. Bounded: forgetting one costs a re-read.
     pub(super) opened_content: moka::sync::Cache<u64, Arc<str>, foldhash::fast::RandomState>,
-    listings: moka::sync::Cache<u64, Arc<Listing>, foldhash::fast::RandomState>,
+    /// Listings built, with the change epoch they were built at (see `changed`).
+    listings: moka::sync::Cache<u64, Built, foldhash::fast::RandomState>,
+    /// Bumped by every change made through this mount. A listing carries the attributes of its
+    /// entries, and the kernel takes them over its own: one built before a change (ahead, or
+    /// for an earlier call) must not be served after it, or a chmod or a write would seem undone.
+    epoch: std::sync::atomic::AtomicU64,
     /// Directories listed ahead of the kernel's readdir.
     pub(super) readahead: Arc<ReadAhead>,
     /// Listings being built, so that a request and the read-ahead never build one twice.
@@ -129,6 +140,7 @@ impl Core {
             rows: parts.rows,
             inodes: parts.inodes,
             handles: Handles::default(),
+            store_is_remote: parts.store.open_local_file("").is_none(),
             store: parts.store,
             rt: parts.rt,
             ttls: parts.ttls,
@@ -148,14 +160,15 @@ impl Core {
                 // Plain LRU: the default admission policy turns away entries seen once, which
                 // every listing is, and a listing built ahead or continued must be found.
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .weigher(|_: &u64, listing: &Arc<Listing>| {
-                    (listing.len() as u32 + 1).saturating_mul(LISTING_ENTRY_BYTES)
+                .weigher(|_: &u64, built: &Built| {
+                    (built.1.len() as u32 + 1).saturating_mul(LISTING_ENTRY_BYTES)
                 })
                 .time_to_live(Duration::from_secs(1))
                 .build_with_hasher(Default::default()),
             invalidate: OnceLock::new(),
             readahead: Arc::default(),
             listing_flights: Default::default(),
+            epoch: Default::default(),
         }
     }
 
@@ -192,22 +205,30 @@ impl Core {
 
     /// Whether the dest is reached over the network (copy-up reads it).
     pub fn store_is_remote(&self) -> bool {
-        self.store.open_local_file("").is_none()
+        self.store_is_remote
     }
 
     /// The path of `ino` below the root: from its record, else from the manifest's row.
     pub fn path(&self, ino: u64) -> Result<Arc<Path>, Errno> {
+        self.resolve(ino).map(|(path, _)| path)
+    }
+
+    /// `path`, with the row it was found by when it took one (an open routes by it).
+    pub fn resolve(&self, ino: u64) -> Result<(Arc<Path>, Option<Arc<Entry>>), Errno> {
         if ino == ROOT {
-            return Ok(Arc::from(Path::new("")));
+            return Ok((Arc::from(Path::new("")), None));
         }
         match self.inodes.path_of(ino) {
-            Some(Some(path)) => return Ok(path),
+            Some(Some(path)) => return Ok((path, None)),
             // Unlinked while open: reachable through its handles only.
             Some(None) => return Err(Errno::ENOENT),
             None => {}
         }
+        if let Some(dir) = self.rows.dir_path(ino) {
+            return Ok((Arc::from(Path::new(&*dir)), None));
+        }
         match self.rows.by_ino(ino).map_err(Errno::from)? {
-            Some(row) => Ok(Arc::from(Path::new(&row.path))),
+            Some(row) => Ok((Arc::from(Path::new(&row.path)), Some(row))),
             None => Err(Errno::ENOENT),
         }
     }
@@ -270,14 +291,17 @@ impl Core {
 
     /// The listing of the directory `ino`, for a readdir at `offset`: a stream going on gets
     /// the listing its start got, a new one a listing built now (or just ahead of it:
-    /// `readahead.rs`) — one directory read and one query.
+    /// `readahead.rs`) — one directory read and one query — and never one built before the
+    /// latest change made through this mount (`changed`).
     pub fn listing(&self, ino: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        let now = self.epoch();
         let cached = (offset > 0 || self.readahead.take(ino))
             .then(|| self.listings.get(&ino))
-            .flatten();
+            .flatten()
+            .filter(|(built_at, _)| *built_at == now);
         let listing = match cached {
-            Some(listing) => listing,
-            None => self.build_listing(ino)?,
+            Some((_, listing)) => listing,
+            None => self.build_listing(ino, now)?,
         };
         if offset == 0 {
             self.readahead.listed(
@@ -290,17 +314,25 @@ impl Core {
         Ok(listing)
     }
 
-    /// Lists the directory `ino` now and keeps the listing for the calls that continue it; a
-    /// request that comes while the same listing is being built (ahead) waits for it.
-    fn build_listing(&self, ino: u64) -> Result<Arc<Listing>, Errno> {
-        let flight = self.listing_flights.entry(ino).or_default().clone();
-        let built = flight.get_or_init(|| self.list_now(ino)).clone();
-        self.listing_flights
-            .remove_if(&ino, |_, f| Arc::ptr_eq(f, &flight));
-        built
+    /// Lists the directory `ino` and keeps the listing for the calls that continue it; a
+    /// request that comes while the same listing is being built (ahead) waits for it, unless
+    /// that build began before the change epoch `since`.
+    fn build_listing(&self, ino: u64, since: u64) -> Result<Arc<Listing>, Errno> {
+        loop {
+            let flight = self.listing_flights.entry(ino).or_default().clone();
+            let built = flight.get_or_init(|| self.list_now(ino)).clone();
+            self.listing_flights
+                .remove_if(&ino, |_, f| Arc::ptr_eq(f, &flight));
+            match built {
+                Ok((built_at, listing)) if built_at >= since => return Ok(listing),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    fn list_now(&self, ino: u64) -> Result<Arc<Listing>, Errno> {
+    fn list_now(&self, ino: u64) -> Result<Built, Errno> {
+        let built_at = self.epoch();
         let dir = self.path(ino)?;
         let listed = self.ns.list(&dir)?;
         // Sorted by offset through a small key each: moving the entries themselves (a name and
@@ -319,20 +351,52 @@ impl Core {
             .into_iter()
             .filter_map(|(offset, i)| slots[i as usize].take().map(|item| (offset, item)))
             .collect();
-        let listing = Arc::new(listing);
-        self.listings.insert(ino, listing.clone());
-        Ok(listing)
+        let built = (built_at, Arc::new(listing));
+        self.listings.insert(ino, built.clone());
+        Ok(built)
     }
 
     /// Lists `ino` ahead of the kernel (`readahead.rs`), unless a listing of it is at hand.
     pub(super) fn build_ahead(&self, ino: u64) -> bool {
-        !self.listings.contains_key(&ino) && self.build_listing(ino).is_ok()
+        let now = self.epoch();
+        let at_hand = self
+            .listings
+            .get(&ino)
+            .is_some_and(|(built_at, _)| built_at == now);
+        !at_hand && self.build_listing(ino, now).is_ok()
     }
 
-    /// A change in the directory `ino` made here: its listing is built anew.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Something changed through this mount (a name, attributes, content): no listing built
+    /// before is served from now on.
+    pub(super) fn changed(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `changed`, for a change in the directory `ino`.
     pub(super) fn dir_changed(&self, ino: u64) {
         self.readahead.forget(ino);
-        self.listings.invalidate(&ino);
+        self.changed();
+    }
+
+    /// `item`'s attributes as a reply to `dir`'s listing serves them: a file open for writing
+    /// changes under the listing (writes through passthrough never reach the daemon), so its
+    /// attributes are read again now.
+    pub fn served(&self, dir: u64, item: &Listed) -> Found {
+        let ino = item.found.ino();
+        let writing = self
+            .inodes
+            .get(ino)
+            .is_some_and(|inode| inode.lock().writers > 0);
+        if !writing {
+            return item.found.clone();
+        }
+        self.path(dir)
+            .and_then(|dir| self.ns.attr(&child_path(&dir, &item.name), ino))
+            .unwrap_or_else(|_| item.found.clone())
     }
 
     /// The entries of a listing after `offset`, for readdir.

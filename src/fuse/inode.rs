@@ -422,13 +422,15 @@ impl Inodes {
             .iter()
             .filter(|r| {
                 let state = r.value().lock();
-                state.path.as_deref().is_some_and(|p| {
-                    if below {
-                        p.starts_with(rel)
-                    } else {
-                        p == rel
-                    }
-                })
+                state.path.as_deref().is_some_and(
+                    |p| {
+                        if below {
+                            p.starts_with(rel)
+                        } else {
+                            p == rel
+                        }
+                    },
+                )
             })
             .map(|r| *r.key())
             .collect()
@@ -491,7 +493,10 @@ mod tests {
         assert_eq!(inodes.path_of(10), Some(Some(Arc::from(Path::new("z/b")))));
         inodes.persisted(Path::new("z/b"), 10);
         assert_eq!(inodes.pinned(Path::new("z/b")), None);
-        assert!(inodes.path_of(10).is_none(), "the record went: the manifest knows");
+        assert!(
+            inodes.path_of(10).is_none(),
+            "the record went: the manifest knows"
+        );
     }
 
     #[test]

@@ -194,9 +194,8 @@ fn source_core(
         }),
         copy_waits: None,
     });
-    let hook = crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| {
-        rows.forget(paths)
-    }));
+    let hook =
+        crate::engine::sweep::VerifiedHook(Arc::new(move |paths: &[String]| rows.forget(paths)));
     (core, hook)
 }
 

@@ -68,25 +68,81 @@ impl std::fmt::Debug for P {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { path: P, mode: u32, len: usize, seed: u8 },
-    Write { path: P, offset: u64, len: usize, seed: u8 },
-    Append { path: P, len: usize, seed: u8 },
-    Truncate { path: P, size: u64, by_fd: bool },
-    Rename { from: P, to: P },
-    Unlink { path: P },
-    Mkdir { path: P, mode: u32 },
-    Rmdir { path: P },
-    Chmod { path: P, mode: u32 },
-    Read { path: P },
-    Link { from: P, to: P },
+    Create {
+        path: P,
+        mode: u32,
+        len: usize,
+        seed: u8,
+    },
+    Write {
+        path: P,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Append {
+        path: P,
+        len: usize,
+        seed: u8,
+    },
+    Truncate {
+        path: P,
+        size: u64,
+        by_fd: bool,
+    },
+    Rename {
+        from: P,
+        to: P,
+    },
+    Unlink {
+        path: P,
+    },
+    Mkdir {
+        path: P,
+        mode: u32,
+    },
+    Rmdir {
+        path: P,
+    },
+    Chmod {
+        path: P,
+        mode: u32,
+    },
+    Read {
+        path: P,
+    },
+    Link {
+        from: P,
+        to: P,
+    },
     /// open(O_RDWR) kept in a slot across the next operations (unlink, rename, sweeps...).
-    Keep { slot: usize, path: P },
-    FdWrite { slot: usize, offset: u64, len: usize, seed: u8 },
-    FdRead { slot: usize },
-    FdStat { slot: usize },
-    FdTruncate { slot: usize, size: u64 },
-    FdChmod { slot: usize, mode: u32 },
-    Close { slot: usize },
+    Keep {
+        slot: usize,
+        path: P,
+    },
+    FdWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    FdRead {
+        slot: usize,
+    },
+    FdStat {
+        slot: usize,
+    },
+    FdTruncate {
+        slot: usize,
+        size: u64,
+    },
+    FdChmod {
+        slot: usize,
+        mode: u32,
+    },
+    Close {
+        slot: usize,
+    },
     /// The sweeper copies everything it may.
     Sweep,
     /// `purge --confirm`.
@@ -462,7 +518,10 @@ impl Mounted {
     }
 
     fn setattr(&self, ino: u64, change: AttrChange, fh: Option<u64>) -> Result<(), i32> {
-        self.core.setattr(ino, &change, fh).map(|_| ()).map_err(code)
+        self.core
+            .setattr(ino, &change, fh)
+            .map(|_| ())
+            .map_err(code)
     }
 
     fn apply(&mut self, op: &Op) -> Outcome {
@@ -477,10 +536,14 @@ impl Mounted {
                 let data = content(*len, *seed);
                 let (parent, name) = self.parent(*path)?;
                 match self.core.lookup(parent, OsStr::new(name)) {
-                    Ok(found) => none(self.with_open(*path, libc::O_WRONLY | libc::O_TRUNC, |_, fh| {
-                        let _ = found;
-                        self.write(fh, 0, &data)
-                    })),
+                    Ok(found) => {
+                        none(
+                            self.with_open(*path, libc::O_WRONLY | libc::O_TRUNC, |_, fh| {
+                                let _ = found;
+                                self.write(fh, 0, &data)
+                            }),
+                        )
+                    }
                     Err(e) if e == Errno::ENOENT => {
                         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
                         let (_, opened) = self
@@ -511,11 +574,11 @@ impl Mounted {
             })),
             // The daemon's descriptor is opened O_APPEND: its writes land at the end whatever
             // the offset the kernel sends.
-            Op::Append { path, len, seed } => {
-                none(self.with_open(*path, libc::O_WRONLY | libc::O_APPEND, |_, fh| {
-                    self.write(fh, 0, &content(*len, *seed))
-                }))
-            }
+            Op::Append { path, len, seed } => none(self.with_open(
+                *path,
+                libc::O_WRONLY | libc::O_APPEND,
+                |_, fh| self.write(fh, 0, &content(*len, *seed)),
+            )),
             Op::Truncate { path, size, by_fd } => {
                 let change = AttrChange {
                     size: Some(*size),
@@ -616,7 +679,12 @@ impl Mounted {
                 if self.is_dir(ino)? {
                     return Err(libc::EPERM);
                 }
-                none(self.core.link(ino, parent, OsStr::new(name)).map(|_| ()).map_err(code))
+                none(
+                    self.core
+                        .link(ino, parent, OsStr::new(name))
+                        .map(|_| ())
+                        .map_err(code),
+                )
             }
             Op::Keep { slot, path } => {
                 self.close(*slot);
@@ -712,7 +780,8 @@ impl Mounted {
             )
             .await
             .expect("scan");
-            let progress = crate::engine::progress::Progress::start("model", true, Duration::from_secs(60));
+            let progress =
+                crate::engine::progress::Progress::start("model", true, Duration::from_secs(60));
             crate::engine::sweep::run_sweep(
                 &self.manifest,
                 self.source.clone(),
@@ -781,13 +850,11 @@ impl Mounted {
                                 continue;
                             }
                         };
-                        let bytes = self
-                            .open(attr.ino.0, libc::O_RDONLY)
-                            .and_then(|fh| {
-                                let data = self.read_fh(fh);
-                                self.core.release(fh);
-                                data
-                            });
+                        let bytes = self.open(attr.ino.0, libc::O_RDONLY).and_then(|fh| {
+                            let data = self.read_fh(fh);
+                            self.core.release(fh);
+                            data
+                        });
                         match bytes {
                             Ok(bytes) => Node::File {
                                 mode: attr.perm as u32,
@@ -835,7 +902,11 @@ type Tree = BTreeMap<String, Node>;
 fn digest(bytes: &[u8]) -> String {
     {
         use sha2::Digest;
-        format!("{}:{}", bytes.len(), &hex::encode(sha2::Sha256::digest(bytes))[..12])
+        format!(
+            "{}:{}",
+            bytes.len(),
+            &hex::encode(sha2::Sha256::digest(bytes))[..12]
+        )
     }
 }
 
@@ -906,7 +977,12 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
     for dir in ["a", "b"] {
         mounted
             .core
-            .mkdir(ROOT, OsStr::new(dir), 0o755 & !mounted.umask, mounted.caller)
+            .mkdir(
+                ROOT,
+                OsStr::new(dir),
+                0o755 & !mounted.umask,
+                mounted.caller,
+            )
             .expect("setup mkdir");
     }
     for (step, op) in ops.iter().enumerate() {
@@ -1041,4 +1117,3 @@ fn hard_links_share_content_and_link_counts() {
     ])
     .unwrap();
 }
-

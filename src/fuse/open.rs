@@ -116,9 +116,9 @@ impl Core {
             }
         }
         let wait_for_copy = self.copy_waits.is_some()
-            && self.path(ino).is_ok_and(|path| {
-                !matches!(self.rows.entry(&path), Ok(Some(row)) if row.in_dest())
-            });
+            && self.path(ino).is_ok_and(
+                |path| !matches!(self.rows.entry(&path), Ok(Some(row)) if row.in_dest()),
+            );
         if wait_for_copy || (writing && self.writes_may_wait()) || self.manifest_is_remote() {
             OpenPlan::Elsewhere {
                 counted_writer: false,
@@ -136,8 +136,8 @@ impl Core {
         backing: &dyn Backing,
         counted_writer: bool,
     ) -> Result<Opened, Errno> {
-        let rel = match self.path(ino) {
-            Ok(rel) => rel,
+        let (rel, row) = match self.resolve(ino) {
+            Ok(resolved) => resolved,
             Err(e) => {
                 if counted_writer {
                     self.writer_gives_up(ino);
@@ -149,7 +149,7 @@ impl Core {
         if writes(flags) {
             self.open_for_write(ino, &rel, flags, backing, counted_writer)
         } else {
-            self.open_for_read(ino, &rel, backing)
+            self.open_for_read(ino, &rel, row, backing)
         }
     }
 
@@ -165,13 +165,15 @@ impl Core {
     }
 
     /// A read-only open: from the dest when the file is verified there, else the local copy.
+    /// `row`: the file's row, just read (it routes the open without reading it again).
     fn open_for_read(
         self: &Arc<Self>,
         ino: u64,
         rel: &Path,
+        row: Option<Arc<Entry>>,
         backing: &dyn Backing,
     ) -> Result<Opened, Errno> {
-        let mut route = self.route(rel)?;
+        let mut route = self.route(rel, row)?;
         if let Route::NotCopied(path) = route {
             let waits = self.copy_waits.as_ref().ok_or(Errno::EIO)?;
             let entry = self.rt.block_on(waits.copied(path))?;
@@ -187,7 +189,8 @@ impl Core {
                 local_copy,
             } => {
                 let entry = self.rows.entry(rel).ok().flatten();
-                let file = RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
+                let file =
+                    RemoteFile::new(self.store.clone(), key, size, self.prefetch_budget.clone());
                 let io = HandleIo::Remote {
                     file: Arc::new(file),
                     rel: rel.to_path_buf(),
@@ -236,12 +239,15 @@ impl Core {
 
     /// Decides where a read-only open is served from, queueing a pending file for copy on the
     /// way.
-    pub(super) fn route(&self, rel: &Path) -> Result<Route, Errno> {
-        let rows = self.rows.clone();
-        let entry = match rows.entry(rel) {
-            Ok(entry) => entry,
-            Err(e) if rows.manifest_down() => return self.route_without_manifest(rel, e),
-            Err(e) => return Err(Errno::from(e)),
+    pub(super) fn route(&self, rel: &Path, known: Option<Arc<Entry>>) -> Result<Route, Errno> {
+        let rows = &self.rows;
+        let entry = match known {
+            Some(row) => Some(row),
+            None => match rows.entry(rel) {
+                Ok(entry) => entry,
+                Err(e) if rows.manifest_down() => return self.route_without_manifest(rel, e),
+                Err(e) => return Err(Errno::from(e)),
+            },
         };
         let Some(local) = self.ns.local() else {
             // A replica: the dest or nothing.
@@ -516,11 +522,17 @@ impl Core {
             None if passthrough => self.open_backing_file(rel, writable)?,
             None => self.local_tree()?.open_at(rel, flags)?,
         };
-        self.register(ino, rel, writable, counted_writer, |current| match current {
-            Some(mode @ InodeIo::Passthrough { .. }) => Ok(share(mode)),
-            None if passthrough => Ok(self.first_passthrough(file, true, backing)),
-            _ => Ok((HandleIo::Local(file), InodeIo::Daemon, None)),
-        })
+        self.register(
+            ino,
+            rel,
+            writable,
+            counted_writer,
+            |current| match current {
+                Some(mode @ InodeIo::Passthrough { .. }) => Ok(share(mode)),
+                None if passthrough => Ok(self.first_passthrough(file, true, backing)),
+                _ => Ok((HandleIo::Local(file), InodeIo::Daemon, None)),
+            },
+        )
     }
 
     /// The first open of an inode in passthrough mode: `file` becomes its backing file.
@@ -558,9 +570,7 @@ impl Core {
         rel: &Path,
         writable: bool,
         counted_writer: bool,
-        pick: impl FnOnce(
-            Option<&InodeIo>,
-        ) -> io::Result<(HandleIo, InodeIo, Option<Arc<BackingId>>)>,
+        pick: impl FnOnce(Option<&InodeIo>) -> io::Result<(HandleIo, InodeIo, Option<Arc<BackingId>>)>,
     ) -> io::Result<(u64, Option<Arc<BackingId>>)> {
         let started = Instant::now();
         let mut counted = counted_writer;
@@ -627,7 +637,10 @@ impl Core {
         let state = inode.lock();
         if writer {
             // tests/mount_writes.rs waits for this line.
-            tracing::debug!(ino = inode.ino, "a writer waits for the readers of the dest copy");
+            tracing::debug!(
+                ino = inode.ino,
+                "a writer waits for the readers of the dest copy"
+            );
             let left = WRITER_WAIT.saturating_sub(started.elapsed());
             let (state, free) = inode.wait_until(state, left, |s| {
                 !s.io.as_ref().is_some_and(InodeIo::excludes_writers)
@@ -751,13 +764,16 @@ impl Core {
             (last_writer, leftovers)
         };
         inode.changed();
+        if handle.writable {
+            // Its size and times are final now; listings built while it was written are not.
+            self.changed();
+        }
         if last_writer {
             self.after_writer_closed(&handle);
         }
         self.delete_leftovers_later(leftovers);
         self.inodes.settle(inode.ino);
     }
-
 }
 
 /// What registering a handle came to.
@@ -778,7 +794,12 @@ fn local_route() -> Route {
 /// requests that reach a file unlinked while open.
 fn local_file_of(io: &HandleIo, mode: &InodeIo) -> Option<Arc<File>> {
     match (mode, io) {
-        (InodeIo::Passthrough { file, local: true, .. }, _) => Some(file.clone()),
+        (
+            InodeIo::Passthrough {
+                file, local: true, ..
+            },
+            _,
+        ) => Some(file.clone()),
         (InodeIo::Daemon, HandleIo::Local(file)) => file.try_clone().ok().map(Arc::new),
         _ => None,
     }

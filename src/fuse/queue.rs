@@ -2,6 +2,7 @@
 //! head of the sweeper's queue. The open never waits: the manifest is written by the queue's
 //! own task, many paths per statement.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +11,22 @@ use tokio::sync::{mpsc, Notify};
 use super::ReadStats;
 use crate::manifest::Manifest;
 
-/// Paths queued recently, not sent again: a bounded set (one forgotten costs a statement that
-/// changes nothing).
-const RECENT: u64 = 16_384;
+/// Paths per statement, at most.
+const BATCH: usize = 512;
+/// How long a queued path waits for others to share its statement.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// Slots of the filter of paths queued recently (8 bytes each).
+const RECENT: usize = 16_384;
 
 /// Opens of files not copied yet, on their way to the head of the copy queue.
 pub struct CopyOnRead {
     tx: mpsc::UnboundedSender<String>,
-    recent: moka::sync::Cache<String, ()>,
+    /// Paths queued recently, not sent again: a lossy filter by hash, one slot per hash bucket
+    /// (a path pushed out is sent again, which changes nothing; a full cache with its own
+    /// bookkeeping cost more per open than the rest of the open did).
+    recent: Box<[AtomicU64]>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl CopyOnRead {
@@ -28,7 +37,18 @@ impl CopyOnRead {
             // Queued files wait while the manifest is unreachable, for as long as the mount.
             let (_never, patience) = tokio::sync::watch::channel(false);
             let mut paths = Vec::new();
-            while rx.recv_many(&mut paths, 256).await > 0 {
+            while rx.recv_many(&mut paths, BATCH).await > 0 {
+                // Opens come one at a time: gather those of the next moments into one
+                // statement (one each cost more than the opens).
+                let until = tokio::time::Instant::now() + LINGER;
+                while paths.len() < BATCH {
+                    let room = BATCH - paths.len();
+                    let more = rx.recv_many(&mut paths, room);
+                    match tokio::time::timeout_at(until, more).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
                 match manifest
                     .patiently(&patience, || manifest.prioritize(&paths))
                     .await
@@ -46,19 +66,19 @@ impl CopyOnRead {
         });
         CopyOnRead {
             tx,
-            recent: moka::sync::Cache::builder()
-                .max_capacity(RECENT)
-                .time_to_live(Duration::from_secs(60))
-                .build(),
+            recent: (0..RECENT).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Default::default(),
         }
     }
 
     /// Never blocks the open.
     pub fn queue(&self, path: &str) {
-        if self.recent.contains_key(path) {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(path) | 1;
+        let slot = &self.recent[(hash as usize >> 1) % RECENT];
+        if slot.swap(hash, Ordering::Relaxed) == hash {
             return;
         }
-        self.recent.insert(path.to_string(), ());
         let _ = self.tx.send(path.to_string());
     }
 }

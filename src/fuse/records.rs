@@ -58,10 +58,11 @@ impl WriteRecords {
             let mut messages = Vec::new();
             loop {
                 tokio::select! {
-                    n = rx.recv_many(&mut messages, 512) => {
+                    n = rx.recv_many(&mut messages, BATCH) => {
                         if n == 0 {
                             break;
                         }
+                        linger(&mut rx, &mut messages).await;
                         let batch = std::mem::take(&mut messages);
                         apply(&manifest, &rows, &inodes, &wake, batch).await;
                     }
@@ -100,6 +101,27 @@ impl WriteRecords {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
             let _ = self.rt.block_on(wait);
+        }
+    }
+}
+
+/// Records per transaction, at most.
+const BATCH: usize = 512;
+/// How long a record waits for others to share its transaction. The application's closes come
+/// one at a time: one transaction each cost more than the closes themselves.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Gathers more messages for the same transaction, for at most `LINGER`, unless someone waits
+/// for them already (a flush).
+async fn linger(rx: &mut mpsc::UnboundedReceiver<Message>, messages: &mut Vec<Message>) {
+    let waited_for = |m: &[Message]| m.iter().any(|m| matches!(m, Message::Flush(_)));
+    let until = tokio::time::Instant::now() + LINGER;
+    while messages.len() < BATCH && !waited_for(messages) {
+        let room = BATCH - messages.len();
+        let more = tokio::time::timeout_at(until, rx.recv_many(messages, room));
+        match more.await {
+            Ok(n) if n > 0 => {}
+            _ => break,
         }
     }
 }

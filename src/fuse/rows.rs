@@ -27,6 +27,9 @@ pub struct Rows {
     rt: tokio::runtime::Handle,
     by_path: Option<moka::sync::Cache<Box<str>, Slot, Hasher>>,
     by_ino: Option<moka::sync::Cache<u64, Arc<Entry>, Hasher>>,
+    /// Paths of directories by number, whatever the manifest: every lookup asks for its
+    /// directory's path, and directories are few.
+    dir_paths: moka::sync::Cache<u64, Arc<str>, Hasher>,
     /// The manifest answers on the calling thread from a local file (`Manifest::entry_now`).
     reads_in_place: bool,
     /// Bumped by every forget. A row read from the manifest is cached only if no forget ran
@@ -35,6 +38,9 @@ pub struct Rows {
     /// dest).
     generation: std::sync::RwLock<u64>,
 }
+
+/// Directory paths kept by number (about 100 bytes each).
+const DIRS_KEPT: u64 = 16_384;
 
 /// Bytes a cached row costs beyond its strings: the row itself and the cache's bookkeeping.
 const ROW_OVERHEAD: usize = std::mem::size_of::<Entry>() + 160;
@@ -57,7 +63,9 @@ impl Rows {
         row_ttl: Duration,
         budget: u64,
     ) -> Rows {
-        let cached = !row_ttl.is_zero();
+        // A local manifest answers a row in a few microseconds on the calling thread (less than
+        // caching it costs); a remote one is cached for `row_ttl`.
+        let cached = !row_ttl.is_zero() && !manifest.reads_in_place();
         let by_path = cached.then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(budget / 2)
@@ -76,6 +84,10 @@ impl Rows {
                 .build_with_hasher(Hasher::default())
         });
         Rows {
+            dir_paths: moka::sync::Cache::builder()
+                .max_capacity(DIRS_KEPT)
+                .time_to_live(row_ttl.max(Duration::from_millis(1)))
+                .build_with_hasher(Hasher::default()),
             reads_in_place: manifest.reads_in_place(),
             manifest,
             rt,
@@ -137,12 +149,28 @@ impl Rows {
                 .block_on(async { manifest.note(manifest.entry_by_ino(ino).await) }),
         }
         .map_err(|e| manifest_error(&format!("inode {ino}"), e))?
-            .filter(|row| crate::manifest::refused_path(&row.path).is_none())
-            .map(Arc::new);
+        .filter(|row| crate::manifest::refused_path(&row.path).is_none())
+        .map(Arc::new);
         if let Some(row) = &row {
             self.cache(read_at, [(row.path.as_str(), Some(row.clone()))]);
+            self.note_dir(read_at, row);
         }
         Ok(row)
+    }
+
+    /// The path of the directory numbered `ino`, if it is known without asking the manifest.
+    pub fn dir_path(&self, ino: u64) -> Option<Arc<str>> {
+        self.dir_paths.get(&ino)
+    }
+
+    /// Remembers a directory's path by its number (unless a forget ran since `read_at`).
+    fn note_dir(&self, read_at: u64, row: &Entry) {
+        if let (crate::manifest::Kind::Dir, Some(ino)) = (row.kind, row.ino) {
+            let generation = self.generation.read().unwrap_or_else(|e| e.into_inner());
+            if *generation == read_at {
+                self.dir_paths.insert(ino, Arc::from(row.path.as_str()));
+            }
+        }
     }
 
     /// The rows directly below `dir`, cached on the way; None while the manifest cannot be
@@ -165,13 +193,17 @@ impl Rows {
         match rows {
             Ok(rows) => {
                 let rows: Vec<Arc<Entry>> = rows.into_iter().map(Arc::new).collect();
+                for row in &rows {
+                    self.note_dir(read_at, row);
+                }
                 // Rows of a remote manifest are kept for the opens that usually follow a
                 // listing; a local one answers those in microseconds, less than keeping every
                 // listed row would cost a walk.
                 if !self.reads_in_place {
                     self.cache(
                         read_at,
-                        rows.iter().map(|row| (row.path.as_str(), Some(row.clone()))),
+                        rows.iter()
+                            .map(|row| (row.path.as_str(), Some(row.clone()))),
                     );
                 }
                 Ok(Some(rows))
@@ -242,6 +274,7 @@ impl Rows {
     pub fn forget_all(&self) {
         let mut generation = self.generation.write().unwrap_or_else(|e| e.into_inner());
         *generation += 1;
+        self.dir_paths.invalidate_all();
         if let Some(by_path) = &self.by_path {
             by_path.invalidate_all();
         }

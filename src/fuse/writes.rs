@@ -162,10 +162,7 @@ impl Core {
         let Ok((writes, tree)) = self.writable() else {
             return;
         };
-        let _no_rename = writes
-            .rename_gate
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let _no_rename = writes.rename_gate.read().unwrap_or_else(|e| e.into_inner());
         if let Ok(st) = tree.stat_at(rel) {
             self.record(rel, &Attrs::from_stat(&st));
         }
@@ -204,6 +201,7 @@ impl Core {
             }
         };
         if flags & libc::O_TRUNC != 0 {
+            self.changed();
             if let Some(Err(e)) = self
                 .handles
                 .get(fh)
@@ -227,10 +225,7 @@ impl Core {
         let Ok((writes, tree)) = self.writable() else {
             return;
         };
-        let _no_rename = writes
-            .rename_gate
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let _no_rename = writes.rename_gate.read().unwrap_or_else(|e| e.into_inner());
         let rel = handle.inode.lock().path.clone();
         let (Some(rel), Some(file)) = (rel, handle.file()) else {
             return;
@@ -282,6 +277,8 @@ impl Core {
             local::give_to(tree, &rel, caller.uid, caller.gid).map_err(errno)?;
             local::exact_mode(tree, &rel, mode).map_err(errno)?;
             self.dir_changed(parent);
+        } else {
+            self.changed();
         }
         let found = self.lookup(parent, name)?;
         let ino = found.ino();
@@ -390,7 +387,12 @@ impl Core {
 
     /// link(2): another name for a file with a local copy (a file only the dest holds is
     /// brought back first). The new name is a file of its own for the manifest and the dest.
-    pub fn link(self: &Arc<Self>, ino: u64, newparent: u64, newname: &OsStr) -> Result<Found, Errno> {
+    pub fn link(
+        self: &Arc<Self>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> Result<Found, Errno> {
         let (_, tree) = self.writable()?;
         let from = self.path(ino)?;
         let to = self.new_child(newparent, newname)?;
@@ -452,7 +454,9 @@ impl Core {
         crate::testhook::crash_point("remove:recorded");
         // A file open here keeps working after its name is gone: its record keeps the local
         // copy open.
-        let open = (!dir).then(|| self.keep_local_of_open(attr.ino.0, rel)).flatten();
+        let open = (!dir)
+            .then(|| self.keep_local_of_open(attr.ino.0, rel))
+            .flatten();
         let done = if dir {
             local::rmdir(tree, rel)
         } else {
@@ -473,6 +477,10 @@ impl Core {
         }
         crate::testhook::crash_point("remove:local-done");
         self.inodes.unlinked(rel);
+        if dir {
+            // Its number may be known by path; a directory made there next is another.
+            self.rows.forget_all();
+        }
         drop(changing);
         self.forget_row(rel);
         match open {
@@ -560,7 +568,12 @@ impl Core {
         Ok(())
     }
 
-    fn rename_between(self: &Arc<Self>, from: &Path, to: &Path, flags: RenameFlags) -> Result<(), Errno> {
+    fn rename_between(
+        self: &Arc<Self>,
+        from: &Path,
+        to: &Path,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
         let (writes, tree) = self.writable()?;
         if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
             // RENAME_EXCHANGE would swap two files' keys at the dest in one step; not offered.
@@ -655,9 +668,7 @@ impl Core {
             .filter_map(|p| p.to_str().map(str::to_string))
             .collect();
         let manifest = self.rows.manifest();
-        if let Err(e) =
-            self.block_on(manifest.release_renamed(text, &writes.holds.holder, &kept))
-        {
+        if let Err(e) = self.block_on(manifest.release_renamed(text, &writes.holds.holder, &kept)) {
             // The daemon keeps renewing its holds: these files wait until they are written
             // again or the daemon restarts.
             tracing::warn!(path = text, error = %e, "cannot release the renamed files for copying");
@@ -692,6 +703,7 @@ impl Core {
     /// the dest has it), or on the descriptor a file unlinked while open keeps.
     pub fn setattr(&self, ino: u64, change: &AttrChange, fh: Option<u64>) -> Result<Found, Errno> {
         self.writable()?;
+        self.changed();
         if let Some(file) = self.unlinked_local(ino)? {
             return apply_to_file(&file, change, ino);
         }
@@ -746,6 +758,7 @@ impl Core {
             .ok_or(Errno::EBADF)?;
         let file = handle.file().ok_or(Errno::EBADF)?;
         file.write_all_at(data, offset).map_err(errno)?;
+        self.changed();
         Ok(data.len() as u32)
     }
 
@@ -773,6 +786,7 @@ impl Core {
             .filter(|h| h.writable)
             .ok_or(Errno::EBADF)?;
         let file = handle.file().ok_or(Errno::EBADF)?;
+        self.changed();
         // SAFETY: a descriptor we own.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
         if rc == 0 {

@@ -280,11 +280,11 @@ impl Manifest {
     /// Files queued by copy-on-read or requested by replicas (`priority` at least `min`) and
     /// not taken yet: requests first (a reader waits for them), then oldest first.
     pub async fn prioritized(&self, limit: usize, min: i64) -> Result<Vec<String>> {
-        // Through the partial index of prioritized rows (a handful), on SQLite by name: its
-        // planner preferred the index on state, and an idle daemon read every pending row of a
-        // million-file manifest every few seconds.
+        // Through the index of prioritized rows by level (migration 0008), on SQLite by name:
+        // its planner preferred the index on state, and an idle daemon read every pending row
+        // of a million-file manifest every few seconds.
         let from = match self.engine {
-            super::Engine::Sqlite => "entries INDEXED BY entries_by_priority",
+            super::Engine::Sqlite => "entries INDEXED BY entries_by_priority_level",
             super::Engine::Postgres => "entries",
         };
         let rows = sqlx::query(&format!(

@@ -133,8 +133,16 @@ impl SqliteReader {
 /// A row of `SELECT_ENTRY`; a value the manifest cannot hold is an error of its own.
 fn row_entry(row: &rusqlite::Row) -> rusqlite::Result<Result<Entry>> {
     // Parsed in place: no string made for either.
-    let kind = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?.parse();
-    let state = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?.parse();
+    let kind = row
+        .get_ref(1)?
+        .as_str()
+        .map_err(rusqlite::Error::from)?
+        .parse();
+    let state = row
+        .get_ref(2)?
+        .as_str()
+        .map_err(rusqlite::Error::from)?
+        .parse();
     let (kind, state) = match (kind, state) {
         (Ok(kind), Ok(state)) => (kind, state),
         (Err(e), _) | (_, Err(e)) => return Ok(Err(ManifestError::Corrupt(e))),
@@ -157,4 +165,3 @@ fn row_entry(row: &rusqlite::Row) -> rusqlite::Result<Result<Entry>> {
         ino: row.get::<_, Option<i64>>(14)?.map(|ino| ino as u64),
     }))
 }
-

@@ -73,9 +73,17 @@ const UPSERT_LOCAL_HEAD: &str = "INSERT INTO entries (path, kind, state, reason,
      updated_at = excluded.updated_at, ";
 
 /// `UPSERT_LOCAL_HEAD` for a path changed in place: a row keeps its inode number (one marked
-/// deleted has none and takes the new one).
-const UPSERT_LOCAL: &str =
-    concatcp!(UPSERT_LOCAL_HEAD, "ino = COALESCE(entries.ino, excluded.ino)");
+/// deleted has none and takes the new one). A record that says nothing new is dropped: the row
+/// is already verified with exactly these facts (a scan and a copy got to the file first, and
+/// maybe purge too; sending it back to `pending` would copy it again, or, with its local copy
+/// purged meanwhile, lose it from the tree).
+const UPSERT_LOCAL: &str = concatcp!(
+    UPSERT_LOCAL_HEAD,
+    "ino = COALESCE(entries.ino, excluded.ino) WHERE NOT (entries.state = 'verified' \
+     AND entries.kind = excluded.kind AND entries.size = excluded.size \
+     AND entries.mtime_ns = excluded.mtime_ns AND entries.mode = excluded.mode \
+     AND entries.uid = excluded.uid AND entries.gid = excluded.gid)"
+);
 
 /// `UPSERT_LOCAL_HEAD` for the new paths of a rename: the numbers move with the files.
 const UPSERT_MOVED: &str = concatcp!(UPSERT_LOCAL_HEAD, "ino = excluded.ino");

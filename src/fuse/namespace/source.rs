@@ -13,8 +13,8 @@ use std::sync::Arc;
 use fuser::Errno;
 
 use super::{
-    attr_from_entry, attr_from_metadata, attr_from_stat, child_path, found, is_absent,
-    is_reserved, Found, Listed, Namespace, Numbering,
+    attr_from_entry, attr_from_metadata, attr_from_stat, child_path, found, is_absent, is_reserved,
+    Found, Listed, Namespace, Numbering,
 };
 use crate::fuse::rows::Rows;
 use crate::manifest::{Entry, Kind};
@@ -156,7 +156,9 @@ impl Namespace for SourceNamespace {
             if !row.visible_without_local_copy() || is_reserved(name) {
                 continue;
             }
-            let ino = self.numbers.number_in(dir, name, Some(row), || Attrs::default());
+            let ino = self
+                .numbers
+                .number_in(dir, name, Some(row), || Attrs::default());
             listed.push(Listed {
                 name: name.to_os_string(),
                 found: found(attr_from_entry(row, ino)),

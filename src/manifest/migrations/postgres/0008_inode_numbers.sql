@@ -13,3 +13,6 @@ CREATE UNIQUE INDEX entries_by_ino ON entries (ino) WHERE ino IS NOT NULL;
 INSERT INTO meta (key, value)
     SELECT 'next_ino', CAST(COALESCE(MAX(ino), 1) + 1 AS TEXT) FROM entries WHERE true
     ON CONFLICT (key) DO NOTHING;
+-- Files asked for by level: replicas' requests (priority 2) are found without reading every
+-- file the application opened before it was copied (priority 1), of which there can be many.
+CREATE INDEX entries_by_priority_level ON entries (priority, queued_at) WHERE priority > 0;
