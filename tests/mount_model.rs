@@ -4,7 +4,10 @@
 //!
 //! 1. A property test: random sequences of file-system operations over a small name space
 //!    (3 dirs × 4 names, so they collide often), interleaved with sweeper steps, purges and
-//!    remounts, applied to a mounted cutoverfs directory and to a plain directory. After each
+//!    remounts, applied to a mounted cutoverfs directory and to a plain directory; among them
+//!    hard links and descriptors kept open across unlink, rename over and sweeps (written,
+//!    read, fstat-ed, truncated and chmod-ed through), as upload handlers and temporary files
+//!    keep theirs. After each
 //!    step the trees (listing, sizes, content, modes, owners) and each operation's outcome
 //!    (success or errno, and the bytes read) must be equal; after a sweeper step the `file://`
 //!    dest holds exactly the model's files. Failures shrink to a minimal sequence.
@@ -31,7 +34,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::mount::{is_mounted, Daemon};
@@ -54,6 +57,9 @@ enum Node {
         sha256: String,
         uid: u32,
         gid: u32,
+        /// Link count: hard links keep their local copies (purge keeps a file with several
+        /// names), so the mount shows the plain directory's counts.
+        nlink: u64,
     },
     Other(String),
     /// Listing, stat or reading it failed with this errno.
@@ -122,6 +128,7 @@ fn tree(root: &Path) -> Tree {
                         sha256: short_hash(&bytes),
                         uid: meta.uid(),
                         gid: meta.gid(),
+                        nlink: meta.nlink(),
                     },
                     Err(e) => Node::Error("read", errno_of(&e)),
                 },
@@ -155,10 +162,18 @@ fn tree_diff(want: &Tree, got: &Tree) -> Vec<String> {
     out
 }
 
+/// The files of a tree as the dest holds them: each name a file of its own (hard links are
+/// separate objects there, so link counts are not compared).
 fn only_files(tree: &Tree) -> Tree {
     tree.iter()
         .filter(|(_, n)| !matches!(n, Node::Dir { .. }))
-        .map(|(p, n)| (p.clone(), n.clone()))
+        .map(|(p, n)| {
+            let mut n = n.clone();
+            if let Node::File { nlink, .. } = &mut n {
+                *nlink = 1;
+            }
+            (p.clone(), n)
+        })
         .collect()
 }
 
@@ -281,6 +296,41 @@ enum Op {
     Read {
         path: P,
     },
+    /// link(2).
+    Link {
+        from: P,
+        to: P,
+    },
+    /// open(O_RDWR) kept in a slot across the next operations (unlink, rename over it, sweeps
+    /// and purges), as temporary files and upload handlers keep theirs.
+    Keep {
+        slot: usize,
+        path: P,
+    },
+    /// pwrite, read back whole, fstat, ftruncate and fchmod through a kept descriptor.
+    FdWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    FdRead {
+        slot: usize,
+    },
+    FdStat {
+        slot: usize,
+    },
+    FdTruncate {
+        slot: usize,
+        size: u64,
+    },
+    FdChmod {
+        slot: usize,
+        mode: Mode,
+    },
+    Close {
+        slot: usize,
+    },
     /// The daemon's sweeper copies everything (waits until the manifest and the dest show it).
     Sweep,
     /// `cutoverfs purge --confirm` while mounted.
@@ -352,6 +402,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => path().prop_map(|path| Op::Rmdir { path }),
         2 => (path(), any_mode()).prop_map(|(path, mode)| Op::Chmod { path, mode: Mode(mode) }),
         2 => path().prop_map(|path| Op::Read { path }),
+        2 => (path(), path()).prop_map(|(from, to)| Op::Link { from, to }),
+        2 => (0..SLOTS, path()).prop_map(|(slot, path)| Op::Keep { slot, path }),
+        2 => (0..SLOTS, pick(&OFFSETS), pick(&LENS), any::<u8>())
+            .prop_map(|(slot, offset, len, seed)| Op::FdWrite { slot, offset, len, seed }),
+        1 => (0..SLOTS).prop_map(|slot| Op::FdRead { slot }),
+        1 => (0..SLOTS).prop_map(|slot| Op::FdStat { slot }),
+        1 => (0..SLOTS, pick(&SIZES)).prop_map(|(slot, size)| Op::FdTruncate { slot, size }),
+        1 => (0..SLOTS, pick(&FILE_MODES)).prop_map(|(slot, mode)| Op::FdChmod { slot, mode: Mode(mode) }),
+        1 => (0..SLOTS).prop_map(|slot| Op::Close { slot }),
         3 => Just(Op::Sweep),
         2 => Just(Op::Purge),
         1 => Just(Op::Remount),
@@ -392,6 +451,34 @@ fn outcome(result: std::io::Result<Option<Vec<u8>>>) -> Outcome {
 
 fn c_path(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// Descriptors kept open across operations, per side.
+const SLOTS: usize = 2;
+
+/// The descriptors each side (a root) keeps open (`Op::Keep`).
+fn kept() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, [Option<fs::File>; SLOTS]>> {
+    static KEPT: std::sync::Mutex<BTreeMap<PathBuf, [Option<fs::File>; SLOTS]>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    KEPT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes every descriptor `root`'s side keeps.
+fn close_kept(root: &Path) {
+    kept().remove(root);
+}
+
+/// Runs `f` on the descriptor `root`'s side keeps in `slot` (EBADF if none).
+fn with_kept(
+    root: &Path,
+    slot: usize,
+    f: impl FnOnce(&fs::File) -> std::io::Result<Option<Vec<u8>>>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let kept = kept();
+    match kept.get(root).and_then(|slots| slots[slot].as_ref()) {
+        Some(file) => f(file),
+        None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+    }
 }
 
 /// Applies a file-system operation below `root` (the steps of the daemon are no-ops here).
@@ -451,6 +538,68 @@ fn apply(root: &Path, op: &Op) -> Outcome {
                 let mut bytes = Vec::new();
                 fs::File::open(at(path))?.read_to_end(&mut bytes)?;
                 return Ok(Some(bytes));
+            }
+            Op::Link { from, to } => fs::hard_link(at(from), at(to))?,
+            Op::Keep { slot, path } => {
+                let file = fs::OpenOptions::new().read(true).write(true).open(at(path));
+                let mut kept = kept();
+                let slots = kept.entry(root.to_path_buf()).or_default();
+                slots[*slot] = None;
+                slots[*slot] = Some(file?);
+            }
+            Op::FdWrite {
+                slot,
+                offset,
+                len,
+                seed,
+            } => {
+                with_kept(root, *slot, |f| {
+                    f.write_all_at(&content(*len, *seed), *offset)?;
+                    Ok(None)
+                })?;
+            }
+            Op::FdRead { slot } => {
+                return with_kept(root, *slot, |f| {
+                    let mut bytes = Vec::new();
+                    let mut f = f;
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+                    f.read_to_end(&mut bytes)?;
+                    Ok(Some(bytes))
+                })
+            }
+            Op::FdStat { slot } => {
+                return with_kept(root, *slot, |f| {
+                    let m = f.metadata()?;
+                    // lseek(SEEK_END) asks the size too.
+                    let mut f = f;
+                    let end = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))?;
+                    Ok(Some(
+                        format!(
+                            "size={} end={end} mode={:o} nlink={}",
+                            m.len(),
+                            m.mode() & 0o7777,
+                            m.nlink()
+                        )
+                        .into_bytes(),
+                    ))
+                });
+            }
+            Op::FdTruncate { slot, size } => {
+                with_kept(root, *slot, |f| {
+                    f.set_len(*size)?;
+                    Ok(None)
+                })?;
+            }
+            Op::FdChmod { slot, mode } => {
+                with_kept(root, *slot, |f| {
+                    f.set_permissions(fs::Permissions::from_mode(mode.0))?;
+                    Ok(None)
+                })?;
+            }
+            Op::Close { slot } => {
+                if let Some(slots) = kept().get_mut(root) {
+                    slots[*slot] = None;
+                }
             }
             Op::Sweep | Op::Purge | Op::Remount => {}
         }
@@ -589,12 +738,22 @@ fn run_case(setup: &[Op], ops: &[Op]) -> Result<(), TestCaseError> {
         );
         for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::Sweep => wait_for_sweeper(&w, &model, SETTLE_TIMEOUT)
-                    .map_err(|e| TestCaseError::fail(format!("step {i} {op:?}: {e}")))?,
+                // A file held open for writing is not copied until it is closed: the sweeper
+                // step (which waits for the dest to hold the model) closes what is kept. Kept
+                // descriptors across sweeps are the in-process model's (src/fuse/model.rs).
+                Op::Sweep => {
+                    close_kept(&w.src);
+                    close_kept(&model);
+                    wait_for_sweeper(&w, &model, SETTLE_TIMEOUT)
+                        .map_err(|e| TestCaseError::fail(format!("step {i} {op:?}: {e}")))?
+                }
                 Op::Purge => {
                     purge(&w).map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?
                 }
                 Op::Remount => {
+                    // The application closes what it keeps open before the daemon restarts.
+                    close_kept(&w.src);
+                    close_kept(&model);
                     stop(daemon.take().unwrap(), &w.src)
                         .map_err(|e| TestCaseError::fail(format!("step {i} {op:?}: {e}")))?;
                     daemon = Some(start(&w));
@@ -623,6 +782,8 @@ fn run_case(setup: &[Op], ops: &[Op]) -> Result<(), TestCaseError> {
         }
         Ok(())
     })();
+    close_kept(&w.src);
+    close_kept(&model);
     // A daemon that failed to stop at a remount is gone already (its mount removed by Drop).
     let stopped = match daemon.take() {
         Some(daemon) => stop(daemon, &w.src),

@@ -59,6 +59,8 @@ pub struct Ttls {
 pub struct WritePath {
     pub records: Arc<WriteRecords>,
     pub holds: Holds,
+    /// Other names of local files with several.
+    pub links: Arc<super::namespace::source::HardLinks>,
     /// Renames and removals (write) against the recording of a closed file under its path
     /// (read): a close that read the old name of a file being renamed must queue its record
     /// before the rename moves the rows, or see the new name. Taken only there, never on a
@@ -177,6 +179,13 @@ impl Core {
         let core = Arc::new(Core::new(parts));
         ReadAhead::start(&core);
         core
+    }
+
+    /// The session ended: what the write path still holds for the manifest goes there now.
+    pub fn finish(&self) {
+        if let Some(writes) = &self.writes {
+            writes.records.flush();
+        }
     }
 
     /// How the kernel is told to drop what it cached (set once the session exists).

@@ -170,7 +170,13 @@ fn source_core(
             store: parts.store.clone(),
         }),
     );
-    let ns = namespace::source::SourceNamespace::new(parts.source.clone(), rows.clone(), numbers);
+    let links = Arc::new(namespace::source::HardLinks::default());
+    let ns = namespace::source::SourceNamespace::new(
+        parts.source.clone(),
+        rows.clone(),
+        numbers,
+        links.clone(),
+    );
     let core = Core::start(CoreParts {
         ns: Box::new(ns),
         rows: rows.clone(),
@@ -190,6 +196,7 @@ fn source_core(
         writes: Some(WritePath {
             records,
             holds,
+            links,
             rename_gate: std::sync::RwLock::new(()),
         }),
         copy_waits: None,
@@ -283,6 +290,9 @@ fn start_session(
         .name("fuse-session".into())
         .spawn(move || {
             let result = session.run();
+            // What the write path queued (a record lingers a moment to share a transaction)
+            // is in the manifest before the daemon goes on to exit.
+            core.finish();
             session_ended.notify_one();
             result
         })?;

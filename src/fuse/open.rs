@@ -269,7 +269,7 @@ impl Core {
                 dest_problem: None,
             });
         }
-        if entry.in_dest() && !self.local_copy_changed(local, rel, &entry) {
+        if entry.in_dest() && !self.local_copy_changed(local, rel) {
             return self.dest_route(rel, entry);
         }
         if entry.state == State::Pending {
@@ -282,14 +282,10 @@ impl Core {
 
     /// Whether a verified file's local copy has other names (hard links): a write through one of
     /// them changed this file too, and only the local copy has that (its other names are
-    /// recorded when the writer closes; `writes.rs`). Its local copy is served then.
-    fn local_copy_changed(
-        &self,
-        local: &crate::source::SourceTree,
-        rel: &Path,
-        entry: &Entry,
-    ) -> bool {
-        !entry.purged && local.stat_at(rel).is_ok_and(|st| st.st_nlink > 1)
+    /// recorded when the writer closes; `writes.rs`). Its local copy is served then. (Also for
+    /// a file recorded purged: a link to it brought its local copy back.)
+    fn local_copy_changed(&self, local: &crate::source::SourceTree, rel: &Path) -> bool {
+        local.stat_at(rel).is_ok_and(|st| st.st_nlink > 1)
     }
 
     /// The route to a verified file's dest copy: a `file://` one is opened and checked.

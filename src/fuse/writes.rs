@@ -148,12 +148,23 @@ impl Core {
         Ok(())
     }
 
-    /// Queues `rel` for recording as the local tree holds it now.
+    /// Queues `rel` for recording as the local tree holds it now, with the file's other names
+    /// (hard links: what changed through one changed through all).
     fn record(&self, rel: &Path, attrs: &Attrs) {
-        if let (Some(text), Some(writes)) = (rel.to_str(), &self.writes) {
-            writes
-                .records
-                .record(text.to_string(), local::facts_of(attrs));
+        let Ok((writes, tree)) = self.writable() else {
+            return;
+        };
+        let others = if attrs.nlink > 1 {
+            writes.links.others(tree, attrs, rel)
+        } else {
+            Vec::new()
+        };
+        for name in std::iter::once(rel).chain(others.iter().map(PathBuf::as_path)) {
+            if let Some(text) = name.to_str() {
+                writes
+                    .records
+                    .record(text.to_string(), local::facts_of(attrs));
+            }
         }
     }
 
@@ -399,6 +410,12 @@ impl Core {
         self.refuse_dest_only(newparent, newname, &to)?;
         self.ensure_local(&from)?;
         tree.beneath().link(&from, &to).map_err(errno)?;
+        if let Ok(st) = tree.stat_at(&to) {
+            let attrs = Attrs::from_stat(&st);
+            let (writes, _) = self.writable()?;
+            writes.links.note(&attrs, &from);
+            writes.links.note(&attrs, &to);
+        }
         self.record_path(&to);
         self.dir_changed(newparent);
         // The kernel made an inode of its own for the new name (each name has its number) and

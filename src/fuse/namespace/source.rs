@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::Errno;
@@ -24,14 +25,60 @@ pub struct SourceNamespace {
     source: Arc<SourceTree>,
     rows: Arc<Rows>,
     numbers: Numbering,
+    links: Arc<HardLinks>,
+}
+
+/// The names of local files with several (hard links) that this mount has seen, by local
+/// inode: a write through one name changes the others, which must be recorded too
+/// (`writes.rs`). Only files with a link count above one are kept, and a name found stale
+/// (renamed, removed) is dropped when next used.
+#[derive(Default)]
+pub struct HardLinks {
+    groups: dashmap::DashMap<(u64, u64), Vec<PathBuf>, foldhash::fast::RandomState>,
+}
+
+impl HardLinks {
+    /// `rel` is a name of the local file with these attributes.
+    pub fn note(&self, attrs: &Attrs, rel: &Path) {
+        if attrs.nlink < 2 {
+            return;
+        }
+        let mut names = self.groups.entry((attrs.dev, attrs.ino)).or_default();
+        if !names.iter().any(|n| n == rel) {
+            names.push(rel.to_path_buf());
+        }
+    }
+
+    /// The other names of the local file with these attributes that still name it.
+    pub fn others(&self, tree: &SourceTree, attrs: &Attrs, rel: &Path) -> Vec<PathBuf> {
+        let key = (attrs.dev, attrs.ino);
+        let Some(mut names) = self.groups.get_mut(&key) else {
+            return Vec::new();
+        };
+        names.retain(|name| {
+            tree.stat_at(name)
+                .is_ok_and(|st| st.st_dev == attrs.dev && st.st_ino == attrs.ino)
+        });
+        names
+            .iter()
+            .filter(|n| n.as_path() != rel)
+            .cloned()
+            .collect()
+    }
 }
 
 impl SourceNamespace {
-    pub fn new(source: Arc<SourceTree>, rows: Arc<Rows>, numbers: Numbering) -> Self {
+    pub fn new(
+        source: Arc<SourceTree>,
+        rows: Arc<Rows>,
+        numbers: Numbering,
+        links: Arc<HardLinks>,
+    ) -> Self {
         SourceNamespace {
             source,
             rows,
             numbers,
+            links,
         }
     }
 
@@ -69,9 +116,9 @@ impl SourceNamespace {
 
     fn local_found(&self, rel: &Path, st: &libc::stat) -> Result<Found, Errno> {
         let row = self.row_if_reachable(rel)?;
-        let ino = self
-            .numbers
-            .number(rel, row.as_deref(), Some(&Attrs::from_stat(st)));
+        let attrs = Attrs::from_stat(st);
+        self.links.note(&attrs, rel);
+        let ino = self.numbers.number(rel, row.as_deref(), Some(&attrs));
         Ok(found(attr_from_stat(st, ino)))
     }
 }
@@ -132,6 +179,10 @@ impl Namespace for SourceNamespace {
             .collect();
         let mut listed = Vec::with_capacity(local.len() + by_name.len());
         for (name, meta) in local {
+            if meta.nlink() > 1 {
+                self.links
+                    .note(&Attrs::from_metadata(&meta), &child_path(dir, &name));
+            }
             let row = by_name.remove(name.as_os_str()).map(|i| &rows[i]);
             if row.is_none() && reachable {
                 if let Some(text) = child_path(dir, &name).to_str() {
