@@ -3,6 +3,10 @@
 
 Usage: bench/report.py BENCH_DIR OUTPUT.md
 
+Also draws each case it reports as a chart, OUTPUT's directory/bench/CASE.svg (the throughput
+of every contender: median bar, min–max whisker, cutoverfs highlighted), linked from the case's
+section; a run of only some cases redraws only theirs.
+
 Reads BENCH_DIR/results.csv (case,contender,round,seconds; seconds is "failed" for a run that
 failed), BENCH_DIR/meta.tsv (what each case measured, its targets, why runs failed, uploaded the
 wrong objects or served the wrong content, odd things that did not fail a run, and cases that
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 from collections import OrderedDict, defaultdict
+from xml.sax.saxutils import escape
 
 
 def read_meta(path):
@@ -355,6 +360,145 @@ def ordered(case, rows):
 def verdict(met):
     """met: True, False, or None when there was nothing to compare."""
     return "**not measured**" if met is None else "**met**" if met else "**not met**"
+
+
+# Charts. One SVG per case, written by hand (no plotting library, so bench/run needs nothing
+# more): a horizontal bar per contender at its median throughput in the case's first column
+# (files/s, MB/s...), a whisker from its slowest to its fastest round, the figure at the end;
+# the subject rows (bold in the table) in a strong colour, other cutoverfs rows in a light one,
+# the other tools in grey. Same input, same bytes: no dates in the file.
+
+CHART_SUBJECT = "#d9480f"
+CHART_CUTOVERFS = "#ffa94d"
+CHART_PEER = "#adb5bd"
+CHART_FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
+
+
+def is_cutoverfs(contender):
+    """Rows that time cutoverfs: named after it, or the sweeps of case nodes ("2 sweeps (...)")."""
+    return "cutoverfs" in contender or any(word.startswith("sweep") for word in contender.split())
+
+
+def nice_step(top, ticks=5):
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) for an axis from 0 to top."""
+    raw = top / ticks
+    magnitude = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * magnitude:
+            return m * magnitude
+    return 10 * magnitude
+
+
+def fmt_tick(x):
+    if x >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.0f}" if x == int(x) else f"{x:g}"
+
+
+def text_width(text, px):
+    """A generous estimate of the width of text in the chart's font at size px."""
+    return len(text) * px * 0.6
+
+
+def chart_svg(name, case, rows, subjects):
+    """The SVG text of case name's chart, or None when the case has no throughput column.
+    rows: OrderedDict(contender: [(round, seconds)]); subjects: the rows shown in bold."""
+    if not case["columns"]:
+        return None
+    column = case["columns"][0]
+    unit = COLUMN_TITLES.get(column, column)
+    bars = []
+    for contender, r in rows.items():
+        vals = [s for _, s in r if not math.isnan(s)]
+        if vals:
+            med = column_value(column, case, median(vals))
+            lo, hi = column_value(column, case, max(vals)), column_value(column, case, min(vals))
+        else:
+            med = lo = hi = math.nan
+        colour = CHART_SUBJECT if contender in subjects else CHART_CUTOVERFS if is_cutoverfs(contender) else CHART_PEER
+        bars.append((contender, med, lo, hi, colour, len(r), len(vals)))
+    finite = [x for b in bars for x in b[1:4] if not math.isnan(x) and not math.isinf(x)]
+    if not finite:
+        return None
+    top = max(finite)
+    step = nice_step(top) if top > 0 else 1
+    axis_max = math.ceil(top / step) * step if top > 0 else 1
+
+    labels = [c if len(c) <= 48 else c[:47] + "…" for c, *_ in bars]
+    label_w = max(120, min(400, max(text_width(t, 12) for t in labels) + 12))
+    plot_w, value_w, row_h, bar_h = 440, 80, 24, 14
+    left = 10 + label_w
+    title = f"Case {name}: {case['title']}"
+    rounds = max(b[5] for b in bars)
+    subtitle = (f"{unit}, higher is better: bar = median of {rounds} round{'s' if rounds != 1 else ''}, "
+                "whisker = slowest to fastest round")
+    width = int(max(left + plot_w + value_w + 10, text_width(title, 14) + 20, text_width(subtitle, 12) + 20))
+    plot_top = 56
+    plot_bottom = plot_top + row_h * len(bars)
+    legend_y = plot_bottom + 44
+    height = legend_y + 16
+
+    def x_of(value):
+        return left + plot_w * value / axis_max
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" font-family="{CHART_FONT}" font-size="12">',
+        f"<title>{escape(title)}: {escape(unit)} of each contender</title>",
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+        f'<text x="10" y="20" font-size="14" font-weight="bold" fill="#212529">{escape(title)}</text>',
+        f'<text x="10" y="38" fill="#495057">{escape(subtitle)}</text>',
+    ]
+    tick = 0.0
+    while tick <= axis_max + step / 1000:
+        x = x_of(tick)
+        out.append(f'<line x1="{x:.1f}" y1="{plot_top - 4}" x2="{x:.1f}" y2="{plot_bottom}" stroke="#e9ecef"/>')
+        out.append(f'<text x="{x:.1f}" y="{plot_bottom + 16}" text-anchor="middle" fill="#495057">'
+                   f"{escape(fmt_tick(tick))}</text>")
+        tick += step
+    out.append(f'<line x1="{left}" y1="{plot_bottom}" x2="{left + plot_w}" y2="{plot_bottom}" stroke="#495057"/>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{plot_bottom + 32}" text-anchor="middle" '
+               f'fill="#212529">{escape(unit)}</text>')
+    for i, ((contender, med, lo, hi, colour, total, ok), label) in enumerate(zip(bars, labels)):
+        y = plot_top + i * row_h
+        mid = y + row_h / 2
+        weight = ' font-weight="bold"' if contender in subjects else ""
+        out.append(f'<text x="{left - 8}" y="{mid + 4:.1f}" text-anchor="end" fill="#212529"{weight}>'
+                   f"{escape(label)}</text>")
+        if math.isnan(med):
+            out.append(f'<text x="{left + 4}" y="{mid + 4:.1f}" fill="#c92a2a">failed</text>')
+            continue
+        out.append(f'<rect x="{left}" y="{mid - bar_h / 2:.1f}" width="{max(x_of(med) - left, 1):.1f}" '
+                   f'height="{bar_h}" fill="{colour}"><title>{escape(contender)}: {escape(fmt_rate(med))} '
+                   f"{escape(unit)} (median), {escape(fmt_rate(lo))}–{escape(fmt_rate(hi))}</title></rect>")
+        if hi > lo:
+            x1, x2 = x_of(lo), x_of(hi)
+            out.append(f'<line x1="{x1:.1f}" y1="{mid:.1f}" x2="{x2:.1f}" y2="{mid:.1f}" stroke="#212529"/>')
+            for x in (x1, x2):
+                out.append(f'<line x1="{x:.1f}" y1="{mid - 5:.1f}" x2="{x:.1f}" y2="{mid + 5:.1f}" stroke="#212529"/>')
+        note = f" ({total - ok} of {total} failed)" if ok < total else ""
+        out.append(f'<text x="{max(x_of(hi), x_of(med)) + 6:.1f}" y="{mid + 4:.1f}" fill="#212529">'
+                   f"{escape(fmt_rate(med) + note)}</text>")
+    x = 10
+    for colour, text in ((CHART_SUBJECT, "cutoverfs, the case's subject"), (CHART_CUTOVERFS, "cutoverfs, other rows"),
+                         (CHART_PEER, "other tools")):
+        if any(b[4] == colour for b in bars):
+            out.append(f'<rect x="{x}" y="{legend_y - 10}" width="12" height="12" fill="{colour}"/>')
+            out.append(f'<text x="{x + 18}" y="{legend_y}" fill="#495057">{escape(text)}</text>')
+            x += 18 + text_width(text, 12) + 20
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_chart(output, name, case, rows, subjects):
+    """Writes case name's chart beside the report (OUTPUT's directory/bench/NAME.svg); returns the
+    Markdown line that shows it, or None when there is nothing to draw."""
+    svg = chart_svg(name, case, rows, subjects)
+    if svg is None:
+        return None
+    write_text(os.path.join(os.path.dirname(os.path.abspath(output)), "bench", f"{name}.svg"), svg)
+    unit = COLUMN_TITLES.get(case["columns"][0], case["columns"][0])
+    return f"![{unit} of each contender in case {name}: median bar, min–max whisker](bench/{name}.svg)"
 
 
 GENERATED = ("Generated by `bench/run` (which calls `bench/report.py`); do not edit by hand. "
@@ -753,6 +897,10 @@ def main():
                 cells.append("(information)")
             w("| " + " | ".join(cells) + " |")
         w("")
+        chart = write_chart(output, name, case, rows, {subject} | pair_subjects)
+        if chart:
+            w(chart)
+            w("")
         for t in targets.get(name, []):
             measured, met = evaluate_checked(t, case, medians, problems.get(name, []))
             w(f"Target {t['label']}: measured {measured}: {verdict(met)}.")
