@@ -693,7 +693,7 @@ def merge_timings(old_body, new_body, run_cases):
 
 # Sections other tools write by hand into the report (bench/throttle's "## Throttles"): a run of
 # bench/run keeps them as they are, before "## Raw timings".
-KEPT_SECTIONS = ("## Throttles",)
+KEPT_SECTIONS = ("## Throttles", "## FUSE over io_uring")
 
 
 def keep_hand_sections(old_text, new_text):
