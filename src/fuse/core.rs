@@ -236,9 +236,14 @@ impl Core {
         if let Some(dir) = self.rows.dir_path(ino) {
             return Ok((Arc::from(Path::new(&*dir)), None));
         }
-        match self.rows.by_ino(ino).map_err(Errno::from)? {
-            Some(row) => Ok((Arc::from(Path::new(&row.path)), Some(row))),
-            None => Err(Errno::ENOENT),
+        match self.rows.by_ino(ino) {
+            Ok(Some(row)) => Ok((Arc::from(Path::new(&row.path)), Some(row))),
+            Ok(None) => Err(Errno::ENOENT),
+            // The manifest does not answer: the path it gave last, to serve the local copy.
+            Err(e) => match self.rows.known_path(ino) {
+                Some(path) if self.rows.manifest_down() => Ok((Arc::from(Path::new(&*path)), None)),
+                _ => Err(Errno::from(e)),
+            },
         }
     }
 

@@ -170,6 +170,7 @@ fn source_core(
             store: parts.store.clone(),
         }),
     );
+    let numbers = numbers.with_rows(rows.clone());
     let links = Arc::new(namespace::source::HardLinks::default());
     let ns = namespace::source::SourceNamespace::new(
         parts.source.clone(),

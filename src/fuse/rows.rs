@@ -30,6 +30,10 @@ pub struct Rows {
     /// Paths of directories by number, whatever the manifest: every lookup asks for its
     /// directory's path, and directories are few.
     dir_paths: moka::sync::Cache<u64, Arc<str>, Hasher>,
+    /// A remote manifest: the numbers and paths it gave lately, kept without a time limit (and
+    /// bounded in bytes) for when it does not answer: the local files of those paths are still
+    /// served, under the numbers the kernel has (issue 7.5).
+    known: Option<Known>,
     /// The manifest answers on the calling thread from a local file (`Manifest::entry_now`).
     reads_in_place: bool,
     /// Bumped by every forget. A row read from the manifest is cached only if no forget ran
@@ -41,6 +45,38 @@ pub struct Rows {
 
 /// Directory paths kept by number (about 100 bytes each).
 const DIRS_KEPT: u64 = 16_384;
+
+/// Numbers and paths of a remote manifest kept for its outages, each way.
+const KNOWN_KEPT: u64 = 8 << 20;
+
+struct Known {
+    paths: moka::sync::Cache<u64, Arc<str>, Hasher>,
+    numbers: moka::sync::Cache<Arc<str>, u64, Hasher>,
+}
+
+impl Known {
+    fn new() -> Known {
+        let weigh = |path: &Arc<str>| (path.len() + 96) as u32;
+        Known {
+            paths: moka::sync::Cache::builder()
+                .max_capacity(KNOWN_KEPT)
+                .weigher(move |_: &u64, path: &Arc<str>| weigh(path))
+                .build_with_hasher(Hasher::default()),
+            numbers: moka::sync::Cache::builder()
+                .max_capacity(KNOWN_KEPT)
+                .weigher(move |path: &Arc<str>, _: &u64| weigh(path))
+                .build_with_hasher(Hasher::default()),
+        }
+    }
+
+    fn note(&self, row: &Entry) {
+        if let Some(ino) = row.ino {
+            let path: Arc<str> = Arc::from(row.path.as_str());
+            self.paths.insert(ino, path.clone());
+            self.numbers.insert(path, ino);
+        }
+    }
+}
 
 /// Bytes a cached row costs beyond its strings: the row itself and the cache's bookkeeping.
 const ROW_OVERHEAD: usize = std::mem::size_of::<Entry>() + 160;
@@ -84,6 +120,7 @@ impl Rows {
                 .build_with_hasher(Hasher::default())
         });
         Rows {
+            known: (!manifest.reads_in_place()).then(Known::new),
             dir_paths: moka::sync::Cache::builder()
                 .max_capacity(DIRS_KEPT)
                 .time_to_live(row_ttl.max(Duration::from_millis(1)))
@@ -156,6 +193,16 @@ impl Rows {
             self.note_dir(read_at, row);
         }
         Ok(row)
+    }
+
+    /// While a remote manifest does not answer: the path it last gave for number `ino`.
+    pub fn known_path(&self, ino: u64) -> Option<Arc<str>> {
+        self.known.as_ref()?.paths.get(&ino)
+    }
+
+    /// While a remote manifest does not answer: the number it last gave for `path`.
+    pub fn known_number(&self, path: &str) -> Option<u64> {
+        self.known.as_ref()?.numbers.get(path)
     }
 
     /// The path of the directory numbered `ino`, if it is known without asking the manifest.
@@ -241,6 +288,9 @@ impl Rows {
             return;
         }
         for (path, row) in rows {
+            if let (Some(known), Some(row)) = (&self.known, &row) {
+                known.note(row);
+            }
             if let (Some(by_ino), Some(row)) = (&self.by_ino, &row) {
                 if let Some(ino) = row.ino {
                     by_ino.insert(ino, row.clone());

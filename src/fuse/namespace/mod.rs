@@ -95,6 +95,8 @@ pub trait Namespace: Send + Sync {
 /// manifest's counter, recorded (`records.rs`) so it outlives this mount.
 pub struct Numbering {
     pub inodes: Arc<Inodes>,
+    /// The manifest's rows as the mount reads them (for the numbers it gave last).
+    known: Option<Arc<super::rows::Rows>>,
     manifest: Manifest,
     rt: tokio::runtime::Handle,
     /// Where new numbers are recorded; None on a replica, which keeps them in memory.
@@ -117,10 +119,17 @@ impl Numbering {
     ) -> Numbering {
         Numbering {
             inodes,
+            known: None,
             manifest,
             rt,
             recorder,
         }
+    }
+
+    /// Numbers given while the manifest does not answer come from `rows` where it can.
+    pub fn with_rows(mut self, rows: Arc<super::rows::Rows>) -> Numbering {
+        self.known = Some(rows);
+        self
     }
 
     /// `number` of `name` in `dir`, without building its path when the row has a number and
@@ -157,6 +166,16 @@ impl Numbering {
             return self.inodes.pin_in_memory(path);
         };
         let manifest = &self.manifest;
+        if manifest.reachability().is_down() {
+            // No row to read now (issue 7.5): the number the manifest gave last for this path,
+            // else one of this mount's own (the path gets the manifest's again once the kernel
+            // has forgotten this one).
+            return self
+                .known
+                .as_ref()
+                .and_then(|rows| rows.known_number(text))
+                .unwrap_or_else(|| self.inodes.pin_in_memory(path));
+        }
         let (ino, fresh) = self.inodes.pin_with(path, || {
             // Decided while no one else can number this path: a row may have appeared since the
             // caller read none (the write path's record, or the scan, committed meanwhile), and
