@@ -61,7 +61,9 @@ impl Attrs {
             gid: st.st_gid,
             ino: st.st_ino,
             dev: st.st_dev,
-            nlink: st.st_nlink as u64,
+            // nlink_t is u64 here but u32 on other Linux targets.
+            #[allow(clippy::useless_conversion)]
+            nlink: u64::from(st.st_nlink),
         }
     }
 

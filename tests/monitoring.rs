@@ -56,7 +56,7 @@ fn sample_names(body: &str) -> BTreeSet<String> {
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
             let end = line
-                .find(|c: char| c == '{' || c == ' ')
+                .find(['{', ' '])
                 .unwrap_or(line.len());
             line[..end].to_string()
         })

@@ -153,7 +153,7 @@ impl<'a> Walker<'a> {
             }
         };
         let attrs = crate::source::Attrs::from_metadata(&meta);
-        Some(describe(&self.source, &*self.store, dir, &name, &attrs))
+        Some(describe(self.source, self.store, dir, &name, &attrs))
     }
 }
 

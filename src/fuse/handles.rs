@@ -77,9 +77,4 @@ impl Handles {
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         self.open.remove(&fh).map(|(_, h)| h)
     }
-
-    /// How many handles are open (tests, memory figures).
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
 }

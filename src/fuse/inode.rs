@@ -447,11 +447,6 @@ impl Inodes {
             })
             .collect()
     }
-
-    /// How many records there are (memory figures, tests).
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
 }
 
 fn join(base: &Path, rest: &Path) -> PathBuf {

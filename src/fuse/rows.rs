@@ -81,6 +81,14 @@ impl Known {
 /// Bytes a cached row costs beyond its strings: the row itself and the cache's bookkeeping.
 const ROW_OVERHEAD: usize = std::mem::size_of::<Entry>() + 160;
 
+/// The weight of a cached path lookup: its row, or the path alone when it has none.
+// moka hands the key as it is stored (`Box<str>`), so `&str` would not fit the weigher.
+#[allow(clippy::borrowed_box)]
+fn path_slot_weight(path: &Box<str>, slot: &Slot) -> u32 {
+    slot.as_deref()
+        .map_or((ROW_OVERHEAD + path.len()) as u32, weight)
+}
+
 fn weight(entry: &Entry) -> u32 {
     let strings = entry.path.len()
         + entry.link_target.as_ref().map_or(0, String::len)
@@ -105,10 +113,7 @@ impl Rows {
         let by_path = cached.then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(budget / 2)
-                .weigher(|path: &Box<str>, slot: &Slot| {
-                    slot.as_deref()
-                        .map_or((ROW_OVERHEAD + path.len()) as u32, weight)
-                })
+                .weigher(path_slot_weight)
                 .time_to_live(row_ttl)
                 .build_with_hasher(Hasher::default())
         });

@@ -207,9 +207,7 @@ impl Namespace for SourceNamespace {
             if !row.visible_without_local_copy() || is_reserved(name) {
                 continue;
             }
-            let ino = self
-                .numbers
-                .number_in(dir, name, Some(row), || Attrs::default());
+            let ino = self.numbers.number_in(dir, name, Some(row), Attrs::default);
             listed.push(Listed {
                 name: name.to_os_string(),
                 found: found(attr_from_entry(row, ino)),
