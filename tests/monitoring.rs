@@ -55,9 +55,7 @@ fn sample_names(body: &str) -> BTreeSet<String> {
     body.lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
-            let end = line
-                .find(['{', ' '])
-                .unwrap_or(line.len());
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
             line[..end].to_string()
         })
         .collect()
