@@ -691,9 +691,10 @@ def merge_timings(old_body, new_body, run_cases):
     return head + [line for it in out for line in it] + tail
 
 
-# Sections other tools write by hand into the report (bench/throttle's "## Throttles"): a run of
-# bench/run keeps them as they are, before "## Raw timings".
-KEPT_SECTIONS = ("## Throttles", "## FUSE over io_uring")
+# Sections other tools write into the report (bench/throttle's "## Throttles", bench/scale's
+# "## Scale", bench/uring-probe's section): a run of bench/run keeps them as they are, before
+# "## Raw timings".
+KEPT_SECTIONS = ("## Throttles", "## FUSE over io_uring", "## Scale")
 
 
 def keep_hand_sections(old_text, new_text):
