@@ -2,10 +2,15 @@
 //!
 //! Parts, one folder each (see docs/architecture.md):
 //! - `source`: the legacy local tree, read through a directory descriptor;
-//! - `store`: destinations (`file://` today), behind the `Store` trait;
-//! - `manifest`: the SQL record of every path's state;
-//! - `engine`: scanning, planning and the sweeper that copies;
-//! - `cli`: commands, input checks and output.
+//! - `beneath`: opening paths below a root without following symlinks;
+//! - `store`: destinations (`file://` and S3), behind the `Store` trait;
+//! - `manifest`: the SQL record of every path's state (SQLite or PostgreSQL);
+//! - `engine`: scanning, planning, the sweeper that copies, verify, purge and rollback;
+//! - `fuse`: the mount, a thin FUSE adapter over one core (it asks the store and the manifest,
+//!   never S3 or SQL directly);
+//! - `metrics`: Prometheus counters and histograms;
+//! - `cli`: commands, input checks and output;
+//! - `testhook`: crash and hold points, only in builds with the `test-hooks` feature.
 
 pub mod beneath;
 pub mod cli;

@@ -464,3 +464,70 @@ fn a_dest_that_goes_down_leaves_every_local_file_readable() {
         "{log}"
     );
 }
+
+/// The inode number of every path below `root`, by path.
+fn inode_numbers(root: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut numbers = std::collections::BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                dirs.push(path.clone());
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            numbers.insert(rel, meta.ino());
+        }
+    }
+    numbers
+}
+
+#[test]
+fn inode_numbers_stay_the_same_across_forgets_remounts_and_the_migration() {
+    let w = Work::new();
+    media_tree(&w);
+    let daemon = Daemon::start(&w.src, &mount_args(&w, &["--no-sweep"]));
+    daemon.wait_for_scan();
+    let first = inode_numbers(&w.src);
+    assert!(first.len() > 5, "the tree is too small to tell: {first:?}");
+    let distinct: std::collections::BTreeSet<_> = first.values().collect();
+    assert_eq!(
+        distinct.len(),
+        first.len(),
+        "two paths share a number: {first:?}"
+    );
+
+    // The kernel forgets every inode it does not use (the mount's daemon is asked to FORGET).
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    assert_eq!(
+        inode_numbers(&w.src),
+        first,
+        "numbers changed after the kernel forgot them"
+    );
+    daemon.stop();
+
+    // Another daemon, with the sweeper: the numbers are the manifest's, during and after the
+    // migration.
+    let daemon = Daemon::start(&w.src, &mount_args(&w, &[]));
+    assert_eq!(
+        inode_numbers(&w.src),
+        first,
+        "numbers changed across a remount"
+    );
+    wait_until(Duration::from_secs(60), "every file verified", || {
+        all_verified(&w)
+    });
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    assert_eq!(
+        inode_numbers(&w.src),
+        first,
+        "numbers changed with the migration"
+    );
+    daemon.stop();
+}
