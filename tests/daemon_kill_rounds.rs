@@ -119,8 +119,21 @@ fn next_op(rng: &mut XorShift, tree: &Tree, serial: &mut u64) -> Op {
     }
 }
 
+/// What the local tree, the dest and the manifest's trail say of `rel`: for a failure message.
+fn diagnose(c: &Cutover, daemon: &Daemon, rel: &str) -> String {
+    let local = fs::metadata(c.w.src.join(rel)).map(|m| m.len());
+    let dest = c.read_dest(rel).map(|b| b.len());
+    let trail = c.w.cmd_manifest_only("log", &["--path", rel]).stdout;
+    let log = daemon.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(rel)).collect();
+    format!(
+        "{rel}: local copy {local:?} bytes, dest copy {dest:?} bytes; trail:\n{trail}\nthe daemon's log of it:\n{}",
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
+}
+
 /// The tree as the mount shows it.
-fn seen(mnt: &Path) -> Tree {
+fn seen(c: &Cutover, daemon: &Daemon, mnt: &Path) -> Tree {
     let mut out = Tree::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -135,8 +148,8 @@ fn seen(mnt: &Path) -> Tree {
                 assert_eq!(
                     bytes.len() as u64,
                     meta.len(),
-                    "{}: size and bytes",
-                    child.display()
+                    "size and bytes differ: {}",
+                    diagnose(c, daemon, &child.to_string_lossy())
                 );
                 out.insert(
                     child.to_string_lossy().into_owned(),
@@ -151,8 +164,15 @@ fn seen(mnt: &Path) -> Tree {
 /// The mount shows the model exactly, but for the paths of an operation the kill cut off,
 /// which may show it done or not (a write cut off may have left any part of its bytes, as on a
 /// plain directory); the model then takes what the mount shows for those.
-fn check_and_settle(mnt: &Path, tree: &mut Tree, cut_off: Option<&Op>, round: u64) {
-    let now = seen(mnt);
+fn check_and_settle(
+    c: &Cutover,
+    daemon: &Daemon,
+    mnt: &Path,
+    tree: &mut Tree,
+    cut_off: Option<&Op>,
+    round: u64,
+) {
+    let now = seen(c, daemon, mnt);
     let unsure: Vec<&str> = cut_off.map(|op| op.paths()).unwrap_or_default();
     let differing: Vec<&String> = now
         .keys()
@@ -161,7 +181,18 @@ fn check_and_settle(mnt: &Path, tree: &mut Tree, cut_off: Option<&Op>, round: u6
         .collect();
     assert!(
         differing.is_empty(),
-        "round {round}: the tree differs from the model at {differing:?} (cut off: {cut_off:?})"
+        "round {round}: the tree differs from the model at {differing:?} (cut off: {:?})\n{}",
+        cut_off.map(|op| op.paths()),
+        differing
+            .iter()
+            .map(|p| format!(
+                "shown {:?}, model {:?}; {}",
+                now.get(*p).map(|(b, m)| (b.len(), format!("{m:o}"))),
+                tree.get(*p).map(|(b, m)| (b.len(), format!("{m:o}"))),
+                diagnose(c, daemon, p)
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     if let Some(op) = cut_off {
         if let Op::Rename(a, b) = op {
@@ -286,12 +317,12 @@ fn kill_rounds(c: Cutover) {
         drop(stale);
 
         let daemon = Daemon::start_with_env(&mnt, &daemon_args(&c, &[]), &c.env());
-        check_and_settle(&mnt, &mut tree, cut_off.as_ref(), round);
+        check_and_settle(&c, &daemon, &mnt, &mut tree, cut_off.as_ref(), round);
         if round % 3 == 2 {
             // A purge between rounds, while the mount serves: the view does not change.
             let purge = c.run("purge", &["--confirm"]);
             purges += purge.count("Local copies deleted");
-            check_and_settle(&mnt, &mut tree, None, round);
+            check_and_settle(&c, &daemon, &mnt, &mut tree, None, round);
         }
         daemon.stop();
     }
@@ -327,7 +358,7 @@ fn kill_rounds(c: Cutover) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    check_and_settle(&mnt, &mut tree, None, ROUNDS);
+    check_and_settle(&c, &daemon, &mnt, &mut tree, None, ROUNDS);
     // Objects of removed files go in the background (a copy that was in flight when its file
     // was removed may land late at an S3 server, and is deleted once it has).
     let wanted: std::collections::BTreeSet<String> = tree.keys().cloned().collect();

@@ -872,3 +872,68 @@ fn open_unlinked_files_and_hard_links_behave_as_on_a_local_directory() {
     );
     daemon.stop();
 }
+
+/// The inode number a manifest row holds for `rel` (None: the row has none).
+fn row_ino(w: &Work, rel: &str) -> Option<u64> {
+    let script = format!(
+        "import sqlite3; r = sqlite3.connect({:?}).execute('SELECT ino FROM entries WHERE path = ?', ({rel:?},)).fetchone(); print(r[0])",
+        w.manifest.display().to_string()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 for sqlite3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// A path whose row holds no inode number (rows of an earlier cutoverfs, rows a rename moved)
+/// and no local copy gets a number from the mount's memory; writing it must not put that number
+/// in the manifest: the next daemon hands the same memory-only numbers to other such paths, and
+/// the kernel would open one file under the other's number (found by daemon_kill_rounds).
+#[test]
+fn a_number_from_the_mounts_memory_never_reaches_the_manifest() {
+    let w = Work::new();
+    w.write("a.txt", b"alpha");
+    w.write("b.txt", b"bravo");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    daemon.wait_for_scan();
+    migrate_and_purge(&w);
+    daemon.stop();
+    sqlite_exec(
+        &w.manifest,
+        "UPDATE entries SET ino = NULL WHERE path <> ''",
+    );
+
+    let daemon = restart(&w, &mnt);
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(mnt.join("a.txt"))
+        .unwrap();
+    f.write_all(b"+more").unwrap();
+    drop(f);
+    wait_until(Duration::from_secs(60), "a.txt recorded", || {
+        row_ino(&w, "a.txt").is_some()
+    });
+    daemon.stop();
+    let ino = row_ino(&w, "a.txt").unwrap();
+    assert!(
+        ino < 1 << 62,
+        "a.txt's row holds the mount's memory-only number {ino}"
+    );
+
+    // Another daemon: b.txt (no number, no local copy) is looked up first, then a.txt.
+    let daemon = restart(&w, &mnt);
+    assert_eq!(fs::read(mnt.join("b.txt")).unwrap(), b"bravo");
+    assert_eq!(fs::read(mnt.join("a.txt")).unwrap(), b"alpha+more");
+    let (a, b) = (
+        fs::metadata(mnt.join("a.txt")).unwrap().ino(),
+        fs::metadata(mnt.join("b.txt")).unwrap().ino(),
+    );
+    assert_ne!(a, b, "two files under one inode number");
+    daemon.stop();
+}

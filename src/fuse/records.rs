@@ -175,7 +175,9 @@ async fn apply(
         let refs: Vec<(&str, &LocalFacts, Option<i64>)> = records
             .iter()
             .map(|(p, f)| {
-                let pinned = inodes.pinned(std::path::Path::new(p)).map(|ino| ino as i64);
+                let pinned = inodes
+                    .ours_to_record(std::path::Path::new(p))
+                    .map(|ino| ino as i64);
                 (p.as_str(), f, pinned)
             })
             .collect();

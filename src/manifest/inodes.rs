@@ -19,6 +19,19 @@ use super::{now_ms, Manifest, Result};
 /// How many numbers a process takes from the counter at a time.
 const BLOCK: i64 = 4096;
 
+/// Numbers from here up belong to one mount's memory (names that are not UTF-8, paths numbered
+/// while a PostgreSQL manifest is down): each process hands them out from this base, so two
+/// processes give the same number to different paths. The counter never reaches them and no
+/// row may hold one (`storable`): a row holding one would share its number with whatever path
+/// the next process numbers first, and the kernel would open the wrong file under it
+/// (tests/daemon_kill_rounds.rs found that).
+pub const FIRST_MEMORY_ONLY_INO: u64 = 1 << 62;
+
+/// The number a row may hold: one from the counter, never a mount's memory-only one.
+pub fn storable(ino: Option<i64>) -> Option<i64> {
+    ino.filter(|n| *n > 1 && (*n as u64) < FIRST_MEMORY_ONLY_INO)
+}
+
 /// The numbers this process may hand out, from its current block.
 #[derive(Debug, Default)]
 pub(super) struct InoBlock {
@@ -95,6 +108,7 @@ impl Manifest {
         }
         let json: Vec<serde_json::Value> = rows
             .iter()
+            .filter(|(_, ino)| storable(Some(*ino)).is_some())
             .map(|(seen, ino)| {
                 let (state, reason) = match super::after_scan(None, seen) {
                     super::ScanChange::Write { state, reason, .. } => (state, reason),

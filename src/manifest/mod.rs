@@ -24,6 +24,7 @@ mod writes;
 
 pub use audit::{set_actor, AuditQuery, AuditRow};
 pub use health::Health;
+pub use inodes::FIRST_MEMORY_ONLY_INO;
 pub use namespace::Entry;
 pub use reach::Reachability;
 pub use requests::{RequestOutcome, REQUESTED};

@@ -173,13 +173,17 @@ impl Manifest {
             return Ok(());
         }
         let mut fresh = self
-            .new_inos(rows.iter().filter(|(_, _, ino)| ino.is_none()).count())
+            .new_inos(
+                rows.iter()
+                    .filter(|(_, _, ino)| super::inodes::storable(*ino).is_none())
+                    .count(),
+            )
             .await?
             .into_iter();
         let json: Vec<serde_json::Value> = rows
             .iter()
             .map(|(path, facts, ino)| {
-                let ino = ino.or_else(|| fresh.next());
+                let ino = super::inodes::storable(*ino).or_else(|| fresh.next());
                 local_row(path, facts, None, priority, ino)
             })
             .collect();
@@ -477,6 +481,7 @@ fn local_row(
     priority: bool,
     ino: Option<i64>,
 ) -> serde_json::Value {
+    let ino = super::inodes::storable(ino);
     let state = match facts.kind {
         Kind::Dir => State::Verified,
         _ => State::Pending,
