@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -459,8 +460,9 @@ fn lines_with(log: &str, needle: &str) -> usize {
 }
 
 /// PostgreSQL stops (immediate shutdown: connections cut, nothing flushed cleanly) in the middle
-/// of a sweep and comes back a few seconds later on the same port and data: the sweep pauses,
-/// says so once, resumes, and ends with every file verified and identical at the dest.
+/// of a sweep and comes back, once the sweep has found it gone, on the same port and data: the
+/// sweep pauses, says so once, resumes, and ends with every file verified and identical at the
+/// dest.
 #[test]
 fn a_sweep_pauses_while_postgresql_is_down_and_finishes_after() {
     let (pg, manifest) = own_cluster();
@@ -475,6 +477,10 @@ fn a_sweep_pauses_while_postgresql_is_down_and_finishes_after() {
         );
     }
     let files = files_below(&work.src);
+    // The sweep's log goes to a file, read while it runs: the outage lasts until the sweep has
+    // said it lost the manifest (copies of big files can keep it away from the manifest for a
+    // few seconds, so a fixed outage may pass unnoticed).
+    let stderr_file = work.root.join("sweep.stderr");
     let mut cmd = command();
     cmd.arg("sweep")
         .args(work.target())
@@ -483,7 +489,7 @@ fn a_sweep_pauses_while_postgresql_is_down_and_finishes_after() {
         .args(["--bwlimit", "2MiB"])
         .env("CUTOVERFS_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(fs::File::create(&stderr_file).unwrap());
     let started = Instant::now();
     let mut child = cmd.spawn().expect("start cutoverfs sweep");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -501,16 +507,35 @@ fn a_sweep_pauses_while_postgresql_is_down_and_finishes_after() {
         std::thread::sleep(Duration::from_millis(20));
     }
     pg.stop_server_immediately();
-    std::thread::sleep(Duration::from_secs(4));
+    let host = format!("manifest unreachable at 127.0.0.1:{}", pg.port);
+    // Bound: a copy of the sweep reaches the manifest within one batch (at most ~14 MiB at
+    // 2 MiB/s); a sweep that never notices the outage fails here.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !fs::read_to_string(&stderr_file)
+        .unwrap_or_default()
+        .contains(&host)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep did not notice that PostgreSQL was down:\n{}",
+            fs::read_to_string(&stderr_file).unwrap_or_default()
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep stopped while PostgreSQL was down:\n{}",
+            fs::read_to_string(&stderr_file).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "the sweep stopped while PostgreSQL was down"
     );
     pg.start_server();
-    let run = wait_capturing(child, started, Duration::from_secs(100));
+    let mut run = wait_capturing(child, started, Duration::from_secs(150));
+    run.stderr = fs::read_to_string(&stderr_file).unwrap();
     run.assert_code(0);
     assert!(run.stdout.contains("MIGRATION COMPLETE"), "{run}");
-    let host = format!("manifest unreachable at 127.0.0.1:{}", pg.port);
     assert_eq!(
         lines_with(&run.stderr, &host),
         1,

@@ -136,16 +136,21 @@ pub fn run_command(cmd: &mut Command) -> Run {
 
 /// Waits for a child whose stdout and stderr are piped, killing it after `timeout`.
 pub fn wait_capturing(mut child: Child, started: Instant, timeout: Duration) -> Run {
-    let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
+    // Either stream may go to a file instead of a pipe (the caller then reads it itself).
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
     let out_reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
+        if let Some(out) = out.as_mut() {
+            let _ = out.read_to_end(&mut buf);
+        }
         buf
     });
     let err_reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        let _ = err.read_to_end(&mut buf);
+        if let Some(err) = err.as_mut() {
+            let _ = err.read_to_end(&mut buf);
+        }
         buf
     });
     let status = loop {
