@@ -504,12 +504,11 @@ fn inode_numbers_stay_the_same_across_forgets_remounts_and_the_migration() {
     );
 
     // The kernel forgets every inode it does not use (the mount's daemon is asked to FORGET).
-    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
-    assert_eq!(
-        inode_numbers(&w.src),
-        first,
-        "numbers changed after the kernel forgot them"
-    );
+    let same_after_forget = |why: &str| {
+        fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+        assert_eq!(inode_numbers(&w.src), first, "numbers changed {why}");
+    };
+    same_after_forget("after the kernel forgot them");
     daemon.stop();
 
     // Another daemon, with the sweeper: the numbers are the manifest's, during and after the
@@ -523,11 +522,6 @@ fn inode_numbers_stay_the_same_across_forgets_remounts_and_the_migration() {
     wait_until(Duration::from_secs(60), "every file verified", || {
         all_verified(&w)
     });
-    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
-    assert_eq!(
-        inode_numbers(&w.src),
-        first,
-        "numbers changed with the migration"
-    );
+    same_after_forget("with the migration");
     daemon.stop();
 }
