@@ -59,6 +59,8 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     report::plan(PlanArgs {
         target: target.clone(),
         scope: Scope::default(),
+        files_from: Default::default(),
+        show_paths: 20,
         json: false,
         prices: Default::default(),
     })
@@ -85,6 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let sweep_args = SweepArgs {
         target: target.clone(),
         scope: Scope::default(),
+        files_from: Default::default(),
         concurrency: None,
         bwlimit: None,
         max_ops: None,
@@ -127,6 +130,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let purged = super::purge::run(super::purge::PurgeArgs {
         target: target.clone(),
         path: Vec::new(),
+        files_from: Default::default(),
         paranoid: false,
         confirm: true,
     })

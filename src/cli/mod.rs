@@ -238,6 +238,38 @@ impl Scope {
     }
 }
 
+/// The application's own list of files (the paths its database references): `plan`, `sweep`,
+/// `verify` and `purge` act on those paths only.
+#[derive(Debug, Clone, Args, Default)]
+pub struct FilesFrom {
+    /// Only the paths listed in FILE (`-`: stdin), one per line relative to the source; empty
+    /// lines and lines starting with # or ; are skipped. With --include/--exclude, both must
+    /// take a path.
+    #[arg(long, value_name = "FILE", conflicts_with = "files_from0")]
+    pub files_from: Option<PathBuf>,
+    /// Like --files-from, with the paths separated by NUL bytes (find -print0); no comments.
+    #[arg(long, value_name = "FILE")]
+    pub files_from0: Option<PathBuf>,
+}
+
+impl FilesFrom {
+    /// The list, read and checked whole, or None without one. Called before anything is
+    /// created: a bad line refuses the command.
+    pub fn load(&self) -> Result<Option<Arc<crate::engine::file_list::FileList>>> {
+        use crate::engine::file_list::{list_source, FileList};
+        let Some((path, separator)) =
+            list_source(self.files_from.as_ref(), self.files_from0.as_ref())
+        else {
+            return Ok(None);
+        };
+        let list = FileList::read(&path, separator)?;
+        if list.is_empty() {
+            tracing::warn!(list = %list.origin(), "the file list names no path: nothing is in scope");
+        }
+        Ok(Some(Arc::new(list)))
+    }
+}
+
 pub fn main() -> ExitCode {
     end_quietly_when_stdout_closes();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

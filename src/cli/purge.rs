@@ -17,6 +17,8 @@ pub struct PurgeArgs {
     /// Only files matching this glob (repeatable).
     #[arg(long, value_name = "GLOB")]
     pub path: Vec<String>,
+    #[command(flatten)]
+    pub files_from: super::FilesFrom,
     /// Also re-hash each local copy and compare it with the verified SHA-256.
     #[arg(long)]
     pub paranoid: bool,
@@ -26,7 +28,7 @@ pub struct PurgeArgs {
 }
 
 pub async fn run(args: PurgeArgs) -> Result<u8> {
-    let filter = PathFilter::new(&args.path, &[])?;
+    let filter = PathFilter::new(&args.path, &[])?.with_list(args.files_from.load()?);
     let resolved = with_manifest_to_upgrade(&args.target, async |existing| {
         if existing.is_none() {
             anyhow::bail!(

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{exit, with_existing_manifest, with_optional_manifest, Scope, Target};
-use crate::engine::plan::{make_plan, Fate, Plan, Prices};
+use crate::engine::plan::{make_plan, Fate, ListReport, Plan, Prices};
 use crate::manifest::{BatchRow, Manifest, State};
 use crate::util::{human_bytes, human_duration};
 
@@ -17,11 +17,26 @@ pub struct PlanArgs {
     pub target: Target,
     #[command(flatten)]
     pub scope: Scope,
+    #[command(flatten)]
+    pub files_from: super::FilesFrom,
+    /// With --files-from: how many orphan and dangling paths to name, each (the first in path
+    /// order), or `all`.
+    #[arg(long, value_name = "N", default_value = "20", value_parser = parse_count_or_all)]
+    pub show_paths: usize,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub prices: PriceArgs,
+}
+
+/// A number, or `all` for no limit.
+fn parse_count_or_all(text: &str) -> Result<usize, String> {
+    if text == "all" {
+        return Ok(usize::MAX);
+    }
+    text.parse()
+        .map_err(|_| format!("{text:?} is neither a number nor `all`"))
 }
 
 /// Object store prices for the cost estimate (default: AWS S3 Standard, as in seed 004).
@@ -90,7 +105,7 @@ pub struct BatchArgs {
 }
 
 pub async fn plan(args: PlanArgs) -> Result<u8> {
-    let filter = args.scope.filter()?;
+    let filter = args.scope.filter()?.with_list(args.files_from.load()?);
     let stop = super::stop_on_signals();
     let (plan, resolved) = with_optional_manifest(&args.target, async |existing| {
         let resolved = args.target.resolve(existing).await?;
@@ -103,6 +118,7 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
             resolved.source.clone(),
             resolved.store.clone(),
             &filter,
+            args.show_paths,
         );
         // A plan changes nothing: stopped, it is simply not finished (the manifest is closed
         // on the way out all the same).
@@ -172,6 +188,9 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
             human_bytes(to_copy.bytes)
         );
     }
+    if let Some(report) = &plan.files_from {
+        print_list_report(report);
+    }
     println!();
     println!(
         "Estimated duration: {} ({})",
@@ -195,6 +214,34 @@ pub async fn plan(args: PlanArgs) -> Result<u8> {
         );
     }
     Ok(exit::OK)
+}
+
+/// What the file list and the tree disagree on, with the first paths of each side.
+fn print_list_report(report: &ListReport) {
+    println!();
+    println!(
+        "File list {}: {} paths; the list and the tree disagree on:",
+        report.list, report.listed
+    );
+    println!(
+        "  Orphans (in the tree, not listed):    {:>10} files {:>12}",
+        report.orphans.files,
+        human_bytes(report.orphans.bytes)
+    );
+    println!(
+        "  Dangling (listed, no file):           {:>10} files {:>12}  (bytes as last recorded; --skip-missing skips them)",
+        report.dangling.files,
+        human_bytes(report.dangling.bytes)
+    );
+    for (label, named) in [("orphan", &report.orphans), ("dangling", &report.dangling)] {
+        for path in &named.paths {
+            println!("  [{label}] {path}");
+        }
+        let unnamed = named.files - named.paths.len() as u64;
+        if unnamed > 0 {
+            println!("  ... and {unnamed} more {label} paths (--show-paths N or all)");
+        }
+    }
 }
 
 /// Cents for real sums, more digits for the small ones a test migration costs.

@@ -1,5 +1,6 @@
 //! `cutoverfs sweep`: scan, then copy everything in scope, then the summary block of seed 000.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -8,6 +9,7 @@ use clap::Args;
 use super::{
     exit, stop_on_signals, with_manifest_to_upgrade, with_optional_manifest, Scope, Target,
 };
+use crate::engine::file_list::FileList;
 use crate::engine::plan::{make_plan, Fate};
 use crate::engine::scan::{scan_patiently, ScanError, ScanStats};
 use crate::engine::sweep::{run_sweep, SweepOptions, SweepReport};
@@ -22,6 +24,8 @@ pub struct SweepArgs {
     pub target: Target,
     #[command(flatten)]
     pub scope: Scope,
+    #[command(flatten)]
+    pub files_from: super::FilesFrom,
     /// Files in flight at once (reads, writes, syncs and requests overlap across them)
     /// [default: 256 to a file:// dest, 512 to S3, where each file waits on a round trip].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -73,7 +77,9 @@ pub struct SweepArgs {
 }
 
 pub async fn run(args: SweepArgs) -> Result<u8> {
-    let filter = args.scope.filter()?;
+    // Read once: a reload (SIGHUP) keeps it, and stdin can be read only once.
+    let list = args.files_from.load()?;
+    let filter = args.scope.filter()?.with_list(list.clone());
     if args.dry_run {
         return dry_run(&args, &filter).await;
     }
@@ -107,13 +113,13 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     );
     let stop = stop_on_signals();
     let dest = resolved.pair.dest.clone();
-    let limits = LiveLimits::new(live_limits(&args, &dest)?);
+    let limits = LiveLimits::new(live_limits(&args, &dest, &list)?);
     super::reload::on_sighup(
         limits.clone(),
         other_settings(&args),
         move |command| match command {
             super::Command::Sweep(args) => Ok(super::reload::Reread {
-                limits: live_limits(&args, &dest)?,
+                limits: live_limits(&args, &dest, &list)?,
                 others: other_settings(&args),
             }),
             _ => anyhow::bail!("the config file no longer starts a sweep"),
@@ -187,13 +193,13 @@ pub async fn run(args: SweepArgs) -> Result<u8> {
     Ok(code)
 }
 
-/// The settings SIGHUP re-reads (see `reload`).
-fn live_limits(args: &SweepArgs, dest: &str) -> Result<Limits> {
+/// The settings SIGHUP re-reads (see `reload`); the file list is the one read at start.
+fn live_limits(args: &SweepArgs, dest: &str, list: &Option<Arc<FileList>>) -> Result<Limits> {
     Ok(Limits {
         concurrency: args.concurrency.unwrap_or(default_concurrency(dest)) as usize,
         bwlimit: args.bwlimit,
         max_ops: args.max_ops,
-        filter: args.scope.filter()?,
+        filter: args.scope.filter()?.with_list(list.clone()),
     })
 }
 
@@ -283,16 +289,16 @@ struct InScope {
 
 async fn in_scope(manifest: &Manifest, filter: &PathFilter) -> Result<InScope> {
     let mut counts = InScope::default();
-    for file in manifest
-        .files()
-        .await?
-        .into_iter()
-        .filter(|f| filter.matches(&f.path))
-    {
+    let files = manifest.files().await?;
+    let mut present = std::collections::HashSet::new();
+    for file in files.iter().filter(|f| filter.matches(&f.path)) {
         counts.files += 1;
+        if file.state != State::Deleted {
+            present.insert(file.path.as_str());
+        }
         match file.state {
             State::Verified => counts.verified += 1,
-            State::Missing => counts.missing.push(file.path),
+            State::Missing => counts.missing.push(file.path.clone()),
             State::Unsupported => counts.unsupported += 1,
             State::Conflict => counts.conflicts += 1,
             State::Failed => counts.failed += 1,
@@ -300,7 +306,23 @@ async fn in_scope(manifest: &Manifest, filter: &PathFilter) -> Result<InScope> {
             State::Deleted => counts.files -= 1,
         }
     }
+    let dangling = dangling(filter, &present);
+    counts.files += dangling.len() as u64;
+    counts.missing.extend(dangling);
+    counts.missing.sort_unstable();
     Ok(counts)
+}
+
+/// Listed paths in the globs' scope that no file of the manifest has (the scan found no file
+/// there, now or before): what the application references but the tree lacks.
+fn dangling(filter: &PathFilter, present: &std::collections::HashSet<&str>) -> Vec<String> {
+    let Some(list) = filter.list() else {
+        return Vec::new();
+    };
+    list.paths()
+        .filter(|p| !present.contains(p) && filter.matches_globs(p))
+        .map(str::to_string)
+        .collect()
 }
 
 async fn print_summary(
@@ -316,8 +338,13 @@ async fn print_summary(
         println!("  [{tag}] Source file does not exist: {path}");
     }
     if counts.missing.len() > 20 {
+        let lister = if filter.list().is_some() {
+            "cutoverfs plan --files-from ... --show-paths all"
+        } else {
+            "cutoverfs status"
+        };
         println!(
-            "  ... and {} more (cutoverfs status lists them)",
+            "  ... and {} more ({lister} lists them)",
             counts.missing.len() - 20
         );
     }
@@ -390,6 +417,7 @@ async fn dry_run(args: &SweepArgs, filter: &PathFilter) -> Result<u8> {
             resolved.source.clone(),
             resolved.store.clone(),
             filter,
+            0,
         )
         .await?;
         Ok((plan, resolved, location))

@@ -31,6 +31,8 @@ pub struct VerifyArgs {
     /// Only files matching this glob (repeatable).
     #[arg(long, value_name = "GLOB")]
     pub path: Vec<String>,
+    #[command(flatten)]
+    pub files_from: super::FilesFrom,
     /// Output format of the report.
     #[arg(long, value_enum, default_value = "human")]
     pub format: Format,
@@ -46,7 +48,7 @@ pub struct VerifyArgs {
 }
 
 pub async fn run(args: VerifyArgs) -> Result<u8> {
-    let filter = PathFilter::new(&args.path, &[])?;
+    let filter = PathFilter::new(&args.path, &[])?.with_list(args.files_from.load()?);
     let resolved = with_manifest_to_upgrade(&args.target, async |existing| {
         if existing.is_none() {
             anyhow::bail!(

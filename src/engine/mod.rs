@@ -6,6 +6,7 @@
 //! commands turn its reports into output.
 
 pub mod control;
+pub mod file_list;
 pub mod filter;
 pub mod plan;
 pub mod progress;

@@ -2,8 +2,9 @@
 //!
 //! Walks the source like the scanner, applies the same `after_scan` rule to what an existing
 //! manifest holds (opened read-only), and for files still to copy asks the dest what is there.
+//! With a file list (`--files-from`), also what the list and the tree disagree on.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,57 @@ pub struct Plan {
     pub estimate_basis: String,
     /// Requests a sweep would make of a dest that bills them (S3): writes, and reads (HEADs).
     pub requests: Requests,
+    /// With a file list: what it and the tree disagree on.
+    pub files_from: Option<ListReport>,
+}
+
+/// What a file list (the application's database) and the source tree disagree on.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ListReport {
+    /// The list's file, or `-` for stdin.
+    pub list: String,
+    /// Distinct paths on the list.
+    pub listed: u64,
+    /// Files in the tree (and in the globs' scope) that the list does not name: candidates to
+    /// leave behind.
+    pub orphans: Named,
+    /// Listed paths (in the globs' scope) with no file in the tree and no purged copy at the
+    /// dest: what `--skip-missing` skips. Their bytes are those the manifest last recorded, 0
+    /// for a path never seen.
+    pub dangling: Named,
+}
+
+/// Files and bytes, and the first of their paths in path order.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Named {
+    pub files: u64,
+    pub bytes: u64,
+    /// At most the number asked for (all of them when `paths.len() == files`).
+    pub paths: BTreeSet<String>,
+    #[serde(skip)]
+    keep: usize,
+}
+
+impl Named {
+    fn new(keep: usize) -> Named {
+        Named {
+            keep,
+            ..Named::default()
+        }
+    }
+
+    /// Counts a path; keeps its name while it is among the first `keep` in path order.
+    fn add(&mut self, path: &str, bytes: u64) {
+        self.files += 1;
+        self.bytes += bytes;
+        let below_last = self.paths.last().is_none_or(|last| path < last.as_str());
+        if self.paths.len() < self.keep || (self.keep > 0 && below_last) {
+            self.paths.insert(path.to_string());
+            if self.paths.len() > self.keep {
+                self.paths.pop_last();
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -103,13 +155,24 @@ const DEST_QUERIES_IN_FLIGHT: usize = 64;
 const ASSUMED_BYTES_PER_SEC: f64 = 200.0 * 1024.0 * 1024.0;
 const ASSUMED_FILES_PER_SEC: f64 = 2000.0;
 
+/// The plan of a sweep with `filter`; with a file list in it, `names` orphan and dangling paths
+/// are kept by name (the first in path order).
 pub async fn make_plan(
     manifest: Option<&Manifest>,
     source: Arc<SourceTree>,
     store: Arc<dyn Store>,
     filter: &PathFilter,
+    names: usize,
 ) -> Result<Plan, ManifestError> {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        files_from: filter.list().map(|list| ListReport {
+            list: list.origin().to_string(),
+            listed: list.len() as u64,
+            orphans: Named::new(names),
+            dangling: Named::new(names),
+        }),
+        ..Plan::default()
+    };
     let mut seen = HashSet::new();
     let mut walk = start_walk(source, store.clone());
     while let Some(batch) = walk.batches.recv().await {
@@ -124,7 +187,13 @@ pub async fn make_plan(
                 plan.dirs += 1;
                 continue;
             }
-            if !filter.matches(&scanned.path) {
+            if !filter.matches_globs(&scanned.path) {
+                continue;
+            }
+            if !filter.is_listed(&scanned.path) {
+                if let Some(report) = &mut plan.files_from {
+                    report.orphans.add(&scanned.path, scanned.size);
+                }
                 continue;
             }
             seen.insert(scanned.path.clone());
@@ -166,26 +235,60 @@ pub async fn make_plan(
             record(&mut plan, &scanned.path, state, fate, scanned.size);
         }
     }
-    if let Some(manifest) = manifest {
-        for file in manifest.files().await? {
-            let gone = !seen.contains(&file.path) && filter.matches(&file.path);
-            if gone && !matches!(file.state, State::Missing | State::Deleted) {
-                record(
-                    &mut plan,
-                    &file.path,
-                    State::Missing,
-                    Fate::Missing,
-                    file.size,
-                );
-            }
-        }
-    }
+    gone_files(&mut plan, manifest, filter, &seen).await?;
     let observed = match manifest {
         Some(m) => m.observed_throughput().await?,
         None => None,
     };
     estimate(&mut plan, observed);
     Ok(plan)
+}
+
+/// Files in scope that the walk did not find: recorded ones a scan would mark missing, and with
+/// a file list every listed path without a file (dangling), recorded or not. A purged file is not
+/// gone: its copy is at the dest.
+async fn gone_files(
+    plan: &mut Plan,
+    manifest: Option<&Manifest>,
+    filter: &PathFilter,
+    seen: &HashSet<String>,
+) -> Result<(), ManifestError> {
+    let mut unseen: HashSet<&str> = match filter.list() {
+        Some(list) => list
+            .paths()
+            .filter(|p| !seen.contains(*p) && filter.matches_globs(p))
+            .collect(),
+        None => HashSet::new(),
+    };
+    let recorded = match manifest {
+        Some(m) => m.files().await?,
+        None => Vec::new(),
+    };
+    for file in &recorded {
+        if file.purged {
+            unseen.remove(file.path.as_str());
+            continue;
+        }
+        if seen.contains(&file.path) || !filter.matches(&file.path) {
+            continue;
+        }
+        let dangling = unseen.remove(file.path.as_str());
+        let known_gone = matches!(file.state, State::Missing | State::Deleted);
+        if dangling || !known_gone {
+            gone(plan, &file.path, file.size, dangling);
+        }
+    }
+    for path in unseen {
+        gone(plan, path, 0, true);
+    }
+    Ok(())
+}
+
+fn gone(plan: &mut Plan, path: &str, size: u64, dangling: bool) {
+    record(plan, path, State::Missing, Fate::Missing, size);
+    if let Some(report) = plan.files_from.as_mut().filter(|_| dangling) {
+        report.dangling.add(path, size);
+    }
 }
 
 /// What a sweep would find at the dest. By size only (a dry run reads no content); an object

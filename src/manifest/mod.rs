@@ -377,6 +377,8 @@ pub struct FileSummary {
     pub path: String,
     pub state: State,
     pub size: u64,
+    /// Its local copy was purged: the file lives at the dest only.
+    pub purged: bool,
 }
 
 pub fn now_ms() -> i64 {
@@ -1223,7 +1225,7 @@ impl Manifest {
     /// Every file-like row (and directories cutoverfs could not enter), for reports that group
     /// in Rust.
     pub async fn files(&self) -> Result<Vec<FileSummary>> {
-        let rows = sqlx::query("SELECT path, state, size FROM entries WHERE kind <> 'dir' OR state = 'unsupported' ORDER BY path")
+        let rows = sqlx::query("SELECT path, state, size, purged_at FROM entries WHERE kind <> 'dir' OR state = 'unsupported' ORDER BY path")
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -1232,6 +1234,7 @@ impl Manifest {
                     path: row.get(0),
                     state: parse_state(row.get(1))?,
                     size: row.get::<i64, _>(2) as u64,
+                    purged: row.get::<Option<i64>, _>(3).is_some(),
                 })
             })
             .collect()
