@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
@@ -13,11 +12,6 @@ use std::time::Duration;
 use common::mount::{wait_until, Daemon};
 use common::s3::S3Server;
 use common::*;
-
-fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
 
 /// `GET /metrics`, parsed into `name{labels}` → value; None while nothing listens.
 fn scrape(addr: &str) -> Option<HashMap<String, f64>> {
@@ -52,14 +46,7 @@ fn a_mount_counts_the_files_its_sweeper_migrates() {
         w.write(&format!("d/f{i}"), &vec![b'x'; *size]);
     }
     let addr = free_addr();
-    let args: Vec<OsString> = vec![
-        "--dest".into(),
-        w.dest_url().into(),
-        "--manifest".into(),
-        w.manifest_url().into(),
-        "--metrics".into(),
-        addr.clone().into(),
-    ];
+    let args = w.metrics_mount_args(&addr);
     let daemon = Daemon::start(&w.src, &args);
     let migrated = r#"cutoverfs_copied_files_total{outcome="migrated"}"#;
     wait_until(Duration::from_secs(30), "3 files migrated", || {

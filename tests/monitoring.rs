@@ -8,9 +8,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,11 +20,6 @@ const MONITORING_FILES: [&str; 2] = [
     "deploy/prometheus/cutoverfs-alerts.yml",
     "deploy/grafana/cutoverfs-dashboard.json",
 ];
-
-fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
 
 /// The body of `GET /metrics`; None while nothing listens.
 fn scrape(addr: &str) -> Option<String> {
@@ -108,14 +102,7 @@ fn every_metric_named_by_the_alerts_and_the_dashboard_is_in_a_live_daemons_scrap
     w.write("d/taken", b"ours");
     write_file(&w.dest.join("d/taken"), b"someone else's");
     let addr = free_addr();
-    let args: Vec<OsString> = vec![
-        "--dest".into(),
-        w.dest_url().into(),
-        "--manifest".into(),
-        w.manifest_url().into(),
-        "--metrics".into(),
-        addr.clone().into(),
-    ];
+    let args = w.metrics_mount_args(&addr);
     let daemon = Daemon::start(&w.src, &args);
     wait_until(
         Duration::from_secs(30),

@@ -34,7 +34,7 @@ pub const ROOT: u64 = 1;
 
 /// Numbers this mount gives paths that no manifest row can hold (a name that is not UTF-8, a
 /// replica's row written without a number): above every number the manifest hands out, and
-/// never written to it (`Inodes::ours_to_record`).
+/// never written to it (the manifest refuses them: `manifest::inodes::storable`).
 const MEMORY_ONLY_BASE: u64 = crate::manifest::FIRST_MEMORY_ONLY_INO;
 
 /// What numbering a path came to (`Inodes::pin_with`).
@@ -258,13 +258,6 @@ impl Inodes {
             return None;
         }
         self.pins.get(path).map(|n| *n)
-    }
-
-    /// The number a record of `path` must give its row: the one this mount took from the
-    /// manifest's counter for it, never a memory-only one (another process hands out the
-    /// same memory-only numbers for other paths).
-    pub fn ours_to_record(&self, path: &Path) -> Option<u64> {
-        self.pinned(path).filter(|ino| *ino < MEMORY_ONLY_BASE)
     }
 
     /// Whether any path is pinned (most of the time none is).

@@ -171,13 +171,12 @@ async fn apply(
         }
     }
     if !records.is_empty() {
-        // A path this mount numbered before any row held it gets that number.
+        // A path this mount numbered before any row held it gets that number (a memory-only
+        // one excepted: the manifest gives such a row one from its counter instead).
         let refs: Vec<(&str, &LocalFacts, Option<i64>)> = records
             .iter()
             .map(|(p, f)| {
-                let pinned = inodes
-                    .ours_to_record(std::path::Path::new(p))
-                    .map(|ino| ino as i64);
+                let pinned = inodes.pinned(std::path::Path::new(p)).map(|ino| ino as i64);
                 (p.as_str(), f, pinned)
             })
             .collect();

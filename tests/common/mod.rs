@@ -357,6 +357,29 @@ impl Default for Work {
     }
 }
 
+/// A local address nothing listens on now (for `--metrics`).
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+impl Work {
+    /// `mount` arguments for this work's dest and manifest, serving metrics at `addr`.
+    pub fn metrics_mount_args(&self, addr: &str) -> Vec<std::ffi::OsString> {
+        [
+            "--dest",
+            &self.dest_url(),
+            "--manifest",
+            &self.manifest_url(),
+            "--metrics",
+            addr,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect()
+    }
+}
+
 /// Runs `sql` on a SQLite manifest behind cutoverfs' back: with the `sqlite3` shell when there
 /// is one, else with Python's sqlite3 module (Debian's python3, which `.ci/run` installs).
 pub fn sqlite_exec(db: &Path, sql: &str) {
