@@ -15,6 +15,7 @@ mod reload;
 mod report;
 mod rollback;
 mod sweep;
+mod switch;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -112,6 +113,9 @@ pub enum Command {
     /// Check that this machine can run cutoverfs (FUSE, privileges, passthrough, dest, manifest,
     /// free space) and say what to fix; changes nothing.
     Doctor(doctor::DoctorArgs),
+    /// Print the settings that point the application at the dest after the cutover (Django:
+    /// django-storages for an S3 dest); reads the manifest, changes nothing.
+    SwitchSettings(switch::SwitchSettingsArgs),
 }
 
 impl Command {
@@ -130,6 +134,7 @@ impl Command {
             Command::Demo(_) => "demo",
             Command::Log(_) => "log",
             Command::Doctor(_) => "doctor",
+            Command::SwitchSettings(_) => "switch-settings",
         }
     }
 }
@@ -326,6 +331,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Log(args) => audit_log::run(args).await,
             Command::Doctor(args) => doctor::run(args).await,
+            Command::SwitchSettings(args) => switch::run(args).await,
         }
     });
     // A command stopped by a signal may leave blocking work behind (a deep verify hashing a
