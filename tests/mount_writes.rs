@@ -891,6 +891,47 @@ fn row_ino(w: &Work, rel: &str) -> Option<u64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// A file with no local copy whose row holds no number (a manifest upgraded from before
+/// numbers after a purge, or one a memory-only number was cleared from) is given one from the
+/// manifest's counter at its first lookup, recorded in its row: every later daemon shows the
+/// same st_ino, whatever order the paths are looked up in (issue 15.3).
+#[test]
+fn a_purged_file_without_a_number_gets_one_that_lasts() {
+    let w = Work::new();
+    w.write("a.txt", b"alpha");
+    w.write("b.txt", b"bravo");
+    let (mnt, daemon) = mount_beside(&w, &[], &[]);
+    daemon.wait_for_scan();
+    migrate_and_purge(&w);
+    daemon.stop();
+    sqlite_exec(
+        &w.manifest,
+        "UPDATE entries SET ino = NULL WHERE path <> ''",
+    );
+
+    let daemon = restart(&w, &mnt);
+    let a = fs::metadata(mnt.join("a.txt")).unwrap().ino();
+    let b = fs::metadata(mnt.join("b.txt")).unwrap().ino();
+    assert_ne!(a, b, "two files under one inode number");
+    for (rel, ino) in [("a.txt", a), ("b.txt", b)] {
+        assert!(
+            ino < 1 << 62,
+            "{rel} got the mount's memory-only number {ino}"
+        );
+        wait_until(Duration::from_secs(60), "the number recorded", || {
+            row_ino(&w, rel) == Some(ino)
+        });
+    }
+    daemon.stop();
+
+    // Another daemon, the other order.
+    let daemon = restart(&w, &mnt);
+    assert_eq!(fs::read(mnt.join("b.txt")).unwrap(), b"bravo");
+    assert_eq!(fs::metadata(mnt.join("b.txt")).unwrap().ino(), b);
+    assert_eq!(fs::metadata(mnt.join("a.txt")).unwrap().ino(), a);
+    daemon.stop();
+}
+
 /// A path whose row holds no inode number (rows of an earlier cutoverfs, rows a rename moved)
 /// and no local copy gets a number from the mount's memory; writing it must not put that number
 /// in the manifest: the next daemon hands the same memory-only numbers to other such paths, and

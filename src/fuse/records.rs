@@ -1,7 +1,8 @@
 //! The manifest records of the mount that need not hold up the application: files written and
-//! closed, directories made, and the numbers handed to the kernel for paths no row held yet
-//! (`pin`). They are applied in order, many per transaction, by one task; an operation that must
-//! see them first (unlink, rename, a hold) calls `flush`.
+//! closed, directories made, and the numbers handed to the kernel for paths whose row held none
+//! (`pin`: a row inserted, or the number given to a row without one). They are applied in
+//! order, many per transaction, by one task; an operation that must see them first (unlink,
+//! rename, a hold) calls `flush`.
 //!
 //! The same task renews the holds on files open for writing, so no worker takes them meanwhile.
 
@@ -16,10 +17,27 @@ use crate::manifest::{now_ms, LocalFacts, Manifest, Scanned};
 
 enum Message {
     Record(String, LocalFacts),
-    /// The number `.1` was handed out for the path `.0.path`: insert its row as a scan would, or
-    /// give the row that appeared meanwhile this number.
-    Pin(Scanned, u64),
+    /// The number `.1` was handed out for a path: see `Pinned`.
+    Pin(Pinned, u64),
     Flush(oneshot::Sender<()>),
+}
+
+/// A path the mount numbered, and how its row comes to hold the number.
+pub enum Pinned {
+    /// No row stood for it (its local copy, as seen): insert its row as a scan would, or give
+    /// the row that appeared meanwhile this number.
+    New(Scanned),
+    /// Its row holds no number (a file with no local copy left): give the row this one.
+    Row(String),
+}
+
+impl Pinned {
+    fn path(&self) -> &str {
+        match self {
+            Pinned::New(seen) => &seen.path,
+            Pinned::Row(path) => path,
+        }
+    }
 }
 
 pub struct WriteRecords {
@@ -91,9 +109,9 @@ impl WriteRecords {
         let _ = self.tx.send(Message::Record(path, facts));
     }
 
-    /// Queues the row that records the number `ino` handed out for `seen.path`.
-    pub fn pin(&self, seen: Scanned, ino: u64) {
-        let _ = self.tx.send(Message::Pin(seen, ino));
+    /// Queues the record of the number `ino` handed out for a path.
+    pub fn pin(&self, pinned: Pinned, ino: u64) {
+        let _ = self.tx.send(Message::Pin(pinned, ino));
     }
 
     /// Waits until everything queued so far is in the manifest.
@@ -134,7 +152,7 @@ async fn apply(
     messages: Vec<Message>,
 ) {
     let mut records: Vec<(String, LocalFacts)> = Vec::new();
-    let mut pins: Vec<(Scanned, u64)> = Vec::new();
+    let mut pins: Vec<(Pinned, u64)> = Vec::new();
     let mut flushed = Vec::new();
     for message in messages {
         match message {
@@ -143,32 +161,13 @@ async fn apply(
                 records.retain(|(p, _)| *p != path);
                 records.push((path, facts));
             }
-            Message::Pin(seen, ino) => pins.push((seen, ino)),
+            Message::Pin(pinned, ino) => pins.push((pinned, ino)),
             Message::Flush(done) => flushed.push(done),
         }
     }
     // Numbers first: a record of the same path must find its row holding the kernel's number.
     if !pins.is_empty() {
-        let refs: Vec<(&Scanned, i64)> = pins.iter().map(|(s, ino)| (s, *ino as i64)).collect();
-        let pinned = manifest.pin_inos(&refs).await;
-        let paths: Vec<String> = pins.iter().map(|(s, _)| s.path.clone()).collect();
-        rows.forget(&paths);
-        let taken: std::collections::HashSet<&str> = match &pinned {
-            Ok(taken) => taken.iter().map(String::as_str).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, paths = pins.len(), "cannot record inode numbers; they stay this mount's while the kernel holds them");
-                Default::default()
-            }
-        };
-        for (seen, ino) in &pins {
-            if taken.contains(seen.path.as_str()) {
-                inodes.persisted(std::path::Path::new(&seen.path), *ino);
-            } else {
-                // The row got a number of its own first (a scan): this mount keeps answering
-                // with the one the kernel holds until the kernel forgets it.
-                inodes.not_persisted(*ino);
-            }
-        }
+        record_numbers(manifest, rows, inodes, &pins).await;
     }
     if !records.is_empty() {
         // A path this mount numbered before any row held it gets that number (a memory-only
@@ -194,5 +193,41 @@ async fn apply(
     }
     for done in flushed {
         let _ = done.send(());
+    }
+}
+
+/// Records the numbers handed out for `pins`; each path's number is then the manifest's, or,
+/// where its row got a number of its own first (a scan), stays this mount's while the kernel
+/// holds it.
+async fn record_numbers(manifest: &Manifest, rows: &Rows, inodes: &Inodes, pins: &[(Pinned, u64)]) {
+    let mut new = Vec::new();
+    let mut numberless = Vec::new();
+    for (pinned, ino) in pins {
+        match pinned {
+            Pinned::New(seen) => new.push((seen, *ino as i64)),
+            Pinned::Row(path) => numberless.push((path.as_str(), *ino as i64)),
+        }
+    }
+    let taken = async {
+        let mut taken = manifest.pin_inos(&new).await?;
+        taken.extend(manifest.pin_row_inos(&numberless).await?);
+        Ok::<_, crate::manifest::ManifestError>(taken)
+    }
+    .await;
+    let paths: Vec<String> = pins.iter().map(|(p, _)| p.path().to_string()).collect();
+    rows.forget(&paths);
+    let taken: std::collections::HashSet<&str> = match &taken {
+        Ok(taken) => taken.iter().map(String::as_str).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, paths = pins.len(), "cannot record inode numbers; they stay this mount's while the kernel holds them");
+            Default::default()
+        }
+    };
+    for (pinned, ino) in pins {
+        if taken.contains(pinned.path()) {
+            inodes.persisted(std::path::Path::new(pinned.path()), *ino);
+        } else {
+            inodes.not_persisted(*ino);
+        }
     }
 }

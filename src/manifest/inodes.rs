@@ -58,6 +58,14 @@ const PIN_INOS: &str = "INSERT INTO entries (path, kind, state, reason, size, mt
      ON CONFLICT (path) DO UPDATE SET ino = excluded.ino WHERE entries.ino IS NULL \
      RETURNING path";
 
+/// Numbers the mount handed out for rows that hold none (rows of files with no local copy left,
+/// whose number an upgrade or an earlier mount did not record): given to those rows unless one
+/// got a number meanwhile. RETURNING names the rows that took the mount's.
+const PIN_ROW_INOS: &str = "UPDATE entries SET ino = CAST(r.value ->> 1 AS BIGINT) \
+     FROM JSON_ROWS($1) AS r \
+     WHERE entries.path = r.value ->> 0 AND entries.ino IS NULL AND entries.state <> 'deleted' \
+     RETURNING entries.path";
+
 impl Manifest {
     /// `n` inode numbers nobody else will get (not necessarily consecutive across blocks).
     pub async fn new_inos(&self, n: usize) -> Result<Vec<i64>> {
@@ -132,6 +140,24 @@ impl Manifest {
         let taken = sqlx::query(&self.sql(PIN_INOS))
             .bind(serde_json::Value::Array(json).to_string())
             .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(taken.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Records the numbers the mount handed out for rows that held none (see `PIN_ROW_INOS`);
+    /// returns the paths whose rows now hold those numbers.
+    pub async fn pin_row_inos(&self, rows: &[(&str, i64)]) -> Result<Vec<String>> {
+        let json: Vec<serde_json::Value> = rows
+            .iter()
+            .filter(|(_, ino)| storable(Some(*ino)).is_some())
+            .map(|(path, ino)| serde_json::json!([path, ino]))
+            .collect();
+        if json.is_empty() {
+            return Ok(Vec::new());
+        }
+        let taken = sqlx::query(&self.sql(PIN_ROW_INOS))
+            .bind(serde_json::Value::Array(json).to_string())
             .fetch_all(&self.pool)
             .await?;
         Ok(taken.iter().map(|row| row.get(0)).collect())

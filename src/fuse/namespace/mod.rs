@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 
 use super::inode::{Inodes, NewNumber, ROOT};
-use super::records::WriteRecords;
+use super::records::{Pinned, WriteRecords};
 
 use crate::manifest::{Entry, Kind, Manifest};
 use crate::source::{Attrs, SourceTree};
@@ -161,10 +161,14 @@ impl Numbering {
         if let Some(ino) = row.and_then(|r| r.ino) {
             return ino;
         }
-        let (Some(recorder), Some(local), Some(text)) = (&self.recorder, local, path.to_str())
-        else {
+        // A path with a row but no number has no local copy to number it by (`local` is
+        // asked for only without a row): its row is given the number as it is.
+        let (Some(recorder), Some(text)) = (&self.recorder, path.to_str()) else {
             return self.inodes.pin_in_memory(path);
         };
+        if row.is_none() && local.is_none() {
+            return self.inodes.pin_in_memory(path);
+        }
         let manifest = &self.manifest;
         if manifest.reachability().is_down() {
             // No row to read now (issue 7.5): the number the manifest gave last for this path,
@@ -196,16 +200,21 @@ impl Numbering {
             }
         });
         if fresh {
-            let dir = path.parent().unwrap_or(Path::new(""));
-            let name = path.file_name().unwrap_or_default();
-            let seen = crate::engine::scan::describe(
-                &recorder.source,
-                &*recorder.store,
-                dir.to_str().unwrap_or_default(),
-                name,
-                local,
-            );
-            recorder.records.pin(seen, ino);
+            let pinned = match local {
+                Some(local) => {
+                    let dir = path.parent().unwrap_or(Path::new(""));
+                    let name = path.file_name().unwrap_or_default();
+                    Pinned::New(crate::engine::scan::describe(
+                        &recorder.source,
+                        &*recorder.store,
+                        dir.to_str().unwrap_or_default(),
+                        name,
+                        local,
+                    ))
+                }
+                None => Pinned::Row(text.to_string()),
+            };
+            recorder.records.pin(pinned, ino);
         }
         ino
     }
