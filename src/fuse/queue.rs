@@ -39,14 +39,14 @@ impl CopyOnRead {
             let mut paths = Vec::new();
             while rx.recv_many(&mut paths, BATCH).await > 0 {
                 // Opens come one at a time: gather those of the next moments into one
-                // statement (one each cost more than the opens).
-                let until = tokio::time::Instant::now() + LINGER;
+                // statement (one each cost more than the opens). Asleep, the task is not
+                // waiting on the channel, so those opens send without waking it (a wake per
+                // open cost a fifth of an open's time: perf, docs/BENCHMARKS.md).
+                tokio::time::sleep(LINGER).await;
                 while paths.len() < BATCH {
-                    let room = BATCH - paths.len();
-                    let more = rx.recv_many(&mut paths, room);
-                    match tokio::time::timeout_at(until, more).await {
-                        Ok(n) if n > 0 => {}
-                        _ => break,
+                    match rx.try_recv() {
+                        Ok(path) => paths.push(path),
+                        Err(_) => break,
                     }
                 }
                 match manifest
