@@ -475,10 +475,7 @@ fn a_list_of_a_million_paths_plans_in_seconds() {
 #[test]
 #[ignore = "Django tier: needs CUTOVERFS_TEST_PYTHON (a python with Django); .ci/run runs it"]
 fn the_documented_django_one_liner_lists_every_file_field() {
-    let python = match std::env::var_os("CUTOVERFS_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!("CUTOVERFS_TEST_PYTHON is not set: this test needs a python that has Django"),
-    };
+    let python = django_python("django");
     let w = Work::new();
     let project = w.root.join("project");
     let settings = format!(

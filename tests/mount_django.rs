@@ -13,7 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,30 +21,6 @@ use common::mount::{wait_until, Daemon};
 use common::*;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/django/storage_check.py");
-
-/// The python with Django. Missing means the tier was asked for without its tool: that is a
-/// failure, never a silent skip.
-fn django_python() -> PathBuf {
-    let python = match std::env::var_os("CUTOVERFS_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "CUTOVERFS_TEST_PYTHON is not set: this test needs a python that has Django \
-             (.ci/run builds one: python3 -m venv VENV && VENV/bin/pip install 'Django>=4.2,<6'; \
-             then CUTOVERFS_TEST_PYTHON=VENV/bin/python cargo test --test mount_django -- --ignored)"
-        ),
-    };
-    let out = Command::new(&python)
-        .args(["-c", "import django; print(django.get_version())"])
-        .output()
-        .unwrap_or_else(|e| panic!("CUTOVERFS_TEST_PYTHON={}: {e}", python.display()));
-    assert!(
-        out.status.success(),
-        "CUTOVERFS_TEST_PYTHON={} cannot import django:\n{}",
-        python.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    python
-}
 
 fn all_verified(w: &Work) -> bool {
     let status = w.status();
@@ -90,7 +66,7 @@ fn upload_spool() -> tempfile::TempDir {
 #[test]
 #[ignore = "heavier tier: needs CUTOVERFS_TEST_PYTHON (a python with Django); .ci/run runs it"]
 fn django_file_system_storage_works_on_the_mount_and_its_files_migrate() {
-    let python = django_python();
+    let python = django_python("django");
     let w = Work::new();
     // The media folder as the application left it before the cutover.
     let legacy: Vec<(&str, Vec<u8>)> = vec![

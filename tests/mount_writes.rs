@@ -891,12 +891,9 @@ fn row_ino(w: &Work, rel: &str) -> Option<u64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
-/// A file with no local copy whose row holds no number (a manifest upgraded from before
-/// numbers after a purge, or one a memory-only number was cleared from) is given one from the
-/// manifest's counter at its first lookup, recorded in its row: every later daemon shows the
-/// same st_ino, whatever order the paths are looked up in (issue 15.3).
-#[test]
-fn a_purged_file_without_a_number_gets_one_that_lasts() {
+/// `a.txt` ("alpha") and `b.txt` ("bravo") migrated and purged (no local copy), their rows then
+/// stripped of their inode numbers; the daemon stopped. Returns the workspace and mountpoint.
+fn purged_without_numbers() -> (Work, PathBuf) {
     let w = Work::new();
     w.write("a.txt", b"alpha");
     w.write("b.txt", b"bravo");
@@ -908,6 +905,16 @@ fn a_purged_file_without_a_number_gets_one_that_lasts() {
         &w.manifest,
         "UPDATE entries SET ino = NULL WHERE path <> ''",
     );
+    (w, mnt)
+}
+
+/// A file with no local copy whose row holds no number (a manifest upgraded from before
+/// numbers after a purge, or one a memory-only number was cleared from) is given one from the
+/// manifest's counter at its first lookup, recorded in its row: every later daemon shows the
+/// same st_ino, whatever order the paths are looked up in (issue 15.3).
+#[test]
+fn a_purged_file_without_a_number_gets_one_that_lasts() {
+    let (w, mnt) = purged_without_numbers();
 
     let daemon = restart(&w, &mnt);
     let a = fs::metadata(mnt.join("a.txt")).unwrap().ino();
@@ -938,17 +945,7 @@ fn a_purged_file_without_a_number_gets_one_that_lasts() {
 /// the kernel would open one file under the other's number (found by daemon_kill_rounds).
 #[test]
 fn a_number_from_the_mounts_memory_never_reaches_the_manifest() {
-    let w = Work::new();
-    w.write("a.txt", b"alpha");
-    w.write("b.txt", b"bravo");
-    let (mnt, daemon) = mount_beside(&w, &[], &[]);
-    daemon.wait_for_scan();
-    migrate_and_purge(&w);
-    daemon.stop();
-    sqlite_exec(
-        &w.manifest,
-        "UPDATE entries SET ino = NULL WHERE path <> ''",
-    );
+    let (w, mnt) = purged_without_numbers();
 
     let daemon = restart(&w, &mnt);
     let mut f = OpenOptions::new()

@@ -247,30 +247,6 @@ fn bad_input_is_refused_with_the_reason_and_changes_nothing() {
     switch_settings(&w, None, &["--dest", &w.dest_url()]).assert_code(0);
 }
 
-/// The python with Django and django-storages. Missing means the tier was asked for without its
-/// tool: a failure, never a silent skip.
-fn django_storages_python() -> PathBuf {
-    let python = match std::env::var_os("CUTOVERFS_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => panic!(
-            "CUTOVERFS_TEST_PYTHON is not set: this test needs a python with Django and \
-             django-storages (.ci/run builds one: VENV/bin/pip install 'Django>=4.2,<6' \
-             'django-storages[s3]>=1.14')"
-        ),
-    };
-    let out = Command::new(&python)
-        .args(["-c", "import django, storages, boto3"])
-        .output()
-        .unwrap_or_else(|e| panic!("CUTOVERFS_TEST_PYTHON={}: {e}", python.display()));
-    assert!(
-        out.status.success(),
-        "CUTOVERFS_TEST_PYTHON={} cannot import django, storages and boto3:\n{}",
-        python.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    python
-}
-
 /// Runs tests/django/switch_check.py on the printed settings: every file of `files` read back
 /// through Django's default storage, and `absent` paths not there.
 fn check_with_django(
@@ -279,7 +255,7 @@ fn check_with_django(
     settings: &str,
     files: &BTreeMap<String, String>,
 ) {
-    let python = django_storages_python();
+    let python = django_python("django, storages, boto3");
     let settings_file = w.root.join("switched_settings.py");
     std::fs::write(&settings_file, settings).unwrap();
     let expected = serde_json::json!({

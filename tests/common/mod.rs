@@ -756,3 +756,30 @@ impl Hold {
         fs::write(self.file("release"), b"").expect("release the hold");
     }
 }
+
+/// The python of the Django tier (`CUTOVERFS_TEST_PYTHON`), checked to import `modules`
+/// (comma-separated, e.g. "django, storages, boto3"). Unset or lacking a module means the tier
+/// was asked for without its tool: a failure, never a silent skip. .ci/run builds it:
+/// `python3 -m venv VENV && VENV/bin/pip install 'Django>=4.2,<6' 'django-storages[s3]>=1.14'`.
+pub fn django_python(modules: &str) -> PathBuf {
+    let python = match std::env::var_os("CUTOVERFS_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "CUTOVERFS_TEST_PYTHON is not set: this test needs a python that can import {modules} \
+             (.ci/run builds one: python3 -m venv VENV && VENV/bin/pip install 'Django>=4.2,<6' \
+             'django-storages[s3]>=1.14'; then CUTOVERFS_TEST_PYTHON=VENV/bin/python cargo test \
+             --features test-hooks --test NAME -- --ignored)"
+        ),
+    };
+    let out = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .unwrap_or_else(|e| panic!("CUTOVERFS_TEST_PYTHON={}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "CUTOVERFS_TEST_PYTHON={} cannot import {modules}:\n{}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    python
+}
