@@ -930,6 +930,11 @@ def main():
             w(f"What the cutoverfs daemon counted in its last timed run (logged at unmount): "
               f"`{info[f'mount_stats_{name}']}`" + (f"; FUSE passthrough: {mode}." if mode else "."))
             w("")
+        if f"mount_requests_{name}" in info:
+            w(f"FUSE requests the cutoverfs daemon answered in that run, as `op=count/mean time in the "
+              f"daemon` (the kernel's own part of each round trip is not in it): "
+              f"`{info[f'mount_requests_{name}']}`.")
+            w("")
         load = loads.get(name)
         notes = []
         if load:

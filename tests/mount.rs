@@ -10,7 +10,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::mount::{is_mounted, served, wait_until, Daemon};
+use common::mount::{answered, is_mounted, served, wait_until, Daemon};
 use common::s3::S3Server;
 use common::*;
 
@@ -153,6 +153,11 @@ fn verified_files_are_read_from_the_dest_and_local_ones_by_passthrough() {
             0,
             "passthrough files must send no READ\n{log}"
         );
+        // The daemon's own count of the requests it answered agrees (docs/SEMANTICS.md, "Round
+        // trips"): the opens, and no READ or FLUSH.
+        assert!(answered(&log, "open") >= 3, "{log}");
+        assert_eq!(answered(&log, "read"), 0, "{log}");
+        assert_eq!(answered(&log, "flush"), 0, "{log}");
     } else {
         panic!("this kernel offers FUSE passthrough; the daemon must use it\n{log}");
     }

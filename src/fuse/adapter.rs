@@ -47,7 +47,7 @@ pub struct Adapter {
 
 /// One latency histogram per operation, looked up once (no shared map on the request path).
 struct OpTimes {
-    by_op: HashMap<&'static str, prometheus_client::metrics::histogram::Histogram>,
+    by_op: HashMap<&'static str, crate::metrics::OpTimer>,
     times: RequestTimes,
 }
 
@@ -87,13 +87,13 @@ const OPS: &[&str] = &[
 
 impl OpTimes {
     fn new(times: RequestTimes) -> OpTimes {
-        let by_op = OPS.iter().map(|op| (*op, times.histogram(op))).collect();
+        let by_op = OPS.iter().map(|op| (*op, times.of(op))).collect();
         OpTimes { by_op, times }
     }
 
     fn start(&self, op: &'static str) -> Timer {
         match self.by_op.get(op) {
-            Some(histogram) => Timer::on(histogram.clone()),
+            Some(timer) => timer.start(),
             None => self.times.start(op),
         }
     }

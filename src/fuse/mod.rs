@@ -102,6 +102,7 @@ pub struct Mounted {
     session: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     pub ended: Arc<Notify>,
     pub stats: Arc<ReadStats>,
+    times: crate::metrics::RequestTimes,
 }
 
 /// Everything the file system needs from the daemon.
@@ -267,7 +268,7 @@ fn start_session(
     stats: Arc<ReadStats>,
 ) -> Result<Mounted> {
     let (ready_tx, ready) = std::sync::mpsc::channel();
-    let fs = adapter::Adapter::new(core.clone(), times, ready_tx);
+    let fs = adapter::Adapter::new(core.clone(), times.clone(), ready_tx);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(settings.fsname.to_string()),
@@ -302,6 +303,7 @@ fn start_session(
         session: Some(thread),
         ended,
         stats,
+        times,
     };
     if ready.recv_timeout(Duration::from_secs(30)).is_err() {
         let _ = mounted.unmount();
@@ -336,6 +338,7 @@ impl Mounted {
                 Err(_) => tracing::error!("FUSE session thread panicked"),
             }
             self.stats.log();
+            tracing::info!(requests = %self.times.summary(), "FUSE requests answered (count/mean time in the daemon)");
         }
         Ok(())
     }

@@ -5,8 +5,10 @@
 //! sample) and hands in the manifest's counts. It reads no manifest and no store itself.
 //! Labels are fixed words, never paths, keys or secrets.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -138,12 +140,40 @@ impl ReadStats {
 #[derive(Clone)]
 pub struct RequestTimes {
     family: Family<Label, Histogram, fn() -> Histogram>,
+    /// Count and total time by operation, for the summary logged at unmount (the histograms do
+    /// not give their sums back).
+    tallies: Arc<Mutex<BTreeMap<&'static str, Arc<Tally>>>>,
+}
+
+/// How many requests of one kind were answered, and their time in all.
+#[derive(Debug, Default)]
+pub struct Tally {
+    count: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// Where one kind of request is timed: its histogram and its tally.
+#[derive(Clone)]
+pub struct OpTimer {
+    histogram: Histogram,
+    tally: Arc<Tally>,
+}
+
+impl OpTimer {
+    /// Starts timing one request.
+    pub fn start(&self) -> Timer {
+        Timer {
+            on: self.clone(),
+            started: Instant::now(),
+        }
+    }
 }
 
 impl RequestTimes {
     fn new(buckets: fn() -> Histogram) -> RequestTimes {
         RequestTimes {
             family: Family::new_with_constructor(buckets),
+            tallies: Arc::default(),
         }
     }
 
@@ -160,34 +190,65 @@ impl RequestTimes {
     /// Starts timing `op`; the time is recorded when the timer is dropped, so a reply sent
     /// later (from another thread) is timed by moving the timer along with it.
     pub fn start(&self, op: &'static str) -> Timer {
-        Timer::on(self.histogram(op))
+        self.of(op).start()
     }
 
-    /// The histogram of `op`, to time many requests without looking it up each time.
-    pub fn histogram(&self, op: &'static str) -> Histogram {
-        self.family.get_or_create_owned(&[("op", op)])
-    }
-}
-
-/// Records its lifetime in a histogram when dropped.
-pub struct Timer {
-    histogram: Histogram,
-    started: Instant,
-}
-
-impl Timer {
-    /// Starts timing into `histogram`.
-    pub fn on(histogram: Histogram) -> Timer {
-        Timer {
-            histogram,
-            started: Instant::now(),
+    /// The timer of `op`, to time many requests without looking it up each time.
+    pub fn of(&self, op: &'static str) -> OpTimer {
+        let tally = self
+            .tallies
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(op)
+            .or_default()
+            .clone();
+        OpTimer {
+            histogram: self.family.get_or_create_owned(&[("op", op)]),
+            tally,
         }
     }
+
+    /// `op=COUNT/MEANµs` for every operation timed at least once, most frequent first: what
+    /// the daemon answered and what each kind cost it (logged at unmount; bench/ reports it
+    /// beside each mount case's figures).
+    pub fn summary(&self) -> String {
+        let tallies = self
+            .tallies
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut seen: Vec<(&str, u64, u64)> = tallies
+            .iter()
+            .map(|(op, t)| {
+                let count = t.count.load(Ordering::Relaxed);
+                (*op, count, t.nanos.load(Ordering::Relaxed))
+            })
+            .filter(|(_, count, _)| *count > 0)
+            .collect();
+        seen.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        seen.iter()
+            .map(|(op, count, nanos)| {
+                format!("{op}={count}/{:.0}µs", *nanos as f64 / *count as f64 / 1e3)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Records its lifetime when dropped.
+pub struct Timer {
+    on: OpTimer,
+    started: Instant,
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        self.histogram.observe(self.started.elapsed().as_secs_f64());
+        let elapsed = self.started.elapsed();
+        self.on.histogram.observe(elapsed.as_secs_f64());
+        self.on.tally.count.fetch_add(1, Ordering::Relaxed);
+        self.on
+            .tally
+            .nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 }
 

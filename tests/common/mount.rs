@@ -248,6 +248,25 @@ pub fn served(log: &str, field: &str) -> u64 {
         .unwrap()
 }
 
+/// How many `op` requests the daemon answered, from the "FUSE requests answered" line it logs at
+/// unmount (`op=COUNT/MEANµs ...`); 0 when `op` is not in it.
+pub fn answered(log: &str, op: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("FUSE requests answered"))
+        .unwrap_or_else(|| panic!("no 'FUSE requests answered' line in\n{log}"));
+    let key = format!("{op}=");
+    line.split([' ', '"'])
+        .find_map(|word| word.strip_prefix(&key))
+        .map_or(0, |rest| {
+            let count = rest.split('/').next().unwrap();
+            count
+                .parse()
+                .unwrap_or_else(|_| panic!("{op}: {count:?} is not a count in {line}"))
+        })
+}
+
 /// Polls `check` every 50 ms until it holds; panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
