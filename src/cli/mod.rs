@@ -90,7 +90,7 @@ pub enum Command {
     Sweep(sweep::SweepArgs),
     /// Show what a sweep would do: files and bytes by state and top-level folder, time estimate.
     Plan(report::PlanArgs),
-    /// Files and bytes per state, throughput, and the files that need attention.
+    /// Files and bytes per state, throughput, and the files that need attention (--watch: live).
     Status(report::StatusArgs),
     /// List sweep batches and their outcome.
     Batches(report::BatchesArgs),
