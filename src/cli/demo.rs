@@ -80,6 +80,8 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         target: target.clone(),
         json: false,
         limit: 20,
+        watch: false,
+        interval: std::time::Duration::from_secs(2),
     };
     report::status(status_args.clone()).await?;
 

@@ -17,6 +17,7 @@ mod rollback;
 mod sweep;
 mod switch;
 mod verify;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -90,7 +91,7 @@ pub enum Command {
     Sweep(sweep::SweepArgs),
     /// Show what a sweep would do: files and bytes by state and top-level folder, time estimate.
     Plan(report::PlanArgs),
-    /// Files and bytes per state, throughput, and the files that need attention.
+    /// Files and bytes per state, throughput, and the files that need attention (--watch: live).
     Status(report::StatusArgs),
     /// List sweep batches and their outcome.
     Batches(report::BatchesArgs),
@@ -689,6 +690,14 @@ pub fn count_for_metrics(manifest: Manifest, metrics: crate::metrics::Metrics) {
 /// calls it before it reports ready, so a stop that follows READY=1 at once still unmounts
 /// instead of killing the process and leaving a stale mount.
 pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
+    stop_on_signals_saying(
+        b"cutoverfs: stopping after the copies in flight (again to quit at once)\n",
+    )
+}
+
+/// `stop_on_signals`, with what the first signal prints on stderr (nothing when empty): a
+/// command with no copies in flight has nothing to finish and says nothing.
+pub fn stop_on_signals_saying(note: &'static [u8]) -> tokio::sync::watch::Receiver<bool> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::watch::channel(false);
     let (mut term, mut int) = match (
@@ -709,10 +718,9 @@ pub fn stop_on_signals() -> tokio::sync::watch::Receiver<bool> {
             }
             if round == 0 {
                 // Not eprintln!: a daemon's stderr may be gone, and the stop must still happen.
-                let _ = std::io::Write::write_all(
-                    &mut std::io::stderr(),
-                    b"cutoverfs: stopping after the copies in flight (again to quit at once)\n",
-                );
+                if !note.is_empty() {
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), note);
+                }
                 let _ = tx.send(true);
             } else {
                 std::process::exit(exit::INTERRUPTED as i32);

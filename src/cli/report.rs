@@ -81,9 +81,17 @@ pub struct StatusArgs {
     /// Print one JSON object: `files` and `bytes` map every state to a number.
     #[arg(long)]
     pub json: bool,
-    /// How many problem files to list.
+    /// How many problem files to list (with --watch: the most recent, 20 at most).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// A live view that redraws in place until `q` or Ctrl-C: files and bytes per state, copy
+    /// rate and ETA over the last minute, copy-on-read queue, dest health, recent failures. When
+    /// stdout is not a terminal, a plain text block per interval until SIGINT or SIGTERM.
+    #[arg(long, conflicts_with = "json")]
+    pub watch: bool,
+    /// With --watch: how often to read the manifest and redraw (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = super::watch::parse_interval, requires = "watch")]
+    pub interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -287,15 +295,19 @@ fn plan_json(plan: &Plan, source: &str, dest: &str, prices: &Prices) -> serde_js
 
 pub async fn status(args: StatusArgs) -> Result<u8> {
     with_existing_manifest(&args.target, async |manifest| {
+        // A source or dest given must be the manifest's own, or the report would mislead.
+        if args.target.source.is_some() || args.target.dest.is_some() {
+            args.target.resolve(Some(manifest)).await?;
+        }
+        if args.watch {
+            return super::watch::run(manifest, &args).await;
+        }
         status_of(manifest, &args).await
     })
     .await
 }
 
 async fn status_of(manifest: &Manifest, args: &StatusArgs) -> Result<u8> {
-    if args.target.source.is_some() || args.target.dest.is_some() {
-        args.target.resolve(Some(manifest)).await?;
-    }
     let pair = manifest.pair().await?;
     let files: BTreeMap<State, (u64, u64)> = manifest
         .count_by_state()

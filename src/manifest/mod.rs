@@ -1202,6 +1202,17 @@ impl Manifest {
         Ok(rows.iter().map(batch_from_row).collect())
     }
 
+    /// Batches still marked running: the sweeps and sweepers at work now, or a run that died
+    /// and was not cleaned up yet (the next sweep marks those interrupted).
+    pub async fn running_batches(&self) -> Result<Vec<BatchRow>> {
+        let rows = sqlx::query(&format!(
+            "{BATCH_COLUMNS} WHERE status = 'running' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(batch_from_row).collect())
+    }
+
     pub async fn batch(&self, id: i64) -> Result<Option<BatchRow>> {
         let row = sqlx::query(&format!("{BATCH_COLUMNS} WHERE id = $1"))
             .bind(id)
@@ -1285,6 +1296,19 @@ impl Manifest {
         let rows = sqlx::query(
             "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries \
              WHERE state IN ('failed', 'conflict', 'missing', 'unsupported') ORDER BY state, path LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(problem_from_row).collect()
+    }
+
+    /// Like `problems`, the most recently changed first: what went wrong last, for a live view.
+    pub async fn recent_problems(&self, limit: usize) -> Result<Vec<Problem>> {
+        let rows = sqlx::query(
+            "SELECT path, state, attempts, COALESCE(last_error, reason) FROM entries \
+             WHERE state IN ('failed', 'conflict', 'missing', 'unsupported') \
+             ORDER BY updated_at DESC, path LIMIT $1",
         )
         .bind(limit as i64)
         .fetch_all(&self.pool)
