@@ -163,6 +163,27 @@ fn verified_files_are_read_from_the_dest_and_local_ones_by_passthrough() {
     }
 }
 
+/// The daemon stopped right after the application's opens still records every one of them in
+/// the copy-on-read queue: the queue's last statement runs before the manifest is closed.
+#[test]
+fn opens_just_before_the_daemon_stops_are_queued_all_the_same() {
+    let w = Work::new();
+    for i in 0..40 {
+        w.write(&format!("d/f{i}.txt"), format!("file {i}").as_bytes());
+    }
+    w.sweep(&["--include", "nothing/**"]).assert_code(0);
+    let (mnt, daemon) = mount_beside(&w, &w.dest_url(), &["--no-sweep"], &[]);
+    for i in 0..40 {
+        assert_eq!(
+            fs::read(mnt.join(format!("d/f{i}.txt"))).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+    }
+    let log = daemon.stop();
+    assert_eq!(w.status()["copy_on_read_queued"], 40, "{log}");
+    assert!(!log.contains("cannot queue files"), "{log}");
+}
+
 #[test]
 fn the_first_open_of_a_pending_file_queues_it_ahead_of_the_sweep() {
     let w = Work::new();

@@ -181,10 +181,14 @@ impl Core {
         core
     }
 
-    /// The session ended: what the write path still holds for the manifest goes there now.
+    /// The session ended: what the write path and the copy-on-read queue still hold for the
+    /// manifest goes there now.
     pub fn finish(&self) {
         if let Some(writes) = &self.writes {
             writes.records.flush();
+        }
+        if let Some(queue) = &self.copy_on_read {
+            queue.flush(&self.rt);
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::ReadStats;
 use crate::manifest::Manifest;
@@ -19,9 +19,18 @@ const LINGER: Duration = Duration::from_millis(50);
 /// Slots of the filter of paths queued recently (8 bytes each).
 const RECENT: usize = 16_384;
 
+/// How long the daemon's exit waits for the queue's last statement.
+const FLUSH_PATIENCE: Duration = Duration::from_secs(5);
+
+enum Message {
+    Open(String),
+    /// Sent once everything before it is recorded (or given up on).
+    Flush(oneshot::Sender<()>),
+}
+
 /// Opens of files not copied yet, on their way to the head of the copy queue.
 pub struct CopyOnRead {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<Message>,
     /// Paths queued recently, not sent again: a lossy filter by hash, one slot per hash bucket
     /// (a path pushed out is sent again, which changes nothing; a full cache with its own
     /// bookkeeping cost more per open than the rest of the open did).
@@ -32,36 +41,39 @@ pub struct CopyOnRead {
 impl CopyOnRead {
     /// The queue, and the task that records queued files in the manifest and wakes `wake`.
     pub fn start(manifest: Manifest, wake: Arc<Notify>, stats: Arc<ReadStats>) -> CopyOnRead {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
             // Queued files wait while the manifest is unreachable, for as long as the mount.
             let (_never, patience) = tokio::sync::watch::channel(false);
-            let mut paths = Vec::new();
-            while rx.recv_many(&mut paths, BATCH).await > 0 {
+            let mut messages = Vec::new();
+            while rx.recv_many(&mut messages, BATCH).await > 0 {
                 // Opens come one at a time: gather those of the next moments into one
                 // statement (one each cost more than the opens). Asleep, the task is not
                 // waiting on the channel, so those opens send without waking it (a wake per
-                // open cost a fifth of an open's time: perf, docs/BENCHMARKS.md).
-                tokio::time::sleep(LINGER).await;
-                while paths.len() < BATCH {
+                // open cost a fifth of an open's time: perf, docs/BENCHMARKS.md). A flush
+                // (the daemon's exit) does not wait.
+                if !messages.iter().any(|m| matches!(m, Message::Flush(_))) {
+                    tokio::time::sleep(LINGER).await;
+                }
+                while messages.len() < BATCH {
                     match rx.try_recv() {
-                        Ok(path) => paths.push(path),
+                        Ok(message) => messages.push(message),
                         Err(_) => break,
                     }
                 }
-                match manifest
-                    .patiently(&patience, || manifest.prioritize(&paths))
-                    .await
-                {
-                    Ok(queued) if queued > 0 => {
-                        stats.copy_on_read_queued.inc_by(queued);
-                        tracing::debug!(files = queued, "copy-on-read queued");
-                        wake.notify_one();
+                let (mut paths, mut flushed) = (Vec::new(), Vec::new());
+                for message in messages.drain(..) {
+                    match message {
+                        Message::Open(path) => paths.push(path),
+                        Message::Flush(done) => flushed.push(done),
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot queue files for copy-on-read"),
                 }
-                paths.clear();
+                if !paths.is_empty() {
+                    record(&manifest, &patience, &paths, &stats, &wake).await;
+                }
+                for done in flushed {
+                    let _ = done.send(());
+                }
             }
         });
         CopyOnRead {
@@ -79,6 +91,38 @@ impl CopyOnRead {
         if slot.swap(hash, Ordering::Relaxed) == hash {
             return;
         }
-        let _ = self.tx.send(path.to_string());
+        let _ = self.tx.send(Message::Open(path.to_string()));
+    }
+
+    /// Waits until the opens queued so far are recorded (the daemon's exit), for at most
+    /// `FLUSH_PATIENCE`: a manifest that does not answer then leaves them to the next sweep,
+    /// which copies them all the same.
+    pub fn flush(&self, rt: &tokio::runtime::Handle) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = rt.block_on(tokio::time::timeout(FLUSH_PATIENCE, wait));
+        }
+    }
+}
+
+/// Puts `paths` at the head of the copy queue and wakes the sweeper.
+async fn record(
+    manifest: &Manifest,
+    patience: &tokio::sync::watch::Receiver<bool>,
+    paths: &[String],
+    stats: &ReadStats,
+    wake: &Notify,
+) {
+    match manifest
+        .patiently(patience, || manifest.prioritize(paths))
+        .await
+    {
+        Ok(queued) if queued > 0 => {
+            stats.copy_on_read_queued.inc_by(queued);
+            tracing::debug!(files = queued, "copy-on-read queued");
+            wake.notify_one();
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot queue files for copy-on-read"),
     }
 }
