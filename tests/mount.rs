@@ -182,6 +182,7 @@ fn opens_just_before_the_daemon_stops_are_queued_all_the_same() {
     let log = daemon.stop();
     assert_eq!(w.status()["copy_on_read_queued"], 40, "{log}");
     assert!(!log.contains("cannot queue files"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 #[test]

@@ -100,7 +100,8 @@ impl CopyOnRead {
     pub fn flush(&self, rt: &tokio::runtime::Handle) {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
-            let _ = rt.block_on(tokio::time::timeout(FLUSH_PATIENCE, wait));
+            // The timer is made inside the runtime: this thread is not one of its own.
+            let _ = rt.block_on(async { tokio::time::timeout(FLUSH_PATIENCE, wait).await });
         }
     }
 }
