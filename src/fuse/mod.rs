@@ -292,10 +292,11 @@ fn start_session(
         .name("fuse-session".into())
         .spawn(move || {
             let result = session.run();
+            // Told even if what follows panics: the daemon waits for it to exit.
+            let _ended = NotifyOnDrop(session_ended);
             // What the write path queued (a record lingers a moment to share a transaction)
             // is in the manifest before the daemon goes on to exit.
             core.finish();
-            session_ended.notify_one();
             result
         })?;
     let mut mounted = Mounted {
@@ -313,6 +314,15 @@ fn start_session(
         );
     }
     Ok(mounted)
+}
+
+/// Wakes the daemon's wait for the session's end when dropped, also while unwinding.
+struct NotifyOnDrop(Arc<Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 impl Mounted {
