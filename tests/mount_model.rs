@@ -31,7 +31,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -907,9 +907,11 @@ fn records_of(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 }
 
 /// One thread's work below `root`: a temporary file written first and removed later, an old
-/// (legacy) file removed early, its own file written in fsynced chunks, a record appended to a
-/// shared log after each chunk, reads of shared logs and legacy files, then a rewrite, a
-/// truncate or a chmod for some, and a rename into the shared `done/`.
+/// (legacy) file removed early, its own file written in fsynced chunks, the same chunks into a
+/// spool file unlinked as soon as it was made (as `tempfile.TemporaryFile` does) and used through
+/// its descriptor only, a record appended to a shared log after each chunk, reads of shared logs
+/// and legacy files, then for some a second name (a hard link) through which the later changes
+/// are checked, a rewrite, a truncate or a chmod, and a rename into the shared `done/`.
 fn worker(root: &Path, t: usize) -> Result<(), String> {
     let ctx = |what: &str, e: std::io::Error| format!("thread {t}: {what}: {e}");
     let mut rng = XorShift::new(t as u64 + 1);
@@ -922,11 +924,22 @@ fn worker(root: &Path, t: usize) -> Result<(), String> {
         .create_new(true)
         .open(&own)
         .map_err(|e| ctx("create", e))?;
+    let spool_path = root.join(format!("d{}/spool-{t:02}.tmp", t % 4));
+    let mut spool = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&spool_path)
+        .map_err(|e| ctx("create spool", e))?;
+    fs::remove_file(&spool_path).map_err(|e| ctx("unlink open spool", e))?;
     let mut written = 0u64;
+    let mut content = Vec::new();
     for chunk in 0..CHUNKS {
         let len = rng.range(1, 40_000) as usize;
-        file.write_all(&pseudo_random(len, t as u64 * 1000 + chunk))
-            .map_err(|e| ctx("write", e))?;
+        let data = pseudo_random(len, t as u64 * 1000 + chunk);
+        file.write_all(&data).map_err(|e| ctx("write", e))?;
+        spool.write_all(&data).map_err(|e| ctx("write spool", e))?;
+        content.extend_from_slice(&data);
         written += len as u64;
         file.sync_all().map_err(|e| ctx("fsync", e))?;
         let size = fs::metadata(&own).map_err(|e| ctx("stat own", e))?.len();
@@ -960,7 +973,27 @@ fn worker(root: &Path, t: usize) -> Result<(), String> {
         }
     }
     drop(file);
+    check_spool(&mut spool, &content).map_err(|e| format!("thread {t}: {e}"))?;
+    let own_now = fs::read(&own).map_err(|e| ctx("read own", e))?;
+    if own_now != content {
+        return Err(format!(
+            "thread {t}: own file read back {} bytes, other than the {} written",
+            own_now.len(),
+            content.len()
+        ));
+    }
+    drop(spool);
     fs::remove_file(&temp).map_err(|e| ctx("unlink temp", e))?;
+    let link = root.join(format!("d{}/link-{t:02}.bin", (t + 2) % 4));
+    if t % 4 == 1 {
+        fs::hard_link(&own, &link).map_err(|e| ctx("link", e))?;
+        let nlink = fs::metadata(&link)
+            .map_err(|e| ctx("stat link", e))?
+            .nlink();
+        if nlink != 2 {
+            return Err(format!("thread {t}: {nlink} links after link(2), want 2"));
+        }
+    }
     if t % 3 == 0 {
         let file = fs::OpenOptions::new()
             .write(true)
@@ -981,6 +1014,20 @@ fn worker(root: &Path, t: usize) -> Result<(), String> {
         fs::set_permissions(&own, fs::Permissions::from_mode(0o640))
             .map_err(|e| ctx("chmod", e))?;
     }
+    if t % 4 == 1 {
+        // Whatever was done through the first name shows through the second.
+        let (a, b) = (
+            fs::read(&own).map_err(|e| ctx("read own", e))?,
+            fs::read(&link).map_err(|e| ctx("read link", e))?,
+        );
+        if a != b {
+            return Err(format!(
+                "thread {t}: the two names of one file read differently ({} and {} bytes)",
+                a.len(),
+                b.len()
+            ));
+        }
+    }
     // Read another thread's file (it may be anywhere in its life; only errors count).
     let other = root.join(format!("d{}/own-{:02}.bin", (t + 1) % 4, (t + 1) % THREADS));
     match fs::read(&other) {
@@ -989,6 +1036,39 @@ fn worker(root: &Path, t: usize) -> Result<(), String> {
         Err(e) => return Err(ctx("read another thread's file", e)),
     }
     fs::rename(&own, root.join(format!("done/own-{t:02}.bin"))).map_err(|e| ctx("rename", e))?;
+    Ok(())
+}
+
+/// The spool, unlinked while open, holds `content` through its descriptor; then it is
+/// truncated and checked again through `fstat`.
+fn check_spool(spool: &mut fs::File, content: &[u8]) -> Result<(), String> {
+    let size = |f: &fs::File| {
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(|e| format!("fstat spool: {e}"))
+    };
+    let written = content.len() as u64;
+    if size(spool)? != written {
+        return Err(format!("spool is {} bytes, want {written}", size(spool)?));
+    }
+    let mut back = Vec::new();
+    spool
+        .seek(std::io::SeekFrom::Start(0))
+        .and_then(|_| spool.read_to_end(&mut back))
+        .map_err(|e| format!("read spool: {e}"))?;
+    if back != content {
+        let at = back.iter().zip(content).position(|(a, b)| a != b);
+        return Err(format!(
+            "the spool read back {} bytes other than the {written} written (first difference at {at:?})",
+            back.len()
+        ));
+    }
+    spool
+        .set_len(written / 3)
+        .map_err(|e| format!("ftruncate spool: {e}"))?;
+    if size(spool)? != written / 3 {
+        return Err(format!("spool is {} bytes after ftruncate", size(spool)?));
+    }
     Ok(())
 }
 

@@ -197,17 +197,23 @@ impl Core {
         let _ = self.invalidate.set(invalidate);
     }
 
-    /// Asks the kernel to drop the attributes and pages it cached of `ino`, off this thread.
-    pub(super) fn invalidate_inode(self: &Arc<Self>, ino: u64) {
+    /// Asks the kernel to drop the attributes and pages it cached of `ino`; it has done so
+    /// before this returns (a second at most), so the reply that follows cannot be answered
+    /// from what it drops.
+    pub(super) fn invalidate_inode_before_reply(self: &Arc<Self>, ino: u64) {
         if self.invalidate.get().is_none() {
             return;
         }
+        let (done, told) = std::sync::mpsc::channel();
         let core = self.clone();
+        // Still off this thread: the kernel may need a FUSE thread (writeback) to finish it.
         self.rt.spawn_blocking(move || {
             if let Some(invalidate) = core.invalidate.get() {
                 invalidate.inode(ino);
             }
+            let _ = done.send(());
         });
+        let _ = told.recv_timeout(std::time::Duration::from_secs(1));
     }
 
     /// Whether handlers that read the manifest must leave the FUSE threads: it is PostgreSQL,

@@ -292,6 +292,13 @@ impl Core {
             self.changed();
         }
         let found = self.lookup(parent, name)?;
+        if new {
+            // Numbering the new name recorded a row for it (a pending file, as a scan would):
+            // held now like any file opened for writing, or the sweeper could copy it half
+            // written and serve that copy as verified until the close is recorded
+            // (tests/mount_model.rs, the concurrent workers).
+            self.hold(&rel)?;
+        }
         let ino = found.ino();
         let passthrough = self.passthrough.load(std::sync::atomic::Ordering::Relaxed);
         let daemon_flags = flags & KEPT_OPEN_FLAGS & !libc::O_ACCMODE | libc::O_RDWR;
@@ -419,8 +426,9 @@ impl Core {
         self.record_path(&to);
         self.dir_changed(newparent);
         // The kernel made an inode of its own for the new name (each name has its number) and
-        // still holds the old name's link count: it asks again.
-        self.invalidate_inode(ino);
+        // still holds the old name's link count and ctime: it asks again, also for a stat that
+        // comes right after the link returns (tests/mount_writes.rs, open-unlinked and links).
+        self.invalidate_inode_before_reply(ino);
         self.lookup(newparent, newname)
     }
 
