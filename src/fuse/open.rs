@@ -302,10 +302,15 @@ impl Core {
                         dest_problem: Some(why),
                     })
                 }
-                Err(why) => {
-                    tracing::error!(path = %rel.display(), problem = %why, "the dest copy is not the one verified; not served");
-                    Err(Errno::EIO)
-                }
+                Err(why) => match self.newer_row(rel, &entry) {
+                    // The row was read before another node changed the file (a rewrite copied
+                    // over the key): route by the manifest's row as it is now.
+                    Some(fresh) => self.route(rel, Some(fresh)),
+                    None => {
+                        tracing::error!(path = %rel.display(), problem = %why, "the dest copy is not the one verified; not served");
+                        Err(Errno::EIO)
+                    }
+                },
             },
             None => Ok(Route::Remote {
                 key,
@@ -313,6 +318,15 @@ impl Core {
                 local_copy: local && !entry.purged,
             }),
         }
+    }
+
+    /// `rel`'s row read again from the manifest, when it has changed since `known` was read
+    /// (cached rows live for `--manifest-cache`).
+    fn newer_row(&self, rel: &Path, known: &Entry) -> Option<Arc<Entry>> {
+        let text = rel.to_str()?;
+        self.rows.forget(&[text.to_string()]);
+        let fresh = self.rows.entry(rel).ok()??;
+        (fresh.version != known.version || fresh.sha256 != known.sha256).then_some(fresh)
     }
 
     /// The manifest cannot say where the file is (issue 7.5). Writes through the mount go to the
