@@ -229,13 +229,17 @@ fn wait_for(child: &mut Child, timeout: Duration) -> Option<std::process::ExitSt
     None
 }
 
+/// The last line of `log` that contains `marker` (a line the daemon logs at unmount).
+fn last_line<'a>(log: &'a str, marker: &str) -> &'a str {
+    log.lines()
+        .rev()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no '{marker}' line in\n{log}"))
+}
+
 /// A counter from the "served by the mount" line the daemon logs at unmount.
 pub fn served(log: &str, field: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("served by the mount"))
-        .unwrap_or_else(|| panic!("no 'served by the mount' line in\n{log}"));
+    let line = last_line(log, "served by the mount");
     let key = format!("{field}=");
     let at = line
         .find(&key)
@@ -251,11 +255,7 @@ pub fn served(log: &str, field: &str) -> u64 {
 /// How many `op` requests the daemon answered, from the "FUSE requests answered" line it logs at
 /// unmount (`op=COUNT/MEANµs ...`); 0 when `op` is not in it.
 pub fn answered(log: &str, op: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("FUSE requests answered"))
-        .unwrap_or_else(|| panic!("no 'FUSE requests answered' line in\n{log}"));
+    let line = last_line(log, "FUSE requests answered");
     let key = format!("{op}=");
     line.split([' ', '"'])
         .find_map(|word| word.strip_prefix(&key))
